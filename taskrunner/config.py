@@ -1,0 +1,93 @@
+"""Configuration read from environment variables (CLI flags may override fields)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _bool(value: str | None, default: bool = False) -> bool:
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _int(env: dict, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _float(env: dict, name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from exc
+
+
+@dataclass
+class Config:
+    """Every setting of the service. See the configuration table in README.md."""
+
+    database_url: str | None = None
+    port: int = 8085
+    host: str = "127.0.0.1"
+    host_url: str = ""
+    log_level: str = "info"
+    api_processes: int = 2
+    api_threads: int = 4
+    worker_processes: int = 2
+    worker_concurrency: int = 32
+    webhook_timeout: float = 10.0
+    webhook_max_attempts: int = 5
+    webhook_backoff_base: float = 0.5
+    webhook_backoff_max: float = 60.0
+    webhook_allow_private: bool = False
+    webhook_allowlist: list[str] = field(default_factory=list)
+    poll_interval: float = 1.0
+    tick_interval: float = 1.0
+    shutdown_grace: float = 10.0
+    counter_flush_interval: float = 0.1
+    pool_max_size: int = 8
+    api_token: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.host_url:
+            self.host_url = f"http://127.0.0.1:{self.port}"
+        self.host_url = self.host_url.rstrip("/")
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> Config:
+        env = dict(os.environ if env is None else env)
+        port = _int(env, "PORT", 8085)
+        allowlist = [h.strip() for h in env.get("WEBHOOK_ALLOWLIST", "").split(",") if h.strip()]
+        return cls(
+            database_url=env.get("DATABASE_URL") or None,
+            port=port,
+            host=env.get("HOST", "127.0.0.1"),
+            host_url=env.get("HOST_URL", ""),
+            log_level=(env.get("LOG_LEVEL") or env.get("RUST_LOG") or "info").lower(),
+            api_processes=_int(env, "API_PROCESSES", 2),
+            api_threads=_int(env, "API_THREADS", 4),
+            worker_processes=_int(env, "WORKER_PROCESSES", 2),
+            worker_concurrency=_int(env, "WORKER_CONCURRENCY", 32),
+            webhook_timeout=_float(env, "WEBHOOK_TIMEOUT", 10.0),
+            webhook_max_attempts=_int(env, "WEBHOOK_MAX_ATTEMPTS", 5),
+            webhook_backoff_base=_float(env, "WEBHOOK_BACKOFF_BASE", 0.5),
+            webhook_backoff_max=_float(env, "WEBHOOK_BACKOFF_MAX", 60.0),
+            webhook_allow_private=_bool(env.get("WEBHOOK_ALLOW_PRIVATE")),
+            webhook_allowlist=allowlist,
+            poll_interval=_float(env, "POLL_INTERVAL", 1.0),
+            tick_interval=_float(env, "TICK_INTERVAL", 1.0),
+            shutdown_grace=_float(env, "SHUTDOWN_GRACE", 10.0),
+            counter_flush_interval=_float(env, "COUNTER_FLUSH_INTERVAL", 0.1),
+            pool_max_size=_int(env, "POOL_MAX_SIZE", 8),
+            api_token=env.get("API_TOKEN") or None,
+        )

@@ -1,0 +1,119 @@
+"""The one place that opens database connections, loads named queries and maps errors.
+
+Queries live in ``queries.sql`` as ``-- name: <query_name>`` blocks; Python code refers to
+them by name (``QUERIES["claim_tasks"]``) and never assembles SQL from strings.
+Database errors raised by the state machine carry our own SQLSTATEs (``TR400``, ``TR404``,
+``TR409``); ``wrap_exceptions`` turns them, and connection failures, into domain errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import psycopg_pool
+from psycopg.rows import dict_row
+
+_QUERY_FILE = Path(__file__).with_name("queries.sql")
+
+
+def load_queries(path: Path = _QUERY_FILE) -> dict[str, str]:
+    """Parse ``-- name: x`` blocks into a dict of query texts."""
+    queries: dict[str, str] = {}
+    for block in re.split(r"^-- name: ", path.read_text(), flags=re.M)[1:]:
+        name, _, body = block.partition("\n")
+        lines = [ln for ln in body.splitlines() if not ln.lstrip().startswith("--")]
+        queries[name.strip()] = "\n".join(lines).strip().rstrip(";")
+    return queries
+
+
+QUERIES = load_queries()
+
+
+class DomainError(Exception):
+    """An error the state machine raised on purpose; ``status`` is the HTTP status."""
+
+    status = 400
+
+    def __init__(self, message: str, details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+
+class BadInput(DomainError):
+    status = 400
+
+
+class TaskNotFound(DomainError):
+    status = 404
+
+
+class IllegalTransition(DomainError):
+    status = 409
+
+
+class DatabaseUnavailable(DomainError):
+    status = 503
+
+
+_BY_SQLSTATE = {"TR400": BadInput, "TR404": TaskNotFound, "TR409": IllegalTransition}
+
+
+@contextlib.contextmanager
+def wrap_exceptions() -> Iterator[None]:
+    """Translate database errors into DomainError subclasses."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        sqlstate = getattr(exc, "sqlstate", None)
+        cls = _BY_SQLSTATE.get(sqlstate or "")
+        if cls is not None:
+            diag = exc.diag
+            details = [d for d in (diag.message_detail or "").split("\n") if d]
+            raise cls(diag.message_primary or str(exc), details) from exc
+        if isinstance(exc, psycopg.OperationalError) or (sqlstate or "").startswith(
+            ("08", "57P")
+        ):
+            raise DatabaseUnavailable("database unavailable") from exc
+        raise
+    except psycopg_pool.PoolTimeout as exc:
+        raise DatabaseUnavailable("database unavailable") from exc
+
+
+def connect(url: str, **kwargs) -> psycopg.Connection:
+    """A single autocommit connection returning dict rows."""
+    return psycopg.connect(url, autocommit=True, row_factory=dict_row, **kwargs)
+
+
+def create_pool(url: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 5.0,
+                name: str = "taskrunner") -> psycopg_pool.ConnectionPool:
+    """A pool of autocommit, dict-row connections (opened lazily, never blocks startup)."""
+    return psycopg_pool.ConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        name=name,
+        open=False,
+        kwargs={"autocommit": True, "row_factory": dict_row},
+        check=psycopg_pool.ConnectionPool.check_connection,
+    )
+
+
+def create_async_pool(url: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 5.0,
+                      name: str = "taskrunner-worker") -> psycopg_pool.AsyncConnectionPool:
+    """The asyncio twin of ``create_pool`` for workers."""
+    return psycopg_pool.AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        name=name,
+        open=False,
+        kwargs={"autocommit": True, "row_factory": dict_row},
+        check=psycopg_pool.AsyncConnectionPool.check_connection,
+    )
