@@ -1,0 +1,1126 @@
+-- migrate:up
+
+-- taskrunner's state machine. Sections: enums, tables, indexes, internal helpers,
+-- triggers, public functions, views. docs/sql.md documents the public part for DBAs.
+
+CREATE SCHEMA taskrunner;
+
+------------------------------------------------------------------------------------------
+-- Enums
+------------------------------------------------------------------------------------------
+
+CREATE TYPE taskrunner.task_status AS ENUM
+    ('waiting', 'pending', 'running', 'success', 'failure', 'canceled', 'paused');
+
+-- When an action fires. The API shows success/failure as trigger "End".
+CREATE TYPE taskrunner.action_event AS ENUM ('start', 'success', 'failure', 'cancel');
+
+CREATE TYPE taskrunner.delivery_status AS ENUM
+    ('queued', 'in_flight', 'delivered', 'failed', 'canceled', 'expired');
+
+-- What a worker gets back from a claim: one webhook call to make.
+CREATE TYPE taskrunner.work_item AS (
+    delivery_id uuid,
+    task_id uuid,
+    event taskrunner.action_event,
+    attempt int,
+    url text,
+    verb text,
+    body jsonb,
+    headers jsonb,
+    task_name text,
+    task_kind text
+);
+
+------------------------------------------------------------------------------------------
+-- Tables
+------------------------------------------------------------------------------------------
+
+CREATE TABLE taskrunner.task (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    batch_id uuid NOT NULL,
+    local_id text,
+    requester text,
+    name text NOT NULL,
+    kind text NOT NULL,
+    status taskrunner.task_status NOT NULL,
+    priority int NOT NULL DEFAULT 0,
+    timeout int NOT NULL DEFAULT 60,
+    metadata jsonb NOT NULL DEFAULT '{}',
+    -- normalised concurrency rules: [{"kind","status","fields":[...],"max"}]
+    rules jsonb NOT NULL DEFAULT '[]',
+    -- tasks with the same key (kind, priority, rules, rule field values) are
+    -- interchangeable for admission: claims look at one head per key.
+    admission_key uuid NOT NULL,
+    deps_total int NOT NULL DEFAULT 0,
+    deps_finished int NOT NULL DEFAULT 0,
+    deps_succeeded int NOT NULL DEFAULT 0,
+    success bigint NOT NULL DEFAULT 0,
+    failures bigint NOT NULL DEFAULT 0,
+    failure_reason text,
+    status_reason text,
+    claimed_by text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    claimed_at timestamptz,
+    started_at timestamptz,
+    ended_at timestamptz,
+    last_updated timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT task_priority_range CHECK (priority BETWEEN -1000 AND 1000),
+    CONSTRAINT task_timeout_range CHECK (timeout BETWEEN 1 AND 86400),
+    CONSTRAINT task_metadata_is_object CHECK (jsonb_typeof(metadata) = 'object'),
+    CONSTRAINT task_rules_is_array CHECK (jsonb_typeof(rules) = 'array'),
+    CONSTRAINT task_deps_counters CHECK (
+        deps_finished BETWEEN 0 AND deps_total AND deps_succeeded BETWEEN 0 AND deps_finished),
+    CONSTRAINT task_counters_non_negative CHECK (success >= 0 AND failures >= 0),
+    CONSTRAINT task_failure_has_reason CHECK (status <> 'failure' OR failure_reason IS NOT NULL)
+);
+
+CREATE TABLE taskrunner.dependency (
+    parent_id uuid NOT NULL REFERENCES taskrunner.task (id) ON DELETE CASCADE,
+    child_id uuid NOT NULL REFERENCES taskrunner.task (id) ON DELETE CASCADE,
+    requires_success boolean NOT NULL,
+    PRIMARY KEY (parent_id, child_id),
+    CONSTRAINT dependency_not_self CHECK (parent_id <> child_id)
+);
+
+CREATE TABLE taskrunner.action (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    task_id uuid NOT NULL REFERENCES taskrunner.task (id) ON DELETE CASCADE,
+    event taskrunner.action_event NOT NULL,
+    url text NOT NULL,
+    verb text NOT NULL,
+    body jsonb,
+    headers jsonb NOT NULL DEFAULT '{}',
+    created_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT action_verb_known CHECK (verb IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE')),
+    CONSTRAINT action_headers_is_object CHECK (jsonb_typeof(headers) = 'object')
+);
+
+-- The transactional outbox: every webhook call to make, with its retry state.
+CREATE TABLE taskrunner.delivery (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    action_id bigint NOT NULL REFERENCES taskrunner.action (id) ON DELETE CASCADE,
+    task_id uuid NOT NULL REFERENCES taskrunner.task (id) ON DELETE CASCADE,
+    event taskrunner.action_event NOT NULL,
+    status taskrunner.delivery_status NOT NULL DEFAULT 'queued',
+    attempts int NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    lease_until timestamptz,
+    worker text,
+    last_status_code int,
+    last_error text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+);
+
+CREATE TABLE taskrunner.delivery_attempt (
+    delivery_id uuid NOT NULL REFERENCES taskrunner.delivery (id) ON DELETE CASCADE,
+    attempt int NOT NULL,
+    worker text,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    status_code int,
+    error text,
+    PRIMARY KEY (delivery_id, attempt)
+);
+
+-- Append-only transition history, written by the statement that makes the transition.
+CREATE TABLE taskrunner.task_history (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    task_id uuid NOT NULL,
+    from_status taskrunner.task_status,
+    to_status taskrunner.task_status NOT NULL,
+    at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    reason text
+);
+
+------------------------------------------------------------------------------------------
+-- Indexes
+------------------------------------------------------------------------------------------
+
+-- Claims: one head per admission group (skip scan over admission_key).
+CREATE INDEX task_pending_claim_idx ON taskrunner.task (admission_key, priority DESC, created_at, id)
+    WHERE status = 'pending';
+-- Rule counts (kind + status) and the kind filter of GET /task.
+CREATE INDEX task_kind_status_idx ON taskrunner.task (kind, status);
+-- Timeouts scan running tasks only.
+CREATE INDEX task_running_idx ON taskrunner.task (last_updated) WHERE status = 'running';
+CREATE INDEX task_batch_idx ON taskrunner.task (batch_id);
+CREATE INDEX task_created_idx ON taskrunner.task (created_at DESC, id DESC);
+CREATE INDEX task_status_created_idx ON taskrunner.task (status, created_at DESC, id DESC);
+CREATE INDEX task_metadata_idx ON taskrunner.task USING gin (metadata jsonb_path_ops);
+
+CREATE INDEX dependency_child_idx ON taskrunner.dependency (child_id);
+CREATE INDEX action_task_idx ON taskrunner.action (task_id, event);
+
+CREATE INDEX delivery_queued_idx ON taskrunner.delivery (next_attempt_at) WHERE status = 'queued';
+CREATE INDEX delivery_in_flight_idx ON taskrunner.delivery (lease_until) WHERE status = 'in_flight';
+CREATE INDEX delivery_task_idx ON taskrunner.delivery (task_id);
+
+CREATE INDEX task_history_task_idx ON taskrunner.task_history (task_id, at);
+CREATE INDEX task_history_at_idx ON taskrunner.task_history USING brin (at);
+
+------------------------------------------------------------------------------------------
+-- Internal helpers (names start with an underscore; not for direct use)
+------------------------------------------------------------------------------------------
+
+CREATE FUNCTION taskrunner._raise(p_code text, p_message text, p_detail text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = p_code, MESSAGE = p_message, DETAIL = coalesce(p_detail, '');
+END $$;
+
+CREATE FUNCTION taskrunner.is_terminal(p_status taskrunner.task_status)
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT p_status IN ('success', 'failure', 'canceled')
+$$;
+
+CREATE FUNCTION taskrunner.transition_allowed(p_from taskrunner.task_status,
+                                              p_to taskrunner.task_status)
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE p_from
+        WHEN 'waiting' THEN p_to IN ('pending', 'paused', 'canceled', 'failure')
+        WHEN 'pending' THEN p_to IN ('running', 'paused', 'canceled', 'failure')
+        WHEN 'running' THEN p_to IN ('success', 'failure', 'canceled', 'pending')
+        WHEN 'paused'  THEN p_to IN ('waiting', 'pending', 'canceled', 'failure')
+        ELSE false
+    END
+$$;
+
+-- The admission key: equal for tasks that any claim would treat alike.
+CREATE FUNCTION taskrunner._admission_key(p_kind text, p_priority int, p_rules jsonb,
+                                          p_metadata jsonb)
+RETURNS uuid LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT md5(concat_ws(E'\x1f', p_kind, p_priority::text, p_rules::text,
+        (SELECT string_agg(coalesce(p_metadata -> f, 'null'::jsonb)::text, E'\x1e'
+                           ORDER BY r.ord, f.ord)
+         FROM jsonb_array_elements(p_rules) WITH ORDINALITY r(rule, ord),
+              jsonb_array_elements_text(r.rule -> 'fields') WITH ORDINALITY f(f, ord))))::uuid
+$$;
+
+-- The metadata values a rule compares, as a containment pattern: {"field": value, ...}.
+CREATE FUNCTION taskrunner._rule_pattern(p_rule jsonb, p_metadata jsonb)
+RETURNS jsonb LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce(jsonb_object_agg(f, p_metadata -> f), '{}'::jsonb)
+    FROM jsonb_array_elements_text(p_rule -> 'fields') f
+$$;
+
+-- How many tasks a rule counts right now for a task with this metadata.
+CREATE FUNCTION taskrunner._rule_count(p_rule jsonb, p_metadata jsonb)
+RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT count(*) FROM taskrunner.task t
+    WHERE t.kind = p_rule ->> 'kind'
+      AND t.status = (p_rule ->> 'status')::taskrunner.task_status
+      AND t.metadata @> taskrunner._rule_pattern(p_rule, p_metadata)
+$$;
+
+-- Transitions counted in this transaction, for Prometheus (see take_stats()).
+CREATE FUNCTION taskrunner._add_stats(p_lines text)
+RETURNS void LANGUAGE sql AS $$
+    SELECT set_config('taskrunner.stats',
+        coalesce(nullif(current_setting('taskrunner.stats', true), ''), '') || p_lines, true)
+$$;
+
+-- Take the advisory locks that make a claim of this group exact (see claim_tasks).
+-- Kinds that a rule counts are locked exclusively; the task's own kind (when no rule
+-- counts it) in shared mode, so rule-less claims of one kind run in parallel but wait
+-- for, and are waited on by, every rule-checking claim of that kind. Keys are taken in
+-- ascending order. With p_wait = false nothing waits and false means "skip this group".
+CREATE FUNCTION taskrunner._lock_group(p_kind text, p_rules jsonb, p_wait boolean)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    k record;
+BEGIN
+    FOR k IN
+        SELECT key, bool_or(exclusive) AS exclusive
+        FROM (SELECT hashtextextended('taskrunner.kind:' || p_kind, 0) AS key, false AS exclusive
+              UNION ALL
+              SELECT hashtextextended('taskrunner.kind:' || (r ->> 'kind'), 0), true
+              FROM jsonb_array_elements(p_rules) r) keys
+        GROUP BY key ORDER BY key
+    LOOP
+        IF p_wait THEN
+            IF k.exclusive THEN
+                PERFORM pg_advisory_xact_lock(k.key);
+            ELSE
+                PERFORM pg_advisory_xact_lock_shared(k.key);
+            END IF;
+        ELSIF NOT (CASE WHEN k.exclusive THEN pg_try_advisory_xact_lock(k.key)
+                        ELSE pg_try_advisory_xact_lock_shared(k.key) END) THEN
+            RETURN false;
+        END IF;
+    END LOOP;
+    RETURN true;
+END $$;
+
+-- How many tasks of a group may start now (0 = blocked). A rule allows a start iff fewer
+-- than max tasks match it; a rule that counts running tasks of the group's own kind loses
+-- one slot per start, any other rule is unchanged by the start.
+CREATE FUNCTION taskrunner._group_slots(p_kind text, p_rules jsonb, p_metadata jsonb)
+RETURNS int LANGUAGE plpgsql AS $$
+DECLARE
+    r jsonb;
+    v_count bigint;
+    v_slots bigint := 2147483647;
+BEGIN
+    FOR r IN SELECT value FROM jsonb_array_elements(p_rules) LOOP
+        v_count := taskrunner._rule_count(r, p_metadata);
+        IF v_count >= (r ->> 'max')::int THEN
+            RETURN 0;
+        END IF;
+        IF r ->> 'kind' = p_kind AND r ->> 'status' = 'running' THEN
+            v_slots := least(v_slots, (r ->> 'max')::int - v_count);
+        END IF;
+    END LOOP;
+    RETURN v_slots;
+END $$;
+
+-- Propagate the end of p_parents to their children (only to p_children when given, as
+-- when a new batch depends on tasks that had already ended). Set-based: the whole
+-- failure cascade is computed with one recursive query and applied with one UPDATE, so
+-- a 10,000-deep chain costs no trigger recursion.
+CREATE FUNCTION taskrunner._propagate(p_parents uuid[], p_children uuid[] DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_lines text;
+BEGIN
+    -- 1. Children that must fail: they require success of a parent that failed or was
+    --    canceled, transitively through their own requires_success children.
+    WITH RECURSIVE doomed(id) AS (
+        SELECT d.child_id
+        FROM taskrunner.task p
+        JOIN taskrunner.dependency d ON d.parent_id = p.id AND d.requires_success
+        JOIN taskrunner.task c ON c.id = d.child_id
+        WHERE p.id = ANY (p_parents)
+          AND p.status IN ('failure', 'canceled')
+          AND (p_children IS NULL OR d.child_id = ANY (p_children))
+          AND c.status IN ('waiting', 'pending', 'paused')
+        UNION
+        SELECT d.child_id
+        FROM doomed
+        JOIN taskrunner.dependency d ON d.parent_id = doomed.id AND d.requires_success
+        JOIN taskrunner.task c ON c.id = d.child_id
+        WHERE c.status IN ('waiting', 'pending', 'paused')
+    ), reasons AS (
+        -- name one failed (or doomed) required parent of each doomed child
+        SELECT DISTINCT ON (doomed.id) doomed.id,
+               format('dependency %s %s', d.parent_id,
+                      CASE WHEN p.status = 'canceled' THEN 'was canceled' ELSE 'failed' END)
+                   AS reason
+        FROM doomed
+        JOIN taskrunner.dependency d ON d.child_id = doomed.id AND d.requires_success
+        JOIN taskrunner.task p ON p.id = d.parent_id
+        WHERE p.status IN ('failure', 'canceled')
+           OR EXISTS (SELECT 1 FROM doomed x WHERE x.id = d.parent_id)
+        ORDER BY doomed.id, (p.status IN ('failure', 'canceled')) DESC, d.parent_id
+    )
+    UPDATE taskrunner.task t
+    SET status = 'failure', failure_reason = r.reason, status_reason = r.reason
+    FROM reasons r
+    WHERE t.id = r.id;
+
+    -- 2. Every other unfinished child counts its ended parents; a waiting child whose
+    --    parents have all finished becomes pending.
+    WITH edges AS MATERIALIZED (
+        SELECT d.child_id, p.status AS parent_status
+        FROM taskrunner.task p
+        JOIN taskrunner.dependency d ON d.parent_id = p.id
+        WHERE p.id = ANY (p_parents)
+          AND (p_children IS NULL OR d.child_id = ANY (p_children))
+    ), ended AS (
+        SELECT child_id, count(*) AS n, count(*) FILTER (WHERE parent_status = 'success') AS ok
+        FROM edges GROUP BY child_id
+    ), counted AS (
+        UPDATE taskrunner.task c
+        SET deps_finished = c.deps_finished + e.n,
+            deps_succeeded = c.deps_succeeded + e.ok,
+            status = CASE WHEN c.status = 'waiting' AND c.deps_finished + e.n = c.deps_total
+                          THEN 'pending'::taskrunner.task_status ELSE c.status END,
+            status_reason = CASE WHEN c.status = 'waiting' AND c.deps_finished + e.n = c.deps_total
+                                 THEN 'dependencies finished' ELSE c.status_reason END
+        FROM ended e
+        WHERE c.id = e.child_id AND c.status IN ('waiting', 'paused')
+    )
+    SELECT string_agg(format('propagation>%s>%s;', parent_status, n), '')
+    INTO v_lines
+    FROM (SELECT parent_status, count(*) AS n FROM edges GROUP BY 1) s;
+    IF v_lines IS NOT NULL THEN
+        PERFORM taskrunner._add_stats(v_lines);
+    END IF;
+END $$;
+
+------------------------------------------------------------------------------------------
+-- Triggers
+------------------------------------------------------------------------------------------
+
+-- Guard every status change (API, worker or a DBA's UPDATE) and keep timestamps right.
+CREATE FUNCTION taskrunner.tg_task__guard_transition() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status = OLD.status THEN
+        RETURN NEW;
+    END IF;
+    IF NOT taskrunner.transition_allowed(OLD.status, NEW.status) THEN
+        PERFORM taskrunner._raise('TR409',
+            format('illegal transition %s -> %s for task %s', OLD.status, NEW.status, OLD.id),
+            CASE WHEN taskrunner.is_terminal(OLD.status)
+                 THEN format('status: task already ended as %s', OLD.status) END);
+    END IF;
+    IF NEW.status = 'pending' AND NEW.deps_finished < NEW.deps_total THEN
+        PERFORM taskrunner._raise('TR409',
+            format('task %s has %s unfinished dependencies', OLD.id,
+                   NEW.deps_total - NEW.deps_finished));
+    END IF;
+    IF NEW.status_reason IS NOT DISTINCT FROM OLD.status_reason THEN
+        NEW.status_reason := format('set to %s by %s', NEW.status, session_user);
+    END IF;
+    IF NEW.status = 'failure' AND NEW.failure_reason IS NULL THEN
+        NEW.failure_reason := NEW.status_reason;
+    END IF;
+    NEW.last_updated := now();
+    CASE
+        WHEN NEW.status = 'running' THEN
+            NEW.claimed_at := now();
+            NEW.started_at := NULL;
+        WHEN NEW.status = 'pending' AND OLD.status = 'running' THEN
+            NEW.claimed_by := NULL;
+            NEW.claimed_at := NULL;
+            NEW.started_at := NULL;
+        WHEN taskrunner.is_terminal(NEW.status) THEN
+            NEW.ended_at := now();
+        ELSE
+            NULL;
+    END CASE;
+    RETURN NEW;
+END $$;
+
+CREATE TRIGGER _100_guard_transition
+BEFORE UPDATE ON taskrunner.task
+FOR EACH ROW EXECUTE FUNCTION taskrunner.tg_task__guard_transition();
+
+CREATE FUNCTION taskrunner.tg_task__guard_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status NOT IN ('waiting', 'pending', 'paused') THEN
+        PERFORM taskrunner._raise('TR400',
+            format('a new task must be waiting, pending or paused, not %s', NEW.status));
+    END IF;
+    RETURN NEW;
+END $$;
+
+CREATE TRIGGER _100_guard_insert
+BEFORE INSERT ON taskrunner.task
+FOR EACH ROW EXECUTE FUNCTION taskrunner.tg_task__guard_insert();
+
+-- After new tasks: history rows, and one wake-up when some are ready.
+CREATE FUNCTION taskrunner.tg_task__after_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_pending boolean;
+    v_lines text;
+BEGIN
+    WITH hist AS (
+        INSERT INTO taskrunner.task_history (task_id, from_status, to_status, reason)
+        SELECT id, NULL, status, 'created' FROM new_rows
+    )
+    SELECT bool_or(status = 'pending'), format('created>%s;', count(*))
+    INTO v_pending, v_lines FROM new_rows;
+    PERFORM taskrunner._add_stats(v_lines);
+    IF v_pending THEN
+        PERFORM pg_notify('taskrunner_task', '');
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER _900_after_insert
+AFTER INSERT ON taskrunner.task
+REFERENCING NEW TABLE AS new_rows
+FOR EACH STATEMENT EXECUTE FUNCTION taskrunner.tg_task__after_insert();
+
+-- After any update of tasks, once per statement: write the history, queue the webhooks
+-- that the transitions fire (the outbox), propagate ends through the graph and wake
+-- workers (one NOTIFY per channel at most).
+CREATE FUNCTION taskrunner.tg_task__after_update() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ended uuid[];
+    v_wake_tasks boolean;
+    v_queued bigint;
+    v_lines text;
+BEGIN
+    WITH changed AS MATERIALIZED (
+        SELECT n.id, n.kind, o.status AS from_status, n.status AS to_status,
+               CASE WHEN n.status = 'failure' THEN n.failure_reason ELSE n.status_reason END
+                   AS reason
+        FROM new_rows n JOIN old_rows o ON o.id = n.id
+        WHERE n.status <> o.status
+    ), hist AS (
+        INSERT INTO taskrunner.task_history (task_id, from_status, to_status, reason)
+        SELECT id, from_status, to_status, reason FROM changed
+    ), outbox AS (
+        INSERT INTO taskrunner.delivery (action_id, task_id, event)
+        SELECT a.id, a.task_id, a.event
+        FROM changed c
+        JOIN taskrunner.action a ON a.task_id = c.id AND a.event =
+            CASE c.to_status WHEN 'success' THEN 'success'::taskrunner.action_event
+                             WHEN 'failure' THEN 'failure'::taskrunner.action_event
+                             WHEN 'canceled' THEN 'cancel'::taskrunner.action_event END
+        WHERE c.to_status IN ('success', 'failure')
+           OR (c.to_status = 'canceled' AND c.from_status = 'running')
+        RETURNING 1
+    ), dropped_starts AS (
+        -- a start still waiting for a retry is pointless once the task left running
+        UPDATE taskrunner.delivery d
+        SET status = 'canceled', finished_at = now(), lease_until = NULL
+        FROM changed c
+        WHERE d.task_id = c.id AND c.from_status = 'running' AND d.event = 'start'
+          AND d.status = 'queued'
+    ), stats AS (
+        SELECT string_agg(format('%s>%s>%s>%s;', from_status, to_status, kind, n), '') AS lines
+        FROM (SELECT from_status, to_status, kind, count(*) AS n
+              FROM changed GROUP BY 1, 2, 3) s
+    )
+    SELECT array_agg(id) FILTER (WHERE taskrunner.is_terminal(to_status)),
+           coalesce(bool_or(to_status = 'pending' OR from_status = 'running'), false),
+           (SELECT count(*) FROM outbox),
+           (SELECT lines FROM stats)
+    INTO v_ended, v_wake_tasks, v_queued, v_lines
+    FROM changed;
+
+    IF v_lines IS NOT NULL THEN
+        PERFORM taskrunner._add_stats(v_lines);
+    END IF;
+    IF v_ended IS NOT NULL THEN
+        PERFORM taskrunner._propagate(v_ended);
+    END IF;
+    IF v_wake_tasks THEN
+        PERFORM pg_notify('taskrunner_task', '');
+    END IF;
+    IF v_queued > 0 THEN
+        PERFORM pg_notify('taskrunner_delivery', '');
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER _900_after_update
+AFTER UPDATE ON taskrunner.task
+REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+FOR EACH STATEMENT EXECUTE FUNCTION taskrunner.tg_task__after_update();
+
+------------------------------------------------------------------------------------------
+-- Public functions (documented in docs/sql.md)
+------------------------------------------------------------------------------------------
+
+-- Create a batch of tasks atomically. Input: a JSON array already validated and
+-- normalised by the API (format in docs/sql.md). Dependencies name a local_id of the
+-- batch or the task_id of an existing task. A task whose dedupe matcher finds an existing
+-- task is skipped, and dependencies on it point at that existing task instead.
+CREATE FUNCTION taskrunner.create_batch(p_tasks jsonb, p_requester text DEFAULT NULL)
+RETURNS SETOF taskrunner.task
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_batch uuid := gen_random_uuid();
+    v_existing uuid[];
+    v_missing text;
+    v_ended uuid[];
+    v_created uuid[];
+BEGIN
+    -- Dependencies must name a task of the batch or an existing task.
+    SELECT string_agg(problem, E'\n') INTO v_missing FROM (
+        SELECT format('[%s].dependencies: unknown local id %s', t.ord - 1, dep ->> 'local_id')
+        FROM jsonb_array_elements(p_tasks) WITH ORDINALITY t(t, ord),
+             jsonb_array_elements(coalesce(t.t -> 'dependencies', '[]')) dep
+        WHERE dep ? 'local_id' AND NOT EXISTS (
+            SELECT 1 FROM jsonb_array_elements(p_tasks) o WHERE o ->> 'local_id' = dep ->> 'local_id')
+        UNION ALL
+        SELECT format('[%s].dependencies: unknown task %s', t.ord - 1, dep ->> 'task_id')
+        FROM jsonb_array_elements(p_tasks) WITH ORDINALITY t(t, ord),
+             jsonb_array_elements(coalesce(t.t -> 'dependencies', '[]')) dep
+        WHERE dep ? 'task_id' AND NOT EXISTS (
+            SELECT 1 FROM taskrunner.task x WHERE x.id = (dep ->> 'task_id')::uuid)
+    ) problems(problem);
+    IF v_missing IS NOT NULL THEN
+        PERFORM taskrunner._raise('TR400', 'unknown dependency', v_missing);
+    END IF;
+
+    WITH input AS MATERIALIZED (
+        SELECT t, ord FROM jsonb_array_elements(p_tasks) WITH ORDINALITY x(t, ord)
+    ), dedupe AS MATERIALIZED (
+        -- the newest existing task that any dedupe matcher of the input task finds
+        SELECT i.ord, (
+            SELECT e.id FROM jsonb_array_elements(i.t -> 'dedupe') m
+            CROSS JOIN LATERAL (
+                SELECT x.id, x.created_at FROM taskrunner.task x
+                WHERE x.kind = m ->> 'kind'
+                  AND x.status = (m ->> 'status')::taskrunner.task_status
+                  AND x.metadata @> taskrunner._rule_pattern(m, i.t -> 'metadata')
+                ORDER BY x.created_at DESC LIMIT 1) e
+            ORDER BY e.created_at DESC LIMIT 1) AS existing_id
+        FROM input i
+        WHERE jsonb_array_length(coalesce(i.t -> 'dedupe', '[]')) > 0
+    ), ids AS MATERIALIZED (
+        SELECT i.t, i.ord, i.t ->> 'local_id' AS local_id,
+               CASE WHEN d.existing_id IS NULL THEN gen_random_uuid() END AS new_id,
+               d.existing_id
+        FROM input i LEFT JOIN dedupe d ON d.ord = i.ord
+    ), edges AS MATERIALIZED (
+        SELECT c.new_id AS child_id,
+               coalesce(l.new_id, l.existing_id, (dep ->> 'task_id')::uuid) AS parent_id,
+               bool_or(coalesce((dep ->> 'requires_success')::boolean, true)) AS requires_success
+        FROM ids c
+        CROSS JOIN jsonb_array_elements(coalesce(c.t -> 'dependencies', '[]')) dep
+        LEFT JOIN ids l ON l.local_id = dep ->> 'local_id'
+        WHERE c.new_id IS NOT NULL
+        GROUP BY 1, 2
+    ), new_tasks AS (
+        INSERT INTO taskrunner.task (id, batch_id, local_id, requester, name, kind, status,
+                                     priority, timeout, metadata, rules, admission_key,
+                                     deps_total, status_reason)
+        SELECT i.new_id, v_batch, i.local_id, p_requester, i.t ->> 'name', i.t ->> 'kind',
+               CASE WHEN coalesce(e.n, 0) > 0 THEN 'waiting' ELSE 'pending' END::taskrunner.task_status,
+               coalesce((i.t ->> 'priority')::int, 0),
+               coalesce((i.t ->> 'timeout')::int, 60),
+               coalesce(i.t -> 'metadata', '{}'),
+               coalesce(i.t -> 'rules', '[]'),
+               taskrunner._admission_key(i.t ->> 'kind', coalesce((i.t ->> 'priority')::int, 0),
+                                         coalesce(i.t -> 'rules', '[]'),
+                                         coalesce(i.t -> 'metadata', '{}')),
+               coalesce(e.n, 0),
+               'created'
+        FROM ids i
+        LEFT JOIN (SELECT child_id, count(*) AS n FROM edges GROUP BY 1) e ON e.child_id = i.new_id
+        WHERE i.new_id IS NOT NULL
+        ORDER BY i.ord
+        RETURNING id
+    ), new_edges AS (
+        INSERT INTO taskrunner.dependency (parent_id, child_id, requires_success)
+        SELECT parent_id, child_id, requires_success FROM edges
+    ), new_actions AS (
+        INSERT INTO taskrunner.action (task_id, event, url, verb, body, headers)
+        SELECT i.new_id, (a ->> 'event')::taskrunner.action_event, a ->> 'url',
+               upper(a ->> 'verb'), a -> 'body', coalesce(a -> 'headers', '{}')
+        FROM ids i CROSS JOIN jsonb_array_elements(coalesce(i.t -> 'actions', '[]')) a
+        WHERE i.new_id IS NOT NULL
+    )
+    SELECT (SELECT array_agg(new_id ORDER BY ord) FROM ids WHERE new_id IS NOT NULL),
+           (SELECT array_agg(DISTINCT e.parent_id) FROM edges e
+            WHERE e.parent_id <> ALL (SELECT new_id FROM ids WHERE new_id IS NOT NULL))
+    INTO v_created, v_existing;
+
+    -- Links to existing tasks: lock those (FOR SHARE, after our links exist) and read
+    -- their status. One that ends concurrently either committed before the lock (we see
+    -- it ended) or waits for our commit (its propagation then sees our links). Links to
+    -- tasks that had already ended count at once; a failed required parent fails the
+    -- child, which cascades through the batch.
+    SELECT array_agg(id) INTO v_ended
+    FROM (SELECT id, status FROM taskrunner.task WHERE id = ANY (v_existing)
+          ORDER BY id FOR SHARE) p
+    WHERE taskrunner.is_terminal(p.status);
+    IF v_ended IS NOT NULL THEN
+        PERFORM taskrunner._propagate(v_ended, v_created);
+    END IF;
+
+    RETURN QUERY
+    SELECT t.* FROM unnest(v_created) WITH ORDINALITY c(id, ord)
+    JOIN taskrunner.task t ON t.id = c.id
+    ORDER BY c.ord;
+END $$;
+
+-- PATCH /task/{id}: counters, metadata and the outcome of a running task.
+CREATE FUNCTION taskrunner.update_task(p_id uuid,
+                                       p_status taskrunner.task_status DEFAULT NULL,
+                                       p_new_success bigint DEFAULT NULL,
+                                       p_new_failures bigint DEFAULT NULL,
+                                       p_metadata jsonb DEFAULT NULL,
+                                       p_failure_reason text DEFAULT NULL)
+RETURNS taskrunner.task
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_status taskrunner.task_status;
+    v_task taskrunner.task;
+BEGIN
+    IF p_status IS NOT NULL AND p_status NOT IN ('success', 'failure') THEN
+        PERFORM taskrunner._raise('TR400', 'invalid status',
+                                  'status: must be Success or Failure');
+    END IF;
+    IF p_status = 'failure' AND p_failure_reason IS NULL THEN
+        PERFORM taskrunner._raise('TR400', 'missing failure_reason',
+                                  'failure_reason: required when status is Failure');
+    END IF;
+    IF p_failure_reason IS NOT NULL AND p_status IS DISTINCT FROM 'failure' THEN
+        PERFORM taskrunner._raise('TR400', 'unexpected failure_reason',
+                                  'failure_reason: only allowed when status is Failure');
+    END IF;
+    SELECT status INTO v_status FROM taskrunner.task WHERE id = p_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        PERFORM taskrunner._raise('TR404', format('task %s not found', p_id));
+    END IF;
+    IF v_status <> 'running' THEN
+        PERFORM taskrunner._raise('TR409',
+            format('task %s is %s; only running tasks can be updated', p_id, v_status),
+            format('status: task is %s', v_status));
+    END IF;
+    UPDATE taskrunner.task
+    SET success = success + coalesce(p_new_success, 0),
+        failures = failures + coalesce(p_new_failures, 0),
+        metadata = coalesce(p_metadata, metadata),
+        status = coalesce(p_status, status),
+        failure_reason = CASE WHEN p_status = 'failure' THEN p_failure_reason ELSE failure_reason END,
+        status_reason = CASE WHEN p_status IS NULL THEN status_reason
+                             ELSE format('reported %s', p_status) END,
+        last_updated = now()
+    WHERE id = p_id
+    RETURNING * INTO v_task;
+    RETURN v_task;
+END $$;
+
+-- The common shape of cancel/pause/resume: lock, check the current status, move.
+CREATE FUNCTION taskrunner._move_task(p_id uuid, p_allowed taskrunner.task_status[],
+                                      p_to taskrunner.task_status, p_reason text,
+                                      p_verb text)
+RETURNS taskrunner.task
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_task taskrunner.task;
+BEGIN
+    SELECT * INTO v_task FROM taskrunner.task WHERE id = p_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        PERFORM taskrunner._raise('TR404', format('task %s not found', p_id));
+    END IF;
+    IF NOT v_task.status = ANY (p_allowed) THEN
+        PERFORM taskrunner._raise('TR409',
+            format('cannot %s task %s: it is %s', p_verb, p_id, v_task.status),
+            format('status: task is %s', v_task.status));
+    END IF;
+    UPDATE taskrunner.task
+    SET status = coalesce(p_to, CASE WHEN deps_finished = deps_total THEN 'pending'
+                                     ELSE 'waiting' END::taskrunner.task_status),
+        status_reason = p_reason
+    WHERE id = p_id
+    RETURNING * INTO v_task;
+    RETURN v_task;
+END $$;
+
+CREATE FUNCTION taskrunner.cancel_task(p_id uuid) RETURNS taskrunner.task
+LANGUAGE sql AS $$
+    SELECT taskrunner._move_task(p_id, '{waiting,pending,paused,running}', 'canceled',
+                                 'canceled', 'cancel')
+$$;
+
+CREATE FUNCTION taskrunner.pause_task(p_id uuid) RETURNS taskrunner.task
+LANGUAGE sql AS $$
+    SELECT taskrunner._move_task(p_id, '{waiting,pending}', 'paused', 'paused', 'pause')
+$$;
+
+CREATE FUNCTION taskrunner.resume_task(p_id uuid) RETURNS taskrunner.task
+LANGUAGE sql AS $$
+    SELECT taskrunner._move_task(p_id, '{paused}', NULL, 'resumed', 'resume')
+$$;
+
+-- PUT /task: add progress counters to many tasks at once (rows locked in id order, so
+-- concurrent flushes cannot deadlock). Running tasks also get a heartbeat.
+CREATE FUNCTION taskrunner.add_counters(p_updates jsonb) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count int;
+BEGIN
+    WITH u AS (
+        SELECT (e ->> 'task_id')::uuid AS id,
+               sum(coalesce((e ->> 'new_success')::bigint, 0)) AS s,
+               sum(coalesce((e ->> 'new_failures')::bigint, 0)) AS f
+        FROM jsonb_array_elements(p_updates) e GROUP BY 1
+    ), locked AS (
+        SELECT t.id FROM taskrunner.task t JOIN u ON u.id = t.id ORDER BY t.id FOR NO KEY UPDATE OF t
+    ), upd AS (
+        UPDATE taskrunner.task t
+        SET success = t.success + u.s, failures = t.failures + u.f,
+            last_updated = CASE WHEN t.status = 'running' THEN now() ELSE t.last_updated END
+        FROM u, locked l
+        WHERE t.id = u.id AND l.id = u.id
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_count FROM upd;
+    RETURN v_count;
+END $$;
+
+-- Claim up to p_max ready tasks for p_worker: move them to running and return their
+-- start deliveries, leased to the worker for p_lease_seconds.
+--
+-- Exactness: each admission group is claimed under advisory locks on the kinds its rules
+-- count (see _lock_group), and its free slots are counted after the locks are held; under
+-- READ COMMITTED every statement below sees the commits of the claims that held the locks
+-- before us. So when a task with a rule starts, that rule's count (itself included when
+-- it matches) is at most max_concurency, whatever the number of claimers.
+--
+-- Cost: groups are found with a skip scan over task_pending_claim_idx (one probe per
+-- group with pending tasks), so pending tasks blocked behind a saturated rule cost one
+-- check per group, not one per task.
+CREATE FUNCTION taskrunner.claim_tasks(p_worker text, p_max int, p_lease_seconds int DEFAULT 60)
+RETURNS SETOF taskrunner.work_item
+LANGUAGE plpgsql AS $$
+DECLARE
+    g record;
+    v_left int := p_max;
+    v_waited boolean := false;
+    v_slots int;
+    v_claimed uuid[] := '{}';
+    v_batch uuid[];
+    v_blocked int := 0;
+BEGIN
+    IF p_max <= 0 THEN
+        RETURN;
+    END IF;
+    FOR g IN
+        WITH RECURSIVE keys(k) AS (
+            (SELECT admission_key FROM taskrunner.task WHERE status = 'pending'
+             ORDER BY admission_key LIMIT 1)
+            UNION ALL
+            SELECT (SELECT t.admission_key FROM taskrunner.task t
+                    WHERE t.status = 'pending' AND t.admission_key > keys.k
+                    ORDER BY t.admission_key LIMIT 1)
+            FROM keys WHERE keys.k IS NOT NULL
+        )
+        SELECT h.* FROM keys
+        CROSS JOIN LATERAL (
+            SELECT t.admission_key, t.kind, t.rules, t.metadata, t.priority, t.created_at
+            FROM taskrunner.task t
+            WHERE t.status = 'pending' AND t.admission_key = keys.k
+            ORDER BY t.priority DESC, t.created_at, t.id LIMIT 1) h
+        WHERE keys.k IS NOT NULL
+        ORDER BY h.priority DESC, h.created_at
+    LOOP
+        IF NOT v_waited THEN
+            PERFORM taskrunner._lock_group(g.kind, g.rules, true);
+            v_waited := true;
+        ELSIF NOT taskrunner._lock_group(g.kind, g.rules, false) THEN
+            CONTINUE;  -- another claimer holds this group; it will take care of it
+        END IF;
+        v_slots := taskrunner._group_slots(g.kind, g.rules, g.metadata);
+        IF v_slots <= 0 THEN
+            v_blocked := v_blocked + 1;
+            CONTINUE;
+        END IF;
+        WITH picked AS (
+            SELECT id FROM taskrunner.task
+            WHERE status = 'pending' AND admission_key = g.admission_key
+            ORDER BY priority DESC, created_at, id
+            LIMIT least(v_slots, v_left)
+            FOR NO KEY UPDATE SKIP LOCKED
+        ), moved AS (
+            UPDATE taskrunner.task t
+            SET status = 'running', claimed_by = p_worker,
+                status_reason = format('claimed by %s', p_worker)
+            FROM picked WHERE t.id = picked.id AND t.status = 'pending'
+            RETURNING t.id
+        )
+        SELECT array_agg(id) INTO v_batch FROM moved;
+        IF v_batch IS NOT NULL THEN
+            v_claimed := v_claimed || v_batch;
+            v_left := p_max - cardinality(v_claimed);
+            EXIT WHEN v_left <= 0;
+        END IF;
+    END LOOP;
+
+    IF v_blocked > 0 THEN
+        PERFORM taskrunner._add_stats(format('blocked>%s;', v_blocked));
+    END IF;
+    IF cardinality(v_claimed) = 0 THEN
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH starts AS (
+        INSERT INTO taskrunner.delivery (action_id, task_id, event, status, attempts,
+                                         lease_until, worker)
+        SELECT a.id, a.task_id, 'start', 'in_flight', 1,
+               now() + make_interval(secs => p_lease_seconds), p_worker
+        FROM taskrunner.action a
+        WHERE a.task_id = ANY (v_claimed) AND a.event = 'start'
+        RETURNING id, action_id, task_id
+    )
+    SELECT s.id, s.task_id, 'start'::taskrunner.action_event, 1, a.url, a.verb, a.body,
+           a.headers, t.name, t.kind
+    FROM starts s
+    JOIN taskrunner.action a ON a.id = s.action_id
+    JOIN taskrunner.task t ON t.id = s.task_id;
+END $$;
+
+-- Lease up to p_max queued deliveries that are due (end and cancel webhooks, and starts
+-- waiting for a retry).
+CREATE FUNCTION taskrunner.claim_deliveries(p_worker text, p_max int,
+                                            p_lease_seconds int DEFAULT 60)
+RETURNS SETOF taskrunner.work_item
+LANGUAGE sql AS $$
+    WITH picked AS (
+        SELECT id FROM taskrunner.delivery
+        WHERE status = 'queued' AND next_attempt_at <= now()
+        ORDER BY next_attempt_at
+        LIMIT greatest(p_max, 0)
+        FOR NO KEY UPDATE SKIP LOCKED
+    ), leased AS (
+        UPDATE taskrunner.delivery d
+        SET status = 'in_flight', attempts = d.attempts + 1, worker = p_worker,
+            lease_until = now() + make_interval(secs => p_lease_seconds)
+        FROM picked WHERE d.id = picked.id
+        RETURNING d.id, d.action_id, d.task_id, d.event, d.attempts
+    )
+    SELECT l.id, l.task_id, l.event, l.attempts, a.url, a.verb, a.body, a.headers,
+           t.name, t.kind
+    FROM leased l
+    JOIN taskrunner.action a ON a.id = l.action_id
+    JOIN taskrunner.task t ON t.id = l.task_id
+$$;
+
+-- Record the outcome of one webhook attempt (see docs/sql.md).
+CREATE FUNCTION taskrunner.finish_delivery(p_id uuid, p_worker text, p_ok boolean,
+                                           p_status_code int DEFAULT NULL,
+                                           p_error text DEFAULT NULL,
+                                           p_retry_delay_ms int DEFAULT NULL,
+                                           p_cancel_actions jsonb DEFAULT NULL,
+                                           p_started_at timestamptz DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    d taskrunner.delivery;
+    v_task taskrunner.task;
+    v_new_status taskrunner.delivery_status;
+    v_queued int;
+BEGIN
+    SELECT * INTO d FROM taskrunner.delivery WHERE id = p_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'unknown';
+    END IF;
+
+    INSERT INTO taskrunner.delivery_attempt (delivery_id, attempt, worker, started_at,
+                                             status_code, error)
+    VALUES (p_id, d.attempts, p_worker, coalesce(p_started_at, now()), p_status_code,
+            CASE WHEN p_ok THEN NULL ELSE coalesce(p_error, 'failed') END)
+    ON CONFLICT (delivery_id, attempt) DO UPDATE
+    SET worker = excluded.worker, started_at = excluded.started_at,
+        finished_at = excluded.finished_at, status_code = excluded.status_code,
+        error = excluded.error;
+
+    IF d.status <> 'in_flight' OR d.worker IS DISTINCT FROM p_worker THEN
+        RETURN 'stale';  -- the lease ran out and the delivery moved on without us
+    END IF;
+
+    v_new_status := CASE WHEN p_ok THEN 'delivered'
+                         WHEN p_retry_delay_ms IS NOT NULL THEN 'queued'
+                         ELSE 'failed' END;
+    UPDATE taskrunner.delivery
+    SET status = v_new_status,
+        lease_until = NULL,
+        last_status_code = p_status_code,
+        last_error = CASE WHEN p_ok THEN NULL ELSE coalesce(p_error, 'failed') END,
+        next_attempt_at = CASE WHEN v_new_status = 'queued'
+                               THEN now() + make_interval(secs => p_retry_delay_ms / 1000.0)
+                               ELSE next_attempt_at END,
+        finished_at = CASE WHEN v_new_status = 'queued' THEN NULL ELSE now() END
+    WHERE id = p_id;
+
+    IF d.event <> 'start' OR v_new_status = 'queued' THEN
+        RETURN v_new_status;
+    END IF;
+
+    SELECT * INTO v_task FROM taskrunner.task WHERE id = d.task_id FOR NO KEY UPDATE;
+    IF v_new_status = 'failed' THEN
+        -- a start that gave up fails its task (never overriding an end reached meanwhile)
+        IF v_task.status = 'running' AND v_task.started_at IS NULL THEN
+            UPDATE taskrunner.task
+            SET status = 'failure',
+                failure_reason = format('start webhook failed: %s', coalesce(p_error, 'failed'))
+            WHERE id = d.task_id;
+        END IF;
+        RETURN v_new_status;
+    END IF;
+
+    -- Started. Register the cancel actions the target answered with.
+    INSERT INTO taskrunner.action (task_id, event, url, verb, body, headers)
+    SELECT d.task_id, 'cancel', a ->> 'url', upper(coalesce(a ->> 'verb', 'POST')), a -> 'body',
+           coalesce(a -> 'headers', '{}')
+    FROM jsonb_array_elements(coalesce(p_cancel_actions, '[]')) a;
+    IF v_task.status = 'running' THEN
+        UPDATE taskrunner.task SET started_at = now(), last_updated = now()
+        WHERE id = d.task_id AND started_at IS NULL;
+    ELSIF v_task.status = 'canceled' AND p_cancel_actions IS NOT NULL
+          AND jsonb_array_length(p_cancel_actions) > 0 THEN
+        -- canceled while the start was in flight: the target did start it, so tell it
+        -- to cancel with the actions it just gave us
+        INSERT INTO taskrunner.delivery (action_id, task_id, event)
+        SELECT a.id, a.task_id, 'cancel' FROM taskrunner.action a
+        WHERE a.task_id = d.task_id AND a.event = 'cancel'
+          AND NOT EXISTS (SELECT 1 FROM taskrunner.delivery x WHERE x.action_id = a.id);
+        GET DIAGNOSTICS v_queued = ROW_COUNT;
+        IF v_queued > 0 THEN
+            PERFORM pg_notify('taskrunner_delivery', '');
+        END IF;
+    END IF;
+    RETURN v_new_status;
+END $$;
+
+-- Put leased deliveries back (a worker shutting down): the task of a start goes back to
+-- pending for another worker; other deliveries are queued again, the attempt not counted.
+CREATE FUNCTION taskrunner.release_deliveries(p_worker text, p_ids uuid[]) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count int;
+BEGIN
+    WITH released AS (
+        UPDATE taskrunner.delivery
+        SET status = CASE WHEN event = 'start' THEN 'expired'::taskrunner.delivery_status
+                          ELSE 'queued' END,
+            attempts = attempts - 1,
+            lease_until = NULL,
+            next_attempt_at = now(),
+            last_error = 'released by worker shutdown',
+            finished_at = CASE WHEN event = 'start' THEN now() END
+        WHERE id = ANY (p_ids) AND status = 'in_flight' AND worker = p_worker
+        RETURNING task_id, event
+    ), requeued AS (
+        UPDATE taskrunner.task t
+        SET status = 'pending', status_reason = format('released by %s', p_worker)
+        FROM released r
+        WHERE r.event = 'start' AND t.id = r.task_id AND t.status = 'running'
+          AND t.started_at IS NULL
+    )
+    SELECT count(*) INTO v_count FROM released;
+    IF v_count > 0 THEN
+        PERFORM pg_notify('taskrunner_delivery', '');
+    END IF;
+    RETURN v_count;
+END $$;
+
+-- Queue again a delivery that gave up (or was canceled), for another round of attempts.
+CREATE FUNCTION taskrunner.retry_delivery(p_id uuid) RETURNS taskrunner.delivery
+LANGUAGE plpgsql AS $$
+DECLARE
+    d taskrunner.delivery;
+BEGIN
+    SELECT * INTO d FROM taskrunner.delivery WHERE id = p_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        PERFORM taskrunner._raise('TR404', format('delivery %s not found', p_id));
+    END IF;
+    IF d.status <> 'failed' THEN
+        PERFORM taskrunner._raise('TR409',
+            format('delivery %s is %s; only failed deliveries can be retried', p_id, d.status),
+            format('status: delivery is %s', d.status));
+    END IF;
+    IF d.event = 'start' THEN
+        PERFORM taskrunner._raise('TR409',
+            format('delivery %s is a start; its task already failed', p_id));
+    END IF;
+    UPDATE taskrunner.delivery
+    SET status = 'queued', next_attempt_at = now(), finished_at = NULL
+    WHERE id = p_id
+    RETURNING * INTO d;
+    PERFORM pg_notify('taskrunner_delivery', '');
+    RETURN d;
+END $$;
+
+-- Periodic housekeeping, one caller at a time: time out running tasks and recover
+-- deliveries whose worker vanished. Returns counts, or NULL if another tick is running.
+CREATE FUNCTION taskrunner.tick() RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_timed_out int;
+    v_expired int;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtextextended('taskrunner.tick', 0)) THEN
+        RETURN NULL;
+    END IF;
+
+    UPDATE taskrunner.task
+    SET status = 'failure', failure_reason = 'Timeout', status_reason = 'Timeout'
+    WHERE status = 'running'
+      AND last_updated < now() - make_interval(secs => timeout);
+    GET DIAGNOSTICS v_timed_out = ROW_COUNT;
+
+    WITH expired AS (
+        SELECT id FROM taskrunner.delivery
+        WHERE status = 'in_flight' AND lease_until < now()
+        FOR NO KEY UPDATE SKIP LOCKED
+    ), attempts AS (
+        INSERT INTO taskrunner.delivery_attempt (delivery_id, attempt, worker, error)
+        SELECT d.id, d.attempts, d.worker, 'lease expired (worker gone?)'
+        FROM taskrunner.delivery d JOIN expired e ON e.id = d.id
+        ON CONFLICT DO NOTHING
+    ), moved AS (
+        UPDATE taskrunner.delivery d
+        SET status = CASE WHEN d.event = 'start' THEN 'expired'::taskrunner.delivery_status
+                          ELSE 'queued' END,
+            lease_until = NULL, next_attempt_at = now(),
+            last_error = 'lease expired (worker gone?)',
+            finished_at = CASE WHEN d.event = 'start' THEN now() END
+        FROM expired e WHERE d.id = e.id
+        RETURNING d.task_id, d.event
+    ), requeued AS (
+        UPDATE taskrunner.task t
+        SET status = 'pending', status_reason = 'start lease expired'
+        FROM moved m
+        WHERE m.event = 'start' AND t.id = m.task_id AND t.status = 'running'
+          AND t.started_at IS NULL
+    )
+    SELECT count(*) INTO v_expired FROM moved;
+    IF v_expired > 0 THEN
+        PERFORM pg_notify('taskrunner_delivery', '');
+    END IF;
+
+    RETURN jsonb_build_object('timed_out', v_timed_out, 'expired_leases', v_expired);
+END $$;
+
+-- The transitions counted by triggers in this transaction ("from>to>kind>n;" lines, plus
+-- "created>n;", "propagation>outcome>n;" and "blocked>n;"), then forget them.
+CREATE FUNCTION taskrunner.take_stats() RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_stats text := nullif(current_setting('taskrunner.stats', true), '');
+BEGIN
+    PERFORM set_config('taskrunner.stats', '', true);
+    RETURN v_stats;
+END $$;
+
+------------------------------------------------------------------------------------------
+-- Views for DBAs
+------------------------------------------------------------------------------------------
+
+CREATE VIEW taskrunner.running_tasks AS
+SELECT id, name, kind, claimed_by, claimed_at, started_at, last_updated,
+       last_updated + make_interval(secs => timeout) AS timeout_at,
+       success, failures, batch_id
+FROM taskrunner.task
+WHERE status = 'running';
+
+CREATE VIEW taskrunner.blocked_tasks AS
+SELECT t.id, t.name, t.kind, t.priority, t.created_at,
+       r.rule, taskrunner._rule_count(r.rule, t.metadata) AS current_count,
+       (r.rule ->> 'max')::int AS max_concurency
+FROM taskrunner.task t
+CROSS JOIN LATERAL jsonb_array_elements(t.rules) r(rule)
+WHERE t.status = 'pending'
+  AND taskrunner._rule_count(r.rule, t.metadata) >= (r.rule ->> 'max')::int;
+
+CREATE VIEW taskrunner.batch_progress AS
+SELECT batch_id, min(requester) AS requester, min(created_at) AS created_at,
+       count(*) AS total,
+       count(*) FILTER (WHERE status = 'waiting') AS waiting,
+       count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'running') AS running,
+       count(*) FILTER (WHERE status = 'paused') AS paused,
+       count(*) FILTER (WHERE status = 'success') AS success,
+       count(*) FILTER (WHERE status = 'failure') AS failure,
+       count(*) FILTER (WHERE status = 'canceled') AS canceled,
+       max(ended_at) FILTER (WHERE taskrunner.is_terminal(status)) AS last_ended_at
+FROM taskrunner.task
+GROUP BY batch_id;
+
+CREATE VIEW taskrunner.delivery_problems AS
+SELECT d.id, d.task_id, d.event, d.status, d.attempts, d.next_attempt_at,
+       d.last_status_code, d.last_error, a.url, a.verb
+FROM taskrunner.delivery d
+JOIN taskrunner.action a ON a.id = d.action_id
+WHERE d.status = 'failed' OR (d.status IN ('queued', 'in_flight') AND d.attempts > 0
+                              AND d.last_error IS NOT NULL);
+
+-- migrate:down
+
+DROP SCHEMA taskrunner CASCADE;
