@@ -1,0 +1,498 @@
+"""The ``taskrunner`` command: ``up``, ``api``, ``worker`` and ``migrate``.
+
+Settings come from the environment (``Config.from_env``); command-line flags override them.
+``api`` and ``worker`` run one part of the service; ``up`` runs all of it on one machine
+(migrations, the API under gunicorn, worker processes) and supervises it until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+
+from taskrunner.config import Config
+
+GUNICORN_CONFIG = "python:taskrunner.api.gunicorn_conf"
+WSGI_APP = "taskrunner.api.app:get_app()"
+HEALTH_TIMEOUT = 60.0
+_PR_SET_PDEATHSIG = 1
+
+
+class CliError(Exception):
+    """A problem to report in one line and exit 1 with."""
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+def _override(config: Config, **fields) -> Config:
+    """``config`` with the given (non-None) fields replaced, keeping derived defaults right."""
+    changes = {k: v for k, v in fields.items() if v is not None}
+    if not changes:
+        return config
+    if "port" in changes and not os.environ.get("HOST_URL"):
+        changes["host_url"] = ""  # recomputed from the new port by Config.__post_init__
+    return dataclasses.replace(config, **changes)
+
+
+def _config(args: argparse.Namespace, **fields) -> Config:
+    return _override(
+        Config.from_env(),
+        database_url=getattr(args, "database_url", None),
+        log_level=getattr(args, "log_level", None),
+        **fields,
+    )
+
+
+def _require_database(config: Config) -> str:
+    if not config.database_url:
+        raise CliError(
+            "DATABASE_URL is not set: export it or pass --database-url "
+            "(`taskrunner up` runs an embedded PostgreSQL when it is unset)"
+        )
+    return config.database_url
+
+
+def _child_env(config: Config, **extra: str) -> dict[str, str]:
+    """The environment of a child process: ours plus the settings chosen here."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "PORT": str(config.port),
+            "HOST_URL": config.host_url,
+            "LOG_LEVEL": config.log_level,
+            "API_PROCESSES": str(config.api_processes),
+            "WORKER_PROCESSES": str(config.worker_processes),
+            "WORKER_CONCURRENCY": str(config.worker_concurrency),
+        }
+    )
+    if config.database_url:
+        env["DATABASE_URL"] = config.database_url
+    env.update(extra)
+    return env
+
+
+def _require_module(name: str, what: str) -> None:
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise CliError(f"{what} is not available: module {name} is missing")
+
+
+def _gunicorn_argv() -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, WSGI_APP]
+
+
+def _self_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "taskrunner.cli", *args]
+
+
+# -- process supervision ------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised in the main thread by SIGINT/SIGTERM/SIGHUP while supervising."""
+
+
+def _raise_stop(signum: int, _frame) -> None:
+    raise _Stop(signum)
+
+
+def _note_repeat(signum: int, _frame) -> None:
+    print("taskrunner: still stopping, please wait", file=sys.stderr, flush=True)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _set_stop_handlers(handler: Callable) -> None:
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: get SIGTERM if the supervisor dies (Linux only), so a killed
+    ``up`` leaves no orphaned API or workers holding the port."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class Supervisor:
+    """Starts child processes, notices when one dies, and stops them all in order."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.children: list[tuple[str, subprocess.Popen]] = []
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        # Each child in its own process group: a terminal's Ctrl-C reaches only us, and we
+        # stop the children with SIGTERM (a graceful shutdown for gunicorn and workers).
+        proc = subprocess.Popen(argv, env=env, process_group=0, preexec_fn=_die_with_parent)
+        self.children.append((name, proc))
+
+    def dead_child(self) -> tuple[str, int] | None:
+        for name, proc in self.children:
+            code = proc.poll()
+            if code is not None:
+                return name, code
+        return None
+
+    def watch(self, until: Callable[[], bool] | None = None, interval: float = 0.2) -> None:
+        """Return when ``until()`` is true; raise CliError as soon as a child exits."""
+        while True:
+            dead = self.dead_child()
+            if dead:
+                name, code = dead
+                raise CliError(f"{name} exited unexpectedly (exit code {code})")
+            if until is not None and until():
+                return
+            time.sleep(interval)
+
+    def stop_all(self) -> None:
+        """SIGTERM every child, wait up to ``grace`` seconds, then SIGKILL the rest."""
+        for _, proc in self.children:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
+        for name, proc in self.children:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"taskrunner: {name} did not stop in time, killing it", file=sys.stderr)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _supervise(supervisor: Supervisor, start: Callable[[], None]) -> int:
+    """Run ``start`` then watch the children until a signal (exit 0) or a death (exit 1)."""
+    _set_stop_handlers(_raise_stop)
+    code = 0
+    try:
+        start()
+        supervisor.watch()
+    except _Stop:
+        print("taskrunner: stopping", file=sys.stderr, flush=True)
+    except CliError as exc:
+        print(f"taskrunner: {exc}; stopping everything", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        _set_stop_handlers(_note_repeat)
+        supervisor.stop_all()
+    return code
+
+
+# -- subcommands --------------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from taskrunner import migrate
+
+    url = _require_database(_config(args))
+    try:
+        if args.rollback:
+            migrate.rollback(url, dump_schema=args.dump)
+        else:
+            migrate.migrate(url, dump_schema=args.dump)
+    except migrate.MigrationError as exc:
+        raise CliError(str(exc)) from exc
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    config = _config(args, port=args.port, api_processes=args.processes)
+    _require_database(config)
+    _require_module("taskrunner.api.gunicorn_conf", "the API")
+    # gunicorn's config module reads the settings from the environment.
+    os.execve(sys.executable, _gunicorn_argv(), _child_env(config))
+    return 1  # not reached
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    config = _config(args, worker_processes=args.processes, worker_concurrency=args.concurrency)
+    _require_database(config)
+    if config.worker_processes < 1:
+        raise CliError("--processes must be at least 1")
+    if config.worker_processes == 1:
+        _require_module("taskrunner.worker.main", "the worker")
+        from taskrunner.worker.main import run_worker
+
+        result = run_worker(config)
+        return result if isinstance(result, int) else 0
+
+    supervisor = Supervisor(grace=config.shutdown_grace + 5)
+    env = _child_env(config)
+
+    def start() -> None:
+        for i in range(config.worker_processes):
+            supervisor.spawn(f"worker {i + 1}", _self_argv("worker", "--processes", "1"), env)
+
+    return _supervise(supervisor, start)
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from taskrunner import embedded, migrate
+
+    config = _config(
+        args,
+        port=args.port,
+        api_processes=args.api_processes,
+        worker_processes=args.worker_processes,
+        worker_concurrency=args.concurrency,
+    )
+    _require_module("taskrunner.api.gunicorn_conf", "the API")
+    _require_module("taskrunner.worker.main", "the worker")
+    if _port_in_use(config.port):
+        raise CliError(f"port {config.port} is already in use: set PORT or pass --port")
+
+    state = embedded.state_dir()
+    cluster: embedded.EmbeddedPostgres | None = None
+    supervisor = Supervisor(grace=config.shutdown_grace + 5)
+
+    def start() -> None:
+        nonlocal cluster, config
+        if not config.database_url:
+            cluster = embedded.EmbeddedPostgres(state)
+            print(f"taskrunner: starting the embedded PostgreSQL in {cluster.data_dir}")
+            try:
+                url = cluster.start()
+            except embedded.EmbeddedError as exc:
+                raise CliError(str(exc)) from exc
+            config = dataclasses.replace(config, database_url=url)
+        try:
+            migrate.migrate(config.database_url)
+        except migrate.MigrationError as exc:
+            raise CliError(str(exc)) from exc
+
+        extra = {}
+        if not os.environ.get("WEBHOOK_ALLOW_PRIVATE"):
+            extra["WEBHOOK_ALLOW_PRIVATE"] = "true"
+            print(
+                "taskrunner: WEBHOOK_ALLOW_PRIVATE=true (the `up` default, so webhooks may "
+                "call localhost; set WEBHOOK_ALLOW_PRIVATE=false to forbid private addresses)"
+            )
+        # Prometheus' multiprocess mode: API and worker processes share one fresh directory.
+        metrics_dir = state / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        extra["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        env = _child_env(config, **extra)
+
+        supervisor.spawn("the API (gunicorn)", _gunicorn_argv(), env)
+        for i in range(config.worker_processes):
+            supervisor.spawn(f"worker {i + 1}", _self_argv("worker", "--processes", "1"), env)
+
+        deadline = time.monotonic() + HEALTH_TIMEOUT
+
+        def ready() -> bool:
+            if time.monotonic() > deadline:
+                raise CliError(f"the API did not answer /health within {HEALTH_TIMEOUT:.0f}s")
+            return _healthy(config.port)
+
+        supervisor.watch(until=ready)
+        print(f"taskrunner is up: http://127.0.0.1:{config.port}", flush=True)
+        print(f"DATABASE_URL={config.database_url}", flush=True)
+
+    try:
+        return _supervise(supervisor, start)
+    finally:
+        if cluster is not None and cluster.started_here:
+            print("taskrunner: stopping the embedded PostgreSQL", file=sys.stderr)
+            cluster.stop()
+
+
+# -- argument parsing ---------------------------------------------------------------------
+
+DESCRIPTION = """\
+Run DAGs of webhook tasks on PostgreSQL.
+
+Settings come from environment variables (DATABASE_URL, PORT, HOST_URL, LOG_LEVEL,
+API_PROCESSES, WORKER_PROCESSES, WORKER_CONCURRENCY, WEBHOOK_TIMEOUT, WEBHOOK_ALLOW_PRIVATE,
+...); command-line flags override them.
+"""
+
+EPILOG = """\
+examples:
+  taskrunner up                          everything on this machine (embedded PostgreSQL
+                                         unless DATABASE_URL is set)
+  DATABASE_URL=postgresql://... taskrunner migrate
+  taskrunner api --port 8085 --processes 4
+  taskrunner worker --processes 4 --concurrency 64
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--database-url", metavar="URL", help="PostgreSQL URL (default: $DATABASE_URL)"
+    )
+    common.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        type=str.lower,
+        help="log level (default: $LOG_LEVEL or info)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="taskrunner",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "up",
+        parents=[common],
+        help="run migrations, the API and workers together (for development / one machine)",
+        description=(
+            "Run everything on this machine: apply migrations, start the API (gunicorn) and "
+            "WORKER_PROCESSES worker processes, wait until GET /health answers and print the "
+            "URL. Without DATABASE_URL a private PostgreSQL cluster is started in "
+            ".taskrunner/ (kept between runs). Webhooks to private addresses are allowed "
+            "unless WEBHOOK_ALLOW_PRIVATE is set. Ctrl-C or SIGTERM stops everything."
+        ),
+    )
+    p.add_argument("--port", type=_port, help="API port (default: $PORT or 8085)")
+    p.add_argument(
+        "--api-processes", type=_positive_int, metavar="N", help="gunicorn worker processes"
+    )
+    p.add_argument("--worker-processes", type=_positive_int, metavar="N", help="worker processes")
+    p.add_argument(
+        "--concurrency", type=_positive_int, metavar="N", help="webhooks in flight per worker"
+    )
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser(
+        "api",
+        parents=[common],
+        help="run the HTTP API under gunicorn",
+        description=(
+            "Run the HTTP API: gunicorn with the configuration in taskrunner.api.gunicorn_conf "
+            "serving taskrunner.api.app:get_app(). Needs DATABASE_URL."
+        ),
+    )
+    p.add_argument("--port", type=_port, help="port to listen on (default: $PORT or 8085)")
+    p.add_argument(
+        "--processes",
+        type=_positive_int,
+        metavar="N",
+        help="gunicorn worker processes (default: $API_PROCESSES or 2)",
+    )
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser(
+        "worker",
+        parents=[common],
+        help="run worker processes that claim tasks and call webhooks",
+        description=(
+            "Run worker processes: each listens for notifications, claims ready tasks and "
+            "calls their webhooks. Any number of workers may run against one database, on "
+            "any number of hosts. Needs DATABASE_URL."
+        ),
+    )
+    p.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="worker processes to run and supervise (default: 1)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        metavar="N",
+        help="webhooks in flight per process (default: $WORKER_CONCURRENCY or 32)",
+    )
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="apply database migrations (dbmate)",
+        description=(
+            "Apply every pending migration in sql/migrations with dbmate (creating the "
+            "database if it does not exist). Needs DATABASE_URL."
+        ),
+    )
+    p.add_argument(
+        "--rollback", action="store_true", help="roll back the most recent migration instead"
+    )
+    p.add_argument(
+        "--dump",
+        action="store_true",
+        help="also write the resulting schema to sql/schema.sql (needs pg_dump)",
+    )
+    p.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except CliError as exc:
+        print(f"taskrunner: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

