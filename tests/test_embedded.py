@@ -1,0 +1,113 @@
+"""The embedded PostgreSQL cluster of ``taskrunner up``: real initdb/pg_ctl, in a temp dir.
+
+Run as root (as in CI) these exercise the path where the cluster runs as ``postgres``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from taskrunner import embedded
+from taskrunner.embedded import EmbeddedError, EmbeddedPostgres
+
+try:
+    embedded.find_pg_bindir()
+except EmbeddedError as exc:
+    pytest.skip(f"no PostgreSQL server binaries: {exc}", allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+
+
+def _reachable_tempdir() -> Path:
+    """A temp dir the ``postgres`` user can traverse (when we are root)."""
+    path = Path(tempfile.mkdtemp(prefix="tr-embedded-", dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def base_dir() -> Iterator[Path]:
+    path = _reachable_tempdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(base_dir: Path) -> Iterator[EmbeddedPostgres]:
+    pg = EmbeddedPostgres(base_dir / ".taskrunner")
+    yield pg
+    pg.stop()
+
+
+def test_find_pg_bindir_has_the_server_tools() -> None:
+    bindir = embedded.find_pg_bindir()
+    assert (bindir / "initdb").is_file()
+    assert (bindir / "pg_ctl").is_file()
+
+
+def test_start_stop_restart_keeps_data(cluster: EmbeddedPostgres) -> None:
+    url = cluster.start()
+
+    assert cluster.started_here
+    assert cluster.port not in (None, 5432)
+    assert url == f"postgresql://taskrunner@127.0.0.1:{cluster.port}/taskrunner"
+    assert int(cluster.port_file.read_text()) == cluster.port
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT current_user, current_database()").fetchone() == (
+            "taskrunner",
+            "taskrunner",
+        )
+        conn.execute("CREATE TABLE kept (note text)")
+        conn.execute("INSERT INTO kept VALUES ('still here')")
+
+    cluster.stop()
+    assert not cluster.is_running()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(url, connect_timeout=2).close()
+
+    assert cluster.start() == url
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT note FROM kept").fetchall() == [("still here",)]
+    assert "database system is ready" in cluster.log_file.read_text()
+
+
+def test_start_reuses_a_running_cluster(cluster: EmbeddedPostgres) -> None:
+    url = cluster.start()
+
+    again = EmbeddedPostgres(cluster.base_dir)
+    assert again.start() == url
+    assert not again.started_here  # so `up` leaves it to whoever started it
+
+
+def test_start_picks_a_new_port_when_the_old_one_is_taken(cluster: EmbeddedPostgres) -> None:
+    cluster.start()
+    cluster.stop()
+    old_port = cluster.port
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", old_port))
+        squatter.listen()
+        url = cluster.start()
+
+    assert cluster.port != old_port
+    assert int(cluster.port_file.read_text()) == cluster.port
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the cluster as 'postgres'")
+def test_root_gets_a_clear_error_when_postgres_cannot_reach_the_dir(base_dir: Path) -> None:
+    hidden = base_dir / "private"
+    hidden.mkdir(mode=0o700)
+    pg = EmbeddedPostgres(hidden / ".taskrunner")
+
+    with pytest.raises(EmbeddedError, match="'postgres', which cannot reach"):
+        pg.start()
