@@ -79,3 +79,7 @@ SELECT taskrunner.take_stats() AS stats;
 -- name: ready
 -- Readiness: the database answers and the newest migration is applied.
 SELECT max(version) AS version FROM public.schema_migrations;
+
+-- name: listen
+-- The worker's wake-up channels (see "Notifications" in docs/sql.md).
+LISTEN taskrunner_task; LISTEN taskrunner_delivery;

@@ -1,0 +1,317 @@
+"""The worker: claims ready work from PostgreSQL and runs webhooks concurrently.
+
+All state lives in the database; this loop only moves work between the SQL functions
+(``claim_tasks``, ``claim_deliveries``, ``finish_delivery``, ``release_deliveries``,
+``tick``) and the HTTP client (``webhooks``). It wakes on NOTIFY (one dedicated LISTEN
+connection), on a freed slot, on a retry it scheduled falling due, or on the poll timeout,
+so a lost notification only costs latency. A database outage is logged and retried,
+never fatal. ``stop()`` drains in-flight webhooks for ``shutdown_grace`` seconds and hands
+back what was not recorded, so another worker takes it over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from typing import Any
+
+import httpx
+import psycopg
+import psycopg_pool
+from psycopg.types.json import Jsonb
+
+from taskrunner.config import Config
+from taskrunner.db import QUERIES, DatabaseUnavailable, create_async_pool, wrap_exceptions
+from taskrunner.worker import webhooks
+from taskrunner.worker.webhooks import WebhookResult, WorkItem
+
+try:
+    from taskrunner.metrics import observe_worker_loop, record_stats
+except ImportError:  # metrics.py is not part of every checkout yet; metrics are optional
+
+    def observe_worker_loop(seconds: float) -> None:
+        """No metrics module: nothing to observe."""
+
+    def record_stats(text: str) -> None:
+        """No metrics module: nothing to record."""
+
+
+log = logging.getLogger(__name__)
+
+
+def default_worker_id() -> str:
+    """``hostname:pid``, recorded on claims and delivery attempts."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Backoff:
+    """Exponential delay for reconnecting to the database (0.2 s doubling to 5 s)."""
+
+    def __init__(self, first: float = 0.2, most: float = 5.0) -> None:
+        self.first, self.most, self.delay = first, most, first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(self.most, self.delay * 2)
+        return delay
+
+
+class Worker:
+    """One worker process's loop. ``run()`` until ``stop()`` (thread-safe) is called."""
+
+    _pool: psycopg_pool.AsyncConnectionPool
+    _client: httpx.AsyncClient
+
+    def __init__(self, config: Config, worker_id: str | None = None) -> None:
+        if not config.database_url:
+            raise ValueError("the worker needs config.database_url")
+        self.config = config
+        self.worker_id = worker_id or default_worker_id()
+        # lease long enough for an attempt (bounded by webhook_timeout) plus recording it
+        self.lease_seconds = int(2 * config.webhook_timeout + 10)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._in_flight: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._unrecorded: set[uuid.UUID] = set()  # leased to us, outcome not yet recorded
+        self._next_retry: float | None = None  # loop time when a retry we scheduled is due
+        self._next_tick = 0.0
+        self._tasks_first = True
+
+    def stop(self) -> None:
+        """Stop claiming and shut down gracefully; safe from any thread or a signal."""
+        if self._loop is None:
+            self._stopping.set()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed: run() already returned
+            self._loop.call_soon_threadsafe(self._stop_now)
+
+    def _stop_now(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Claim and deliver until stopped; then drain, release and close."""
+        self._loop = asyncio.get_running_loop()
+        url = self.config.database_url
+        self._pool = create_async_pool(url, max_size=self.config.pool_max_size)
+        listen_pool = create_async_pool(url, max_size=1, name="taskrunner-listen")
+        await self._pool.open(wait=False)
+        await listen_pool.open(wait=False)
+        log.info("worker %s started", self.worker_id)
+        async with webhooks.create_client(self.config) as self._client:
+            listener = asyncio.create_task(self._listen(listen_pool))
+            try:
+                await self._loop_until_stopped()
+            finally:
+                listener.cancel()
+                await self._drain()
+                await asyncio.gather(listener, return_exceptions=True)
+                await listen_pool.close()
+                await self._pool.close()
+        log.info("worker %s stopped", self.worker_id)
+
+    # --- the main loop -------------------------------------------------------------------
+
+    async def _loop_until_stopped(self) -> None:
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            self._wake.clear()  # before the round: a wake-up during it is not lost
+            started = asyncio.get_running_loop().time()
+            try:
+                await self._round()
+            except DatabaseUnavailable as exc:
+                log.warning("database unavailable (%s); retrying", exc.__cause__)
+                await self._sleep(backoff.next())
+                continue
+            except psycopg.Error:
+                # not an outage (a bug or bad data): log it and keep the worker alive
+                log.exception("worker round failed; retrying")
+                await self._sleep(backoff.next())
+                continue
+            backoff.reset()
+            observe_worker_loop(asyncio.get_running_loop().time() - started)
+            await self._wait()
+
+    async def _round(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_tick:
+            await self._call("tick", {})
+            self._next_tick = now + self.config.tick_interval
+        if self._next_retry is not None and now >= self._next_retry:
+            self._next_retry = None
+        await self._claim_while_full()
+
+    async def _claim_while_full(self) -> None:
+        """Claim into free slots; claim again at once while claims come back full."""
+        while not self._stopping.is_set() and (free := self._free_slots()) > 0:
+            # alternate which kind goes first so starts and end webhooks cannot starve
+            # each other when one of them alone could fill every slot
+            order = ["claim_tasks", "claim_deliveries"]
+            if not self._tasks_first:
+                order.reverse()
+            self._tasks_first = not self._tasks_first
+            claimed = 0
+            for query in order:
+                rows = await self._call(query, self._claim_params(free - claimed))
+                for row in rows:
+                    self._start(WorkItem.from_row(row))
+                claimed += len(rows)
+            if claimed < free:
+                return
+
+    def _claim_params(self, free: int) -> dict[str, Any]:
+        return {"worker": self.worker_id, "max": free, "lease_seconds": self.lease_seconds}
+
+    def _free_slots(self) -> int:
+        return self.config.worker_concurrency - len(self._in_flight)
+
+    async def _wait(self) -> None:
+        """Until a notification, a freed slot, a due retry, a tick or the poll timeout."""
+        now = asyncio.get_running_loop().time()
+        deadlines = [now + self.config.poll_interval, self._next_tick]
+        if self._next_retry is not None:
+            deadlines.append(self._next_retry)
+        timeout = max(0.0, min(deadlines) - now)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, cut short by stop()."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _call(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Run a named query in its own transaction, feeding its transitions to metrics."""
+        with wrap_exceptions():
+            async with self._pool.connection() as conn, conn.transaction():
+                rows = await (await conn.execute(QUERIES[query], params)).fetchall()
+                stats = await (await conn.execute(QUERIES["take_stats"])).fetchone()
+        if stats and stats["stats"]:
+            record_stats(stats["stats"])
+        return rows
+
+    # --- one webhook ---------------------------------------------------------------------
+
+    def _start(self, item: WorkItem) -> None:
+        self._unrecorded.add(item.delivery_id)
+        task = asyncio.create_task(self._deliver(item), name=f"delivery {item.delivery_id}")
+        self._in_flight[item.delivery_id] = task
+        task.add_done_callback(lambda _: self._finished(item.delivery_id))
+
+    def _finished(self, delivery_id: uuid.UUID) -> None:
+        self._in_flight.pop(delivery_id, None)
+        if self._free_slots() == 1:  # we were full: claim into the freed slot now
+            self._wake.set()
+
+    async def _deliver(self, item: WorkItem) -> None:
+        deadline = asyncio.get_running_loop().time() + self.lease_seconds
+        result = await webhooks.call(self._client, item, self.config)
+        delay_ms = None if result.ok else webhooks.retry_delay_ms(item.attempt, self.config)
+        if result.ok:
+            log.debug("delivery %s (%s of task %s) ok", item.delivery_id, item.event, item.task_id)
+        else:
+            log.info(
+                "delivery %s (%s of task %s) attempt %d failed: %s; %s",
+                item.delivery_id,
+                item.event,
+                item.task_id,
+                item.attempt,
+                result.error,
+                "giving up" if delay_ms is None else f"retry in {delay_ms} ms",
+            )
+        try:
+            await self._record(item, result, delay_ms, deadline)
+        except psycopg.Error:
+            # not an outage: a bug or bad data; the lease will expire and tick() recovers
+            log.exception("could not record delivery %s", item.delivery_id)
+
+    async def _record(
+        self, item: WorkItem, result: WebhookResult, delay_ms: int | None, deadline: float
+    ) -> None:
+        """finish_delivery, retried through a database outage until the lease runs out."""
+        params = {
+            "delivery_id": item.delivery_id,
+            "worker": self.worker_id,
+            "ok": result.ok,
+            "status_code": result.status_code,
+            "error": result.error,
+            "retry_delay_ms": delay_ms,
+            "cancel_actions": Jsonb(result.cancel_actions) if result.cancel_actions else None,
+            "started_at": result.started_at,
+        }
+        backoff = Backoff()
+        while True:
+            try:
+                rows = await self._call("finish_delivery", params)
+                break
+            except DatabaseUnavailable as exc:
+                if asyncio.get_running_loop().time() + backoff.delay > deadline:
+                    log.warning(
+                        "delivery %s not recorded (%s); its lease will expire",
+                        item.delivery_id,
+                        exc.__cause__,
+                    )
+                    return
+                await asyncio.sleep(backoff.next())
+        self._unrecorded.discard(item.delivery_id)
+        if rows[0]["status"] == "stale":
+            log.info("delivery %s: lease lost before recording", item.delivery_id)
+        if delay_ms is not None:
+            self._retry_due(delay_ms / 1000)
+
+    def _retry_due(self, seconds: float) -> None:
+        due = asyncio.get_running_loop().time() + seconds
+        if self._next_retry is None or due < self._next_retry:
+            self._next_retry = due
+            self._wake.set()  # re-arm the wait with the earlier deadline
+
+    # --- wake-ups ------------------------------------------------------------------------
+
+    async def _listen(self, pool: psycopg_pool.AsyncConnectionPool) -> None:
+        """Turn NOTIFYs into wake-ups; reconnect with backoff when the connection drops."""
+        backoff = Backoff()
+        while True:
+            try:
+                async with pool.connection() as conn:
+                    await conn.execute(QUERIES["listen"])
+                    backoff.reset()
+                    self._wake.set()  # notifications may have been missed while away
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+                log.warning("LISTEN connection lost (%s); reconnecting", exc)
+                await asyncio.sleep(backoff.next())
+
+    # --- shutdown ------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Let in-flight webhooks finish for the grace period, then hand the rest back."""
+        pending = set(self._in_flight.values())
+        if pending:
+            log.info("waiting up to %ss for %d webhooks", self.config.shutdown_grace, len(pending))
+            _, pending = await asyncio.wait(pending, timeout=self.config.shutdown_grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if self._unrecorded:
+            await self._release(sorted(self._unrecorded))
+
+    async def _release(self, ids: list[uuid.UUID]) -> None:
+        try:
+            rows = await self._call("release_deliveries", {"worker": self.worker_id, "ids": ids})
+        except DatabaseUnavailable as exc:
+            log.warning(
+                "could not release %d deliveries (%s); their leases will expire",
+                len(ids),
+                exc.__cause__,
+            )
+            return
+        log.info("released %d of %d unfinished deliveries", rows[0]["released"], len(ids))
+        self._unrecorded.clear()

@@ -1,0 +1,528 @@
+"""The worker end to end: a real Worker (own thread, own event loop) against the test
+database and a real HTTP server standing in for the remote side (the "sink").
+
+Every assertion reads the database or the requests the sink recorded; waiting is done by
+polling with a deadline, never by sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import psycopg
+import pytest
+from conftest import create_batch, status_of, task_spec, webhook
+
+from taskrunner.config import Config
+from taskrunner.worker import worker as worker_module
+from taskrunner.worker.worker import Worker
+
+HOST_URL = "http://taskrunner.test"
+
+
+# --- the remote side -----------------------------------------------------------------
+
+
+@dataclass
+class Hit:
+    """One request the sink received."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # lower-case names
+    body: Any
+
+
+Responder = Callable[[Hit], tuple[int, Any]]
+
+
+class Sink:
+    """An HTTP server in a thread: records requests, answers per path (default 200)."""
+
+    def __init__(self) -> None:
+        self.hits: list[Hit] = []
+        self.routes: dict[str, Responder] = {}
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}{path}"
+
+    def hits_for(self, path: str) -> list[Hit]:
+        return [h for h in list(self.hits) if h.path == path]
+
+    def answer(self, hit: Hit) -> tuple[int, Any]:
+        self.hits.append(hit)
+        responder = self.routes.get(hit.path)
+        return responder(hit) if responder else (200, None)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _handler_for(sink: Sink) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def handle_any(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            parts = urlsplit(self.path)
+            hit = Hit(
+                method=self.command,
+                path=parts.path,
+                query=parse_qs(parts.query),
+                headers={k.lower(): v for k, v in self.headers.items()},
+                body=json.loads(raw) if raw else None,
+            )
+            status, body = sink.answer(hit)
+            payload = b"" if body is None else json.dumps(body).encode()
+            self.send_response(status)
+            if 300 <= status < 400:
+                self.send_header("Location", "/redirected")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = handle_any
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+def held(release: threading.Event, answer: tuple[int, Any] = (200, None)) -> Responder:
+    """A responder that keeps the request open until ``release`` is set."""
+
+    def respond(_: Hit) -> tuple[int, Any]:
+        release.wait(30)
+        return answer
+
+    return respond
+
+
+# --- running a worker ----------------------------------------------------------------
+
+
+@dataclass
+class RunningWorker:
+    worker: Worker
+    thread: threading.Thread
+    errors: list[BaseException] = field(default_factory=list)
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.thread.join(20)
+        assert not self.thread.is_alive(), "worker did not stop"
+        assert not self.errors, f"worker crashed: {self.errors!r}"
+
+
+def test_config(db_url: str, **overrides: Any) -> Config:
+    settings: dict[str, Any] = {
+        "database_url": db_url,
+        "host_url": HOST_URL,
+        "worker_concurrency": 8,
+        "poll_interval": 0.2,
+        "tick_interval": 0.2,
+        "webhook_timeout": 2.0,
+        "webhook_max_attempts": 3,
+        "webhook_backoff_base": 0.01,
+        "webhook_backoff_max": 0.05,
+        "shutdown_grace": 2.0,
+    }
+    return Config(**(settings | overrides))
+
+
+test_config.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    s = Sink()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def start_worker(db_url: str) -> Iterator[Callable[..., RunningWorker]]:
+    running: list[RunningWorker] = []
+
+    def start(**overrides: Any) -> RunningWorker:
+        worker = Worker(test_config(db_url, **overrides), worker_id=f"w{len(running)}")
+        errors: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                asyncio.run(worker.run())
+            except BaseException as exc:  # surfaced by RunningWorker.stop()
+                errors.append(exc)
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        running.append(RunningWorker(worker, thread, errors))
+        return running[-1]
+
+    yield start
+    for r in running:
+        r.stop()
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+# --- database helpers ----------------------------------------------------------------
+
+
+def task_row(conn: psycopg.Connection, task_id: Any) -> dict:
+    return conn.execute("SELECT * FROM taskrunner.task WHERE id = %s", (task_id,)).fetchone()
+
+
+def deliveries(conn: psycopg.Connection, task_id: Any, event: str) -> list[dict]:
+    return conn.execute(
+        "SELECT * FROM taskrunner.delivery WHERE task_id = %s AND event = %s ORDER BY created_at",
+        (task_id, event),
+    ).fetchall()
+
+
+def attempts(conn: psycopg.Connection, delivery_id: Any) -> list[dict]:
+    return conn.execute(
+        "SELECT * FROM taskrunner.delivery_attempt WHERE delivery_id = %s ORDER BY attempt",
+        (delivery_id,),
+    ).fetchall()
+
+
+def status_is(conn: psycopg.Connection, task_id: Any, status: str) -> Callable[[], bool]:
+    return lambda: status_of(conn, task_id) == status
+
+
+def started(conn: psycopg.Connection, task_id: Any) -> Callable[[], bool]:
+    return lambda: task_row(conn, task_id)["started_at"] is not None
+
+
+def one_task(conn: psycopg.Connection, *actions: dict, **extra: Any) -> Any:
+    return create_batch(conn, [task_spec("t", actions=list(actions), **extra)])["t"]["id"]
+
+
+def complete_from_remote(db_url: str, answer: tuple[int, Any] = (200, None)) -> Responder:
+    """A target that reports success through SQL before it answers the start."""
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        with psycopg.connect(db_url, autocommit=True) as c:
+            c.execute("SELECT taskrunner.update_task(%s, 'success')", (hit.headers["x-task-id"],))
+        return answer
+
+    return respond
+
+
+# --- tests ---------------------------------------------------------------------------
+
+
+def test_start_webhook_request_carries_handle_body_and_headers(conn, sink, start_worker):
+    task_id = one_task(
+        conn,
+        webhook(
+            url=sink.url("/start?x=1&y=two"),
+            verb="PUT",
+            body={"job": [1, 2]},
+            headers={"X-Custom": "yes"},
+        ),
+    )
+    start_worker()
+
+    hit = wait_until(lambda: sink.hits_for("/start"), "the start webhook")[0]
+    wait_until(started(conn, task_id), "the start to be recorded")
+    (delivery,) = deliveries(conn, task_id, "start")
+    assert hit.method == "PUT"
+    assert hit.query == {"x": ["1"], "y": ["two"], "handle": [f"{HOST_URL}/task/{task_id}"]}
+    assert hit.body == {"job": [1, 2]}
+    assert hit.headers["content-type"] == "application/json"
+    assert hit.headers["x-custom"] == "yes"
+    assert hit.headers["x-task-id"] == str(task_id)
+    assert hit.headers["x-task-trigger"] == "Start"
+    assert hit.headers["idempotency-key"] == str(delivery["id"])
+    assert delivery["status"] == "delivered"
+    assert status_of(conn, task_id) == "running"
+
+
+def test_null_body_sends_no_body(conn, sink, start_worker):
+    one_task(conn, webhook(url=sink.url("/start"), verb="GET", body=None))
+    start_worker()
+
+    hit = wait_until(lambda: sink.hits_for("/start"), "the start webhook")[0]
+    assert hit.method == "GET"
+    assert hit.body is None
+    assert "content-type" not in hit.headers
+
+
+def test_cancel_action_from_start_response_fires_on_cancel(conn, sink, start_worker):
+    cancel = {"kind": "webhook", "params": {"url": sink.url("/stop?job=7"), "verb": "delete"}}
+    sink.routes["/start"] = lambda _: (200, [cancel, {"kind": "Email"}])
+    task_id = one_task(conn, webhook(url=sink.url("/start")))
+    start_worker()
+
+    wait_until(started(conn, task_id), "the start to be recorded")
+    actions = conn.execute(
+        "SELECT url, verb FROM taskrunner.action WHERE task_id = %s AND event = 'cancel'",
+        (task_id,),
+    ).fetchall()
+    assert actions == [{"url": sink.url("/stop?job=7"), "verb": "DELETE"}]
+    assert not sink.hits_for("/stop")
+
+    conn.execute("SELECT taskrunner.cancel_task(%s)", (task_id,))
+    hit = wait_until(lambda: sink.hits_for("/stop"), "the cancel webhook")[0]
+    assert hit.method == "DELETE"
+    assert hit.headers["x-task-trigger"] == "Cancel"
+    assert hit.query["job"] == ["7"]
+
+
+def test_cancel_while_start_in_flight_still_cancels_remote(conn, sink, start_worker):
+    release = threading.Event()
+    cancel = {
+        "kind": "Webhook",
+        "trigger": "Cancel",
+        "params": {"url": sink.url("/stop"), "verb": "POST"},
+    }
+    sink.routes["/start"] = held(release, (200, cancel))
+    task_id = one_task(conn, webhook(url=sink.url("/start")))
+    start_worker()
+
+    wait_until(lambda: sink.hits_for("/start"), "the start webhook")
+    conn.execute("SELECT taskrunner.cancel_task(%s)", (task_id,))
+    release.set()
+
+    wait_until(lambda: sink.hits_for("/stop"), "the cancel webhook")
+    assert status_of(conn, task_id) == "canceled"
+
+
+def test_success_fires_on_success_webhooks(conn, sink, start_worker):
+    task_id = one_task(
+        conn,
+        webhook(url=sink.url("/start")),
+        webhook("success", url=sink.url("/done"), body={"ok": True}),
+        webhook("failure", url=sink.url("/failed")),
+    )
+    start_worker()
+    wait_until(started(conn, task_id), "the start to be recorded")
+
+    conn.execute("SELECT taskrunner.update_task(%s, 'success')", (task_id,))
+
+    hit = wait_until(lambda: sink.hits_for("/done"), "the on_success webhook")[0]
+    assert hit.headers["x-task-trigger"] == "End"
+    assert hit.body == {"ok": True}
+    wait_until(
+        lambda: deliveries(conn, task_id, "success")[0]["status"] == "delivered",
+        "the on_success delivery to be recorded",
+    )
+    assert not sink.hits_for("/failed")
+
+
+def test_failed_attempt_is_retried_with_the_same_idempotency_key(conn, sink, start_worker):
+    answers = iter([(503, None), (200, None)])
+    sink.routes["/start"] = lambda _: next(answers)
+    task_id = one_task(conn, webhook(url=sink.url("/start")))
+    start_worker()
+
+    wait_until(started(conn, task_id), "the start to succeed on its second attempt")
+    (delivery,) = deliveries(conn, task_id, "start")
+    recorded = attempts(conn, delivery["id"])
+    assert [(a["attempt"], a["status_code"], a["error"]) for a in recorded] == [
+        (1, 503, "HTTP 503"),
+        (2, 200, None),
+    ]
+    keys = {h.headers["idempotency-key"] for h in sink.hits_for("/start")}
+    assert keys == {str(delivery["id"])}
+
+
+def test_start_that_keeps_failing_fails_the_task(conn, sink, start_worker):
+    sink.routes["/start"] = lambda _: (503, None)
+    task_id = one_task(
+        conn, webhook(url=sink.url("/start")), webhook("failure", url=sink.url("/failed"))
+    )
+    start_worker(webhook_max_attempts=3)
+
+    wait_until(status_is(conn, task_id, "failure"), "the task to fail")
+    assert "HTTP 503" in task_row(conn, task_id)["failure_reason"]
+    (delivery,) = deliveries(conn, task_id, "start")
+    assert delivery["status"] == "failed"
+    assert [a["error"] for a in attempts(conn, delivery["id"])] == ["HTTP 503"] * 3
+    assert len(sink.hits_for("/start")) == 3
+    hit = wait_until(lambda: sink.hits_for("/failed"), "the on_failure webhook")[0]
+    assert hit.headers["x-task-trigger"] == "End"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("target", "expected_error"),
+    [("redirect", "HTTP 302"), ("slow", "timeout"), ("closed", "connection refused")],
+)
+def test_transport_failures_are_recorded_as_errors(
+    conn, sink, start_worker, target, expected_error
+):
+    release = threading.Event()
+    sink.routes["/redirect"] = lambda _: (302, None)
+    sink.routes["/slow"] = held(release)
+    url = f"http://127.0.0.1:{_closed_port()}/" if target == "closed" else sink.url(f"/{target}")
+    task_id = one_task(conn, webhook(url=url))
+    start_worker(webhook_max_attempts=1, webhook_timeout=0.5)
+
+    wait_until(status_is(conn, task_id, "failure"), "the task to fail")
+    release.set()
+    (delivery,) = deliveries(conn, task_id, "start")
+    assert [a["error"] for a in attempts(conn, delivery["id"])] == [expected_error]
+    assert task_row(conn, task_id)["failure_reason"].endswith(expected_error)
+    assert not sink.hits_for("/redirected")
+
+
+def test_chain_completed_by_the_remote_side_runs_to_the_end(db_url, conn, sink, start_worker):
+    sink.routes["/start"] = complete_from_remote(db_url)
+    hook = webhook(url=sink.url("/start"))
+    tasks = create_batch(
+        conn,
+        [
+            task_spec("a", actions=[hook]),
+            task_spec("b", actions=[hook], deps=["a"]),
+            task_spec("c", actions=[hook], deps=["b"]),
+        ],
+    )
+    start_worker()
+
+    wait_until(status_is(conn, tasks["c"]["id"], "success"), "the last task to succeed")
+    started_ids = [h.headers["x-task-id"] for h in sink.hits_for("/start")]
+    assert started_ids == [str(tasks[k]["id"]) for k in "abc"]
+    assert all(status_of(conn, tasks[k]["id"]) == "success" for k in "abc")
+
+
+def _listening(conn: psycopg.Connection) -> bool:
+    return bool(
+        conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query LIKE 'LISTEN%%' AND state = 'idle'"
+        ).fetchone()
+    )
+
+
+def _worker_idle(conn: psycopg.Connection) -> bool:
+    return not conn.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid() AND state <> 'idle'"
+    ).fetchone()
+
+
+def test_worker_wakes_on_notify_not_poll(conn, sink, start_worker):
+    start_worker(poll_interval=30, tick_interval=30)
+    wait_until(lambda: _listening(conn) and _worker_idle(conn), "the worker to go idle")
+
+    one_task(conn, webhook(url=sink.url("/start")))
+
+    wait_until(lambda: sink.hits_for("/start"), "the start webhook", timeout=5)
+
+
+def test_stop_without_grace_releases_in_flight_start(conn, sink, start_worker):
+    release = threading.Event()
+    sink.routes["/start"] = held(release)
+    task_id = one_task(conn, webhook(url=sink.url("/start")))
+    running = start_worker(shutdown_grace=0)
+    wait_until(lambda: sink.hits_for("/start"), "the start webhook")
+
+    running.stop()
+    release.set()
+
+    assert status_of(conn, task_id) == "pending"
+    (delivery,) = deliveries(conn, task_id, "start")
+    assert delivery["status"] == "expired"
+    assert delivery["last_error"] == "released by worker shutdown"
+
+
+def test_stop_lets_in_flight_webhooks_finish_within_grace(conn, sink, start_worker):
+    release = threading.Event()
+    sink.routes["/start"] = held(release)
+    task_id = one_task(conn, webhook(url=sink.url("/start")))
+    running = start_worker(shutdown_grace=20)
+    wait_until(lambda: sink.hits_for("/start"), "the start webhook")
+
+    running.worker.stop()
+    release.set()
+    running.stop()
+
+    assert task_row(conn, task_id)["started_at"] is not None
+    assert deliveries(conn, task_id, "start")[0]["status"] == "delivered"
+
+
+def test_running_task_times_out_via_tick(conn, sink, start_worker):
+    task_id = one_task(
+        conn,
+        webhook(url=sink.url("/start")),
+        webhook("failure", url=sink.url("/failed")),
+        timeout=1,
+    )
+    start_worker()
+
+    wait_until(status_is(conn, task_id, "failure"), "the task to time out")
+    assert task_row(conn, task_id)["failure_reason"] == "Timeout"
+    wait_until(lambda: sink.hits_for("/failed"), "the on_failure webhook")
+
+
+def test_worker_survives_losing_its_connections(conn, sink, start_worker):
+    start_worker()
+    wait_until(lambda: _listening(conn), "the LISTEN connection")
+
+    conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    task_id = one_task(conn, webhook(url=sink.url("/start")))
+
+    wait_until(started(conn, task_id), "a start after the reconnect")
+
+
+def test_claims_and_tick_feed_transition_stats(conn, sink, start_worker, monkeypatch):
+    seen: list[str] = []
+    monkeypatch.setattr(worker_module, "record_stats", seen.append)
+    one_task(conn, webhook(url=sink.url("/start")), kind="stats-kind")
+    start_worker()
+
+    wait_until(
+        lambda: any("pending>running>stats-kind>1;" in s for s in seen),
+        "the claim's transition in the stats",
+    )
+
+
+def test_concurrency_bounds_webhooks_in_flight(conn, sink, start_worker):
+    release = threading.Event()
+    sink.routes["/start"] = held(release)
+    hook = webhook(url=sink.url("/start"))
+    create_batch(conn, [task_spec(str(i), actions=[hook]) for i in range(5)])
+    start_worker(worker_concurrency=2)
+
+    wait_until(lambda: len(sink.hits_for("/start")) == 2, "two starts in flight")
+    running = conn.execute(
+        "SELECT count(*) AS n FROM taskrunner.task WHERE status = 'running'"
+    ).fetchone()["n"]
+    assert running == 2
+    release.set()
+    wait_until(lambda: len(sink.hits_for("/start")) == 5, "all five starts")
