@@ -291,11 +291,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         nonlocal cluster, config
         if not config.database_url:
             cluster = embedded.EmbeddedPostgres(state)
-            print(f"taskrunner: starting the embedded PostgreSQL in {cluster.data_dir}")
             try:
                 url = cluster.start()
             except embedded.EmbeddedError as exc:
                 raise CliError(str(exc)) from exc
+            how = "started" if cluster.started_here else "already running"
+            print(f"taskrunner: embedded PostgreSQL {how} in {cluster.data_dir}", flush=True)
             config = dataclasses.replace(config, database_url=url)
         try:
             migrate.migrate(config.database_url)

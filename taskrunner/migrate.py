@@ -18,6 +18,10 @@ from urllib.parse import parse_qsl, urlsplit
 SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 MIGRATIONS_DIR = SQL_DIR / "migrations"
 SCHEMA_FILE = SQL_DIR / "schema.sql"
+# Schema-qualified: unqualified, dbmate resolves it with current_schema(), which moves to
+# "taskrunner" mid-migration when the connecting role is also named taskrunner ("$user" comes
+# first in the default search_path) and the migration has just created that schema.
+MIGRATIONS_TABLE = "public.schema_migrations"
 
 
 class MigrationError(RuntimeError):
@@ -75,6 +79,8 @@ def _run_dbmate(url: str, command: str, *, dump_schema: bool = False) -> None:
         str(MIGRATIONS_DIR),
         "--schema-file",
         str(SCHEMA_FILE),
+        "--migrations-table",
+        MIGRATIONS_TABLE,
         "--wait",
     ]
     if not dump_schema:
