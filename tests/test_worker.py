@@ -22,8 +22,8 @@ import psycopg
 import pytest
 from conftest import create_batch, status_of, task_spec, webhook
 
+from taskrunner import metrics
 from taskrunner.config import Config
-from taskrunner.worker import worker as worker_module
 from taskrunner.worker.worker import Worker
 
 HOST_URL = "http://taskrunner.test"
@@ -500,9 +500,11 @@ def test_worker_survives_losing_its_connections(conn, sink, start_worker):
     wait_until(started(conn, task_id), "a start after the reconnect")
 
 
-def test_claims_and_tick_feed_transition_stats(conn, sink, start_worker, monkeypatch):
+def test_worker_feeds_transition_stats_and_loop_durations(conn, sink, start_worker, monkeypatch):
     seen: list[str] = []
-    monkeypatch.setattr(worker_module, "record_stats", seen.append)
+    loops: list[float] = []
+    monkeypatch.setattr(metrics, "record_stats", seen.append)
+    monkeypatch.setattr(metrics, "observe_worker_loop", loops.append)
     one_task(conn, webhook(url=sink.url("/start")), kind="stats-kind")
     start_worker()
 
@@ -510,6 +512,7 @@ def test_claims_and_tick_feed_transition_stats(conn, sink, start_worker, monkeyp
         lambda: any("pending>running>stats-kind>1;" in s for s in seen),
         "the claim's transition in the stats",
     )
+    assert loops and all(seconds >= 0 for seconds in loops)
 
 
 def test_concurrency_bounds_webhooks_in_flight(conn, sink, start_worker):

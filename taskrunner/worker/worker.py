@@ -24,21 +24,11 @@ import psycopg
 import psycopg_pool
 from psycopg.types.json import Jsonb
 
+from taskrunner import metrics
 from taskrunner.config import Config
 from taskrunner.db import QUERIES, DatabaseUnavailable, create_async_pool, wrap_exceptions
 from taskrunner.worker import webhooks
 from taskrunner.worker.webhooks import WebhookResult, WorkItem
-
-try:
-    from taskrunner.metrics import observe_worker_loop, record_stats
-except ImportError:  # metrics.py is not part of every checkout yet; metrics are optional
-
-    def observe_worker_loop(seconds: float) -> None:
-        """No metrics module: nothing to observe."""
-
-    def record_stats(text: str) -> None:
-        """No metrics module: nothing to record."""
-
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +126,7 @@ class Worker:
                 await self._sleep(backoff.next())
                 continue
             backoff.reset()
-            observe_worker_loop(asyncio.get_running_loop().time() - started)
+            metrics.observe_worker_loop(asyncio.get_running_loop().time() - started)
             await self._wait()
 
     async def _round(self) -> None:
@@ -194,7 +184,7 @@ class Worker:
                 rows = await (await conn.execute(QUERIES[query], params)).fetchall()
                 stats = await (await conn.execute(QUERIES["take_stats"])).fetchone()
         if stats and stats["stats"]:
-            record_stats(stats["stats"])
+            metrics.record_stats(stats["stats"])
         return rows
 
     # --- one webhook ---------------------------------------------------------------------
