@@ -32,7 +32,7 @@ WHERE (%(status)s::taskrunner.task_status IS NULL OR status = %(status)s::taskru
   AND (%(name)s::text IS NULL OR strpos(name, %(name)s::text) > 0)
   AND (%(batch_id)s::uuid IS NULL OR batch_id = %(batch_id)s::uuid)
   AND (%(metadata)s::jsonb IS NULL OR metadata @> %(metadata)s::jsonb)
-ORDER BY created_at DESC, id DESC
+ORDER BY seq DESC
 LIMIT %(limit)s::int OFFSET %(offset)s::int;
 
 -- name: update_task

@@ -38,12 +38,17 @@ CREATE TYPE taskrunner.work_item AS (
 
 CREATE TABLE taskrunner.task (
     id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    -- creation order (input order within a batch): "oldest first" and "newest first"
+    seq bigint GENERATED ALWAYS AS IDENTITY,
     batch_id uuid NOT NULL,
     local_id text,
     requester text,
     name text NOT NULL,
     kind text NOT NULL,
     status taskrunner.task_status NOT NULL,
+    -- the status before the latest UPDATE of the row (set by a trigger): lets the
+    -- statement-level trigger see what changed without joining OLD and NEW tables
+    previous_status taskrunner.task_status,
     priority int NOT NULL DEFAULT 0,
     timeout int NOT NULL DEFAULT 60,
     metadata jsonb NOT NULL DEFAULT '{}',
@@ -139,15 +144,15 @@ CREATE TABLE taskrunner.task_history (
 ------------------------------------------------------------------------------------------
 
 -- Claims: one head per admission group (skip scan over admission_key).
-CREATE INDEX task_pending_claim_idx ON taskrunner.task (admission_key, priority DESC, created_at, id)
+CREATE INDEX task_pending_claim_idx ON taskrunner.task (admission_key, priority DESC, seq)
     WHERE status = 'pending';
 -- Rule counts (kind + status) and the kind filter of GET /task.
 CREATE INDEX task_kind_status_idx ON taskrunner.task (kind, status);
 -- Timeouts scan running tasks only.
 CREATE INDEX task_running_idx ON taskrunner.task (last_updated) WHERE status = 'running';
 CREATE INDEX task_batch_idx ON taskrunner.task (batch_id);
-CREATE INDEX task_created_idx ON taskrunner.task (created_at DESC, id DESC);
-CREATE INDEX task_status_created_idx ON taskrunner.task (status, created_at DESC, id DESC);
+CREATE UNIQUE INDEX task_seq_idx ON taskrunner.task (seq);
+CREATE INDEX task_status_seq_idx ON taskrunner.task (status, seq);
 CREATE INDEX task_metadata_idx ON taskrunner.task USING gin (metadata jsonb_path_ops);
 
 CREATE INDEX dependency_child_idx ON taskrunner.dependency (child_id);
@@ -279,8 +284,12 @@ END $$;
 -- when a new batch depends on tasks that had already ended). Set-based: the whole
 -- failure cascade is computed with one recursive query and applied with one UPDATE, so
 -- a 10,000-deep chain costs no trigger recursion.
+--
+-- Every join here follows an index from a small set of ended tasks; the planner cannot
+-- know the sizes of the recursive work table and would pick hash joins over whole tables
+-- at each recursion step, so sequential scans are discouraged for this function.
 CREATE FUNCTION taskrunner._propagate(p_parents uuid[], p_children uuid[] DEFAULT NULL)
-RETURNS void LANGUAGE plpgsql AS $$
+RETURNS void LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     v_lines text;
 BEGIN
@@ -303,16 +312,16 @@ BEGIN
         WHERE c.status IN ('waiting', 'pending', 'paused')
     ), reasons AS (
         -- name one failed (or doomed) required parent of each doomed child
-        SELECT DISTINCT ON (doomed.id) doomed.id,
+        SELECT DISTINCT ON (dm.id) dm.id,
                format('dependency %s %s', d.parent_id,
                       CASE WHEN p.status = 'canceled' THEN 'was canceled' ELSE 'failed' END)
                    AS reason
-        FROM doomed
-        JOIN taskrunner.dependency d ON d.child_id = doomed.id AND d.requires_success
+        FROM doomed dm
+        JOIN taskrunner.dependency d ON d.child_id = dm.id AND d.requires_success
         JOIN taskrunner.task p ON p.id = d.parent_id
-        WHERE p.status IN ('failure', 'canceled')
-           OR EXISTS (SELECT 1 FROM doomed x WHERE x.id = d.parent_id)
-        ORDER BY doomed.id, (p.status IN ('failure', 'canceled')) DESC, d.parent_id
+        LEFT JOIN doomed x ON x.id = d.parent_id
+        WHERE p.status IN ('failure', 'canceled') OR x.id IS NOT NULL
+        ORDER BY dm.id, (p.status IN ('failure', 'canceled')) DESC, d.parent_id
     )
     UPDATE taskrunner.task t
     SET status = 'failure', failure_reason = r.reason, status_reason = r.reason
@@ -357,6 +366,7 @@ END $$;
 CREATE FUNCTION taskrunner.tg_task__guard_transition() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    NEW.previous_status := OLD.status;
     IF NEW.status = OLD.status THEN
         RETURN NEW;
     END IF;
@@ -449,11 +459,11 @@ DECLARE
     v_lines text;
 BEGIN
     WITH changed AS MATERIALIZED (
-        SELECT n.id, n.kind, o.status AS from_status, n.status AS to_status,
+        SELECT n.id, n.kind, n.previous_status AS from_status, n.status AS to_status,
                CASE WHEN n.status = 'failure' THEN n.failure_reason ELSE n.status_reason END
                    AS reason
-        FROM new_rows n JOIN old_rows o ON o.id = n.id
-        WHERE n.status <> o.status
+        FROM new_rows n
+        WHERE n.status <> n.previous_status
     ), hist AS (
         INSERT INTO taskrunner.task_history (task_id, from_status, to_status, reason)
         SELECT id, from_status, to_status, reason FROM changed
@@ -504,7 +514,7 @@ END $$;
 
 CREATE TRIGGER _900_after_update
 AFTER UPDATE ON taskrunner.task
-REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+REFERENCING NEW TABLE AS new_rows
 FOR EACH STATEMENT EXECUTE FUNCTION taskrunner.tg_task__after_update();
 
 ------------------------------------------------------------------------------------------
@@ -526,18 +536,21 @@ DECLARE
     v_created uuid[];
 BEGIN
     -- Dependencies must name a task of the batch or an existing task.
+    WITH deps AS MATERIALIZED (
+        SELECT t.ord - 1 AS pos, dep ->> 'local_id' AS local_id, (dep ->> 'task_id')::uuid AS task_id
+        FROM jsonb_array_elements(p_tasks) WITH ORDINALITY t(t, ord),
+             jsonb_array_elements(coalesce(t.t -> 'dependencies', '[]')) dep
+    ), locals AS MATERIALIZED (
+        SELECT t ->> 'local_id' AS local_id FROM jsonb_array_elements(p_tasks) t
+    )
     SELECT string_agg(problem, E'\n') INTO v_missing FROM (
-        SELECT format('[%s].dependencies: unknown local id %s', t.ord - 1, dep ->> 'local_id')
-        FROM jsonb_array_elements(p_tasks) WITH ORDINALITY t(t, ord),
-             jsonb_array_elements(coalesce(t.t -> 'dependencies', '[]')) dep
-        WHERE dep ? 'local_id' AND NOT EXISTS (
-            SELECT 1 FROM jsonb_array_elements(p_tasks) o WHERE o ->> 'local_id' = dep ->> 'local_id')
+        SELECT format('[%s].dependencies: unknown local id %s', d.pos, d.local_id)
+        FROM deps d LEFT JOIN locals l ON l.local_id = d.local_id
+        WHERE d.local_id IS NOT NULL AND l.local_id IS NULL
         UNION ALL
-        SELECT format('[%s].dependencies: unknown task %s', t.ord - 1, dep ->> 'task_id')
-        FROM jsonb_array_elements(p_tasks) WITH ORDINALITY t(t, ord),
-             jsonb_array_elements(coalesce(t.t -> 'dependencies', '[]')) dep
-        WHERE dep ? 'task_id' AND NOT EXISTS (
-            SELECT 1 FROM taskrunner.task x WHERE x.id = (dep ->> 'task_id')::uuid)
+        SELECT format('[%s].dependencies: unknown task %s', d.pos, d.task_id)
+        FROM deps d LEFT JOIN taskrunner.task x ON x.id = d.task_id
+        WHERE d.task_id IS NOT NULL AND x.id IS NULL
     ) problems(problem);
     IF v_missing IS NOT NULL THEN
         PERFORM taskrunner._raise('TR400', 'unknown dependency', v_missing);
@@ -550,12 +563,12 @@ BEGIN
         SELECT i.ord, (
             SELECT e.id FROM jsonb_array_elements(i.t -> 'dedupe') m
             CROSS JOIN LATERAL (
-                SELECT x.id, x.created_at FROM taskrunner.task x
+                SELECT x.id, x.seq FROM taskrunner.task x
                 WHERE x.kind = m ->> 'kind'
                   AND x.status = (m ->> 'status')::taskrunner.task_status
                   AND x.metadata @> taskrunner._rule_pattern(m, i.t -> 'metadata')
-                ORDER BY x.created_at DESC LIMIT 1) e
-            ORDER BY e.created_at DESC LIMIT 1) AS existing_id
+                ORDER BY x.seq DESC LIMIT 1) e
+            ORDER BY e.seq DESC LIMIT 1) AS existing_id
         FROM input i
         WHERE jsonb_array_length(coalesce(i.t -> 'dedupe', '[]')) > 0
     ), ids AS MATERIALIZED (
@@ -566,7 +579,8 @@ BEGIN
     ), edges AS MATERIALIZED (
         SELECT c.new_id AS child_id,
                coalesce(l.new_id, l.existing_id, (dep ->> 'task_id')::uuid) AS parent_id,
-               bool_or(coalesce((dep ->> 'requires_success')::boolean, true)) AS requires_success
+               bool_or(coalesce((dep ->> 'requires_success')::boolean, true)) AS requires_success,
+               bool_and(l.new_id IS NULL) AS external
         FROM ids c
         CROSS JOIN jsonb_array_elements(coalesce(c.t -> 'dependencies', '[]')) dep
         LEFT JOIN ids l ON l.local_id = dep ->> 'local_id'
@@ -603,8 +617,7 @@ BEGIN
         WHERE i.new_id IS NOT NULL
     )
     SELECT (SELECT array_agg(new_id ORDER BY ord) FROM ids WHERE new_id IS NOT NULL),
-           (SELECT array_agg(DISTINCT e.parent_id) FROM edges e
-            WHERE e.parent_id <> ALL (SELECT new_id FROM ids WHERE new_id IS NOT NULL))
+           (SELECT array_agg(DISTINCT e.parent_id) FROM edges e WHERE e.external)
     INTO v_created, v_existing;
 
     -- Links to existing tasks: lock those (FOR SHARE, after our links exist) and read
@@ -782,12 +795,12 @@ BEGIN
         )
         SELECT h.* FROM keys
         CROSS JOIN LATERAL (
-            SELECT t.admission_key, t.kind, t.rules, t.metadata, t.priority, t.created_at
+            SELECT t.admission_key, t.kind, t.rules, t.metadata, t.priority, t.seq
             FROM taskrunner.task t
             WHERE t.status = 'pending' AND t.admission_key = keys.k
-            ORDER BY t.priority DESC, t.created_at, t.id LIMIT 1) h
+            ORDER BY t.priority DESC, t.seq LIMIT 1) h
         WHERE keys.k IS NOT NULL
-        ORDER BY h.priority DESC, h.created_at
+        ORDER BY h.priority DESC, h.seq
     LOOP
         IF NOT v_waited THEN
             PERFORM taskrunner._lock_group(g.kind, g.rules, true);
@@ -803,7 +816,7 @@ BEGIN
         WITH picked AS (
             SELECT id FROM taskrunner.task
             WHERE status = 'pending' AND admission_key = g.admission_key
-            ORDER BY priority DESC, created_at, id
+            ORDER BY priority DESC, seq
             LIMIT least(v_slots, v_left)
             FOR NO KEY UPDATE SKIP LOCKED
         ), moved AS (
