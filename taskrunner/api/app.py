@@ -1,0 +1,59 @@
+"""The Falcon application: ``create_app(config, pool)`` wires it; gunicorn loads ``get_app()``."""
+
+from __future__ import annotations
+
+import falcon
+import psycopg_pool
+
+from taskrunner import db
+from taskrunner.api import errors
+from taskrunner.api.counters import CounterBuffer
+from taskrunner.api.resources import (
+    DeliveryRetry,
+    Health,
+    Metrics,
+    Ready,
+    TaskCollection,
+    TaskItem,
+    TaskMove,
+)
+from taskrunner.api.store import Store
+from taskrunner.config import Config
+from taskrunner.migrate import MIGRATIONS_DIR
+
+
+def newest_migration() -> str | None:
+    """The version of the newest migration file, if the files are at hand."""
+    versions = [p.name.split("_", 1)[0] for p in MIGRATIONS_DIR.glob("*.sql")]
+    return max(versions, default=None)
+
+
+def create_app(
+    config: Config, pool: psycopg_pool.ConnectionPool, counters: CounterBuffer | None = None
+) -> falcon.App:
+    """The API on ``pool``; ``counters`` is the PUT /task buffer (one per process)."""
+    store = Store(pool)
+    counters = counters or CounterBuffer(pool, config.counter_flush_interval)
+    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    app.req_options.strip_url_path_trailing_slash = True
+    errors.install(app)
+    app.add_route("/task", TaskCollection(store, counters))
+    app.add_route("/task/{id}", TaskItem(store, counters))
+    app.add_route("/task/pause/{id}", TaskMove(store, "pause_task"))
+    app.add_route("/task/resume/{id}", TaskMove(store, "resume_task"))
+    app.add_route("/delivery/{id}/retry", DeliveryRetry(store))
+    app.add_route("/metrics", Metrics())
+    app.add_route("/health", Health())
+    app.add_route("/ready", Ready(store, newest_migration()))
+    return app
+
+
+def get_app() -> falcon.App:
+    """The app gunicorn serves: settings from the environment, a pool that opens in the
+    background (the API starts, and answers 503, while the database is down)."""
+    config = Config.from_env()
+    if not config.database_url:
+        raise SystemExit("DATABASE_URL is not set")
+    pool = db.create_pool(config.database_url, max_size=config.pool_max_size)
+    pool.open(wait=False)
+    return create_app(config, pool)

@@ -1,0 +1,89 @@
+"""The one place that maps errors to HTTP responses.
+
+Every error body is ``{"error": "<short>", "details": ["<field>: <problem>", ...]}``.
+Domain errors from the state machine keep their status (400/404/409/503); a value that
+PostgreSQL refuses (``DataError``) is a 400; a database that cannot be reached within the
+pool timeout is a 503; anything unexpected is a logged 500 that never leaks internals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+
+import falcon
+import psycopg
+import psycopg_pool
+
+from taskrunner.api.validation import Invalid
+from taskrunner.db import DomainError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(falcon.HTTPError):
+    """An HTTP error with our body shape: a short message and per-field details."""
+
+    def __init__(self, status: int, error: str, details: Iterable[str] = ()) -> None:
+        super().__init__(status, title=error)
+        self.details = list(details)
+
+
+def bad_request(details: Iterable[str], error: str = "invalid input") -> ApiError:
+    return ApiError(400, error, details)
+
+
+def not_found(error: str, details: Iterable[str] = ()) -> ApiError:
+    return ApiError(404, error, details)
+
+
+def error_body(exc: falcon.HTTPError) -> dict:
+    """The JSON body of any HTTP error, ours or one Falcon raised (404 route, 405, ...)."""
+    details = getattr(exc, "details", None)
+    if details is None:
+        details = [exc.description] if exc.description else []
+    title = exc.title or ""
+    if title[:3].isdigit():  # Falcon's default titles are status lines: "404 Not Found"
+        title = title[4:].lower()
+    return {"error": title, "details": details}
+
+
+def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+    """``app.set_error_serializer``: always JSON, whatever the client accepts."""
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = json.dumps(error_body(exc))
+
+
+def _domain_error(req, resp, exc: DomainError, params) -> None:
+    raise ApiError(exc.status, exc.message, exc.details) from exc
+
+
+def _invalid(req, resp, exc: Invalid, params) -> None:
+    raise bad_request(exc.details) from exc
+
+
+def _bad_value(req, resp, exc: psycopg.Error, params) -> None:
+    # a value PostgreSQL refuses (e.g. "\u0000" in a string): the client's input, not a bug
+    raise bad_request([f"body: {exc.diag.message_primary or exc}"]) from exc
+
+
+def _database_down(req, resp, exc: Exception, params) -> None:
+    log.warning("database unavailable: %s", exc)
+    raise ApiError(503, "database unavailable") from exc
+
+
+def _unexpected(req, resp, exc: Exception, params) -> None:
+    log.exception("unhandled error on %s %s", req.method, req.path)
+    raise ApiError(500, "internal error") from exc
+
+
+def install(app: falcon.App) -> None:
+    """Register the serializer and the handlers (Falcon picks the most specific class)."""
+    app.set_error_serializer(serialize_error)
+    app.add_error_handler(Exception, _unexpected)
+    app.add_error_handler(DomainError, _domain_error)
+    app.add_error_handler(Invalid, _invalid)
+    app.add_error_handler(psycopg.DataError, _bad_value)
+    app.add_error_handler(psycopg_pool.PoolTimeout, _database_down)
+    app.add_error_handler(psycopg.OperationalError, _database_down)

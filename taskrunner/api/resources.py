@@ -1,0 +1,193 @@
+"""The HTTP resources: one class per route family, dependencies through ``__init__``.
+
+Each responder reads and validates its input, calls one SQL function through the
+``Store`` and writes JSON. Path ids that are not UUIDs are a 404 naming ``id``: no task or
+delivery can have such an id.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import falcon
+import psycopg
+
+from taskrunner import metrics
+from taskrunner.api import serialize
+from taskrunner.api.counters import CounterBuffer
+from taskrunner.api.errors import ApiError, bad_request, not_found
+from taskrunner.api.store import Store
+from taskrunner.api.validation import (
+    LIMITS,
+    batch_input,
+    counter_updates,
+    list_filters,
+    parse_uuid,
+    update_input,
+)
+from taskrunner.db import DomainError
+
+
+def read_json(req: falcon.Request) -> Any:
+    """The request body as JSON: 415 unless it says it is JSON, 413 above the size limit."""
+    mimetype = (req.content_type or "").split(";", 1)[0].strip().lower()
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise ApiError(415, "unsupported media type", ["Content-Type: must be application/json"])
+    limit = LIMITS["body_bytes"]
+    too_large = ApiError(413, "body too large", [f"body: must be at most {limit} bytes"])
+    if (req.content_length or 0) > limit:
+        raise too_large
+    raw = req.bounded_stream.read(limit + 1)
+    if len(raw) > limit:
+        raise too_large
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise bad_request([f"body: {exc}"], "malformed JSON") from exc
+
+
+def _uuid_param(raw: str, what: str) -> str:
+    parsed = parse_uuid(raw)
+    if parsed is None:
+        raise not_found(f"{what} not found", [f"id: {raw!r} is not a UUID"])
+    return parsed
+
+
+def _send(resp: falcon.Response, body: Any, status: int = 200) -> None:
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = serialize.dumps(body)
+
+
+def _requester(req: falcon.Request) -> str | None:
+    requester = req.get_header("X-Requester")
+    if requester is not None and len(requester) > LIMITS["requester_chars"]:
+        raise bad_request([f"X-Requester: must be at most {LIMITS['requester_chars']} characters"])
+    return requester
+
+
+class TaskCollection:
+    """``/task``: create a batch (POST), list (GET), add counters (PUT)."""
+
+    def __init__(self, store: Store, counters: CounterBuffer) -> None:
+        self.store = store
+        self.counters = counters
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        tasks = batch_input(read_json(req))
+        rows = self.store.call(
+            "create_batch", {"tasks": json.dumps(tasks), "requester": _requester(req)}
+        )
+        if not rows:  # dedupe skipped every task
+            resp.status = 204
+            return
+        resp.set_header("X-Batch-ID", str(rows[0]["batch_id"]))
+        _send(resp, [serialize.task(r) for r in rows], 201)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        filters = list_filters({name: req.get_param(name) for name in req.params})
+        (rows,) = self.store.read(("list_tasks", filters))
+        _send(resp, [serialize.task(r) for r in rows])
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response) -> None:
+        updates = counter_updates(read_json(req))
+        self.counters.add(updates)
+        _send(resp, {"accepted": len(updates)}, 202)
+
+
+class TaskItem:
+    """``/task/{id}``: read (GET), update a running task (PATCH), cancel (DELETE), add
+    counters (PUT, the alias of PUT /task)."""
+
+    def __init__(self, store: Store, counters: CounterBuffer) -> None:
+        self.store = store
+        self.counters = counters
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        p = {"id": _uuid_param(id, "task")}
+        task, deps, actions, deliveries, attempts = self.store.read(
+            ("get_task", p),
+            ("task_dependencies", p),
+            ("task_actions", p),
+            ("task_deliveries", p),
+            ("task_attempts", p),
+        )
+        if not task:
+            raise not_found("task not found", [f"id: no task {p['id']}"])
+        _send(resp, serialize.task_detail(task[0], deps, actions, deliveries, attempts))
+
+    def on_patch(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        task_id = _uuid_param(id, "task")
+        params = update_input(read_json(req))
+        (row,) = self.store.call("update_task", {"id": task_id, **params})
+        _send(resp, serialize.task(row))
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        (row,) = self.store.call("cancel_task", {"id": _uuid_param(id, "task")})
+        _send(resp, serialize.task(row))
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        updates = counter_updates(read_json(req), task_id=_uuid_param(id, "task"))
+        self.counters.add(updates)
+        _send(resp, {"accepted": len(updates)}, 202)
+
+
+class TaskMove:
+    """``PATCH /task/pause/{id}`` and ``PATCH /task/resume/{id}``: one SQL function each."""
+
+    def __init__(self, store: Store, query: str) -> None:
+        self.store = store
+        self.query = query
+
+    def on_patch(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        (row,) = self.store.call(self.query, {"id": _uuid_param(id, "task")})
+        _send(resp, serialize.task(row))
+
+
+class DeliveryRetry:
+    """``POST /delivery/{id}/retry``: queue again a webhook delivery that gave up."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        delivery_id = _uuid_param(id, "delivery")
+        (row,) = self.store.call("retry_delivery", {"delivery_id": delivery_id})
+        _send(resp, serialize.delivery(row))
+
+
+class Metrics:
+    """``GET /metrics``: Prometheus text (all processes of this host in multiprocess mode)."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data, resp.content_type = metrics.render()
+
+
+class Health:
+    """``GET /health``: liveness; never touches the database."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        _send(resp, {"status": "ok"})
+
+
+class Ready:
+    """``GET /ready``: the database answers and has the newest migration applied."""
+
+    def __init__(self, store: Store, expected_version: str | None) -> None:
+        self.store = store
+        self.expected_version = expected_version
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            ((row,),) = self.store.read(("ready", {}))
+        except (DomainError, psycopg.Error) as exc:
+            raise ApiError(503, "not ready", [f"database: {exc}"]) from exc
+        version = row["version"]
+        if self.expected_version and (version or "") < self.expected_version:
+            raise ApiError(
+                503,
+                "not ready",
+                [f"migrations: database is at {version}, expected {self.expected_version}"],
+            )
+        _send(resp, {"status": "ready", "migration": version})

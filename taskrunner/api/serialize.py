@@ -1,0 +1,137 @@
+"""Database rows -> the API's JSON: capitalised enums, the seed's rule form, ISO 8601 times."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from typing import Any
+
+from taskrunner.metrics import status_label
+
+_TRIGGERS = {"start": "Start", "success": "End", "failure": "End", "cancel": "Cancel"}
+_GROUPS = {
+    "start": "on_start",
+    "success": "on_success",
+    "failure": "on_failure",
+    "cancel": "on_cancel",
+}
+_DELIVERY_STATUS = {"in_flight": "InFlight"}
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def dumps(value: Any) -> str:
+    """JSON text of a response body (datetimes as ISO 8601, UUIDs as strings)."""
+    return json.dumps(value, default=_default)
+
+
+def rule(rule: dict) -> dict:
+    """A stored rule ``{kind,status,fields,max}`` in the seed's form."""
+    matcher = {
+        "kind": rule["kind"],
+        "status": status_label(rule["status"]),
+        "fields": rule.get("fields", []),
+    }
+    return {"Concurency": {"matcher": matcher, "max_concurency": rule["max"]}}
+
+
+def task(row: dict) -> dict:
+    """One task row (without its actions)."""
+    return {
+        "id": row["id"],
+        "local_id": row["local_id"],
+        "batch_id": row["batch_id"],
+        "requester": row["requester"],
+        "name": row["name"],
+        "kind": row["kind"],
+        "status": status_label(row["status"]),
+        "status_reason": row["status_reason"],
+        "priority": row["priority"],
+        "timeout": row["timeout"],
+        "metadata": row["metadata"],
+        "rules": [rule(r) for r in row["rules"]],
+        "success": row["success"],
+        "failures": row["failures"],
+        "failure_reason": row["failure_reason"],
+        "created_at": row["created_at"],
+        "started_at": row["started_at"],
+        "ended_at": row["ended_at"],
+        "last_updated": row["last_updated"],
+    }
+
+
+def action(row: dict, deliveries: list[dict]) -> dict:
+    params: dict[str, Any] = {"url": row["url"], "verb": row["verb"].capitalize()}
+    if row["body"] is not None:
+        params["body"] = row["body"]
+    if row["headers"]:
+        params["headers"] = row["headers"]
+    return {
+        "id": row["id"],
+        "kind": "Webhook",
+        "trigger": _TRIGGERS[row["event"]],
+        "params": params,
+        "deliveries": deliveries,
+    }
+
+
+def delivery(row: dict, attempts: list[dict] | None = None) -> dict:
+    """A delivery (one webhook call to make) with its attempts, when given."""
+    status = row["status"]
+    body = {
+        "id": row["id"],
+        "status": _DELIVERY_STATUS.get(status, status.capitalize()),
+        "attempt_count": row["attempts"],
+        "next_attempt_at": row["next_attempt_at"],
+        "last_status_code": row["last_status_code"],
+        "last_error": row["last_error"],
+        "created_at": row["created_at"],
+        "finished_at": row["finished_at"],
+    }
+    if attempts is not None:
+        body["attempts"] = [attempt(a) for a in attempts]
+    return body
+
+
+def attempt(row: dict) -> dict:
+    return {
+        key: row[key]
+        for key in ("attempt", "worker", "started_at", "finished_at", "status_code", "error")
+    }
+
+
+def task_detail(
+    row: dict,
+    dependencies: list[dict],
+    actions: list[dict],
+    deliveries: list[dict],
+    attempts: list[dict],
+) -> dict:
+    """A task with its dependencies and its actions grouped by trigger, each action with
+    its deliveries and each delivery with its attempts."""
+    attempts_of: dict[Any, list[dict]] = {}
+    for a in attempts:
+        attempts_of.setdefault(a["delivery_id"], []).append(a)
+    deliveries_of: dict[Any, list[dict]] = {}
+    for d in deliveries:
+        deliveries_of.setdefault(d["action_id"], []).append(
+            delivery(d, attempts_of.get(d["id"], []))
+        )
+    body = task(row)
+    body["dependencies"] = [
+        {"id": d["parent_id"], "requires_success": d["requires_success"]} for d in dependencies
+    ]
+    for group in _GROUPS.values():
+        body[group] = []
+    for a in actions:
+        body[_GROUPS[a["event"]]].append(action(a, deliveries_of.get(a["id"], [])))
+    # on_start is one action on input, so it is one action (or null) on output too
+    body["on_start"] = next(iter(body["on_start"]), None)
+    return body

@@ -1,0 +1,604 @@
+"""Request validation: the user's JSON -> the normalised input of the SQL functions.
+
+Shapes are checked with JSON Schema (Draft 2020-12, every error collected), cross-field
+rules (local ids, dependencies, cycles, rule fields) in code. Every problem becomes one
+``"<path>: <problem>"`` detail, e.g. ``"[2].dependencies[0].id: unknown local id 'x'"``;
+``Invalid`` carries them all. Enum values are accepted in any letter case. ``null`` for an
+optional field means "absent" (clients that serialise empty options as null work as is).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from jsonschema import Draft202012Validator, ValidationError
+
+# The limits the API enforces (name -> value). Anything above is a 400 (body: 413).
+LIMITS: dict[str, int] = {
+    "body_bytes": 10 * 1024 * 1024,  # request body size (413 above)
+    "batch_tasks": 10_000,  # tasks in one POST /task, updates in one PUT /task
+    "name_chars": 200,  # task name
+    "kind_chars": 200,  # task kind, matcher kind
+    "local_id_chars": 200,  # a task's "id" in its batch
+    "url_chars": 2048,  # webhook URL
+    "headers_entries": 50,  # webhook headers
+    "metadata_bytes": 64 * 1024,  # metadata, serialised as compact JSON
+    "requester_chars": 200,  # X-Requester header
+    "failure_reason_chars": 10_000,  # PATCH failure_reason
+    "max_concurency": 1_000_000,  # a rule's limit
+    "counter_increment": 1_000_000_000,  # new_success / new_failures per request
+    "per_page": 500,  # GET /task page size
+    "page": 1_000_000,  # GET /task page number
+    "reported_errors": 100,  # details listed in one 400 response
+}
+
+STATUSES = ("Waiting", "Pending", "Running", "Success", "Failure", "Canceled", "Paused")
+VERBS = ("Get", "Post", "Put", "Patch", "Delete")
+DEFAULT_PER_PAGE = 50
+_RULE_NAMES = {"concurency", "concurrency"}
+_MAX_KEYS = ("max_concurency", "max_concurrency")
+_ACTION_LISTS = {"on_success": "success", "on_failure": "failure", "on_cancel": "cancel"}
+
+
+class Invalid(Exception):
+    """Bad input; ``details`` lists every problem as ``"<path>: <problem>"``."""
+
+    def __init__(self, details: Sequence[str]) -> None:
+        super().__init__("; ".join(details))
+        limit = LIMITS["reported_errors"]
+        self.details = list(details[:limit])
+        if len(details) > limit:
+            self.details.append(f"(and {len(details) - limit} more)")
+
+
+# -- schemas ---------------------------------------------------------------------------
+
+
+def _one_of(*names: str, expected: str | None = None) -> dict:
+    """A case-insensitive enum; ``x-expected`` is what the error message asks for."""
+    return {
+        "type": "string",
+        "pattern": "^(?i:" + "|".join(names) + ")$",
+        "x-expected": expected or "one of " + ", ".join(names),
+    }
+
+
+def _text(max_chars: int) -> dict:
+    return {"type": "string", "minLength": 1, "maxLength": max_chars}
+
+
+def _int(minimum: int, maximum: int) -> dict:
+    return {"type": "integer", "minimum": minimum, "maximum": maximum}
+
+
+def _object(properties: dict, required: Sequence[str] = ()) -> dict:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(required),
+        "additionalProperties": False,
+    }
+
+
+_COUNT = _int(0, LIMITS["counter_increment"])
+_UUID = {
+    "type": "string",
+    "pattern": "^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$",
+    "x-expected": "a UUID",
+}
+_MATCHER = _object(
+    {
+        "kind": _text(LIMITS["kind_chars"]),
+        "status": _one_of(*STATUSES),
+        "fields": {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "uniqueItems": True,
+        },
+    },
+    required=["kind", "status"],
+)
+_RULE_BODY = _object(
+    {"matcher": _MATCHER, **{k: _int(1, LIMITS["max_concurency"]) for k in _MAX_KEYS}},
+    required=["matcher"],
+)
+
+
+def _action(trigger: str) -> dict:
+    params = _object(
+        {
+            "url": {"type": "string", "maxLength": LIMITS["url_chars"]},
+            "verb": _one_of(*VERBS),
+            "body": {},
+            "headers": {
+                "type": "object",
+                "maxProperties": LIMITS["headers_entries"],
+                "additionalProperties": {"type": "string"},
+            },
+        },
+        required=["url", "verb"],
+    )
+    return _object(
+        {
+            "kind": _one_of("Webhook"),
+            "trigger": _one_of(trigger, expected=f"{trigger} (implied by its position)"),
+            "params": params,
+        },
+        required=["params"],
+    )
+
+
+_TASK = _object(
+    {
+        "id": _text(LIMITS["local_id_chars"]),
+        "name": _text(LIMITS["name_chars"]),
+        "kind": _text(LIMITS["kind_chars"]),
+        "timeout": _int(1, 86400),
+        "priority": _int(-1000, 1000),
+        "metadata": {"type": "object"},
+        "on_start": _action("Start"),
+        "on_success": {"type": "array", "items": _action("End")},
+        "on_failure": {"type": "array", "items": _action("End")},
+        "on_cancel": {"type": "array", "items": _action("Cancel")},
+        "dependencies": {
+            "type": "array",
+            "items": _object(
+                {"id": _text(LIMITS["local_id_chars"]), "requires_success": {"type": "boolean"}},
+                required=["id"],
+            ),
+        },
+        "rules": {"type": "array", "items": {"type": "object"}},
+        "dedupe_strategy": {"type": "array", "items": _MATCHER},
+    },
+    required=["id", "name", "kind", "on_start"],
+)
+_BATCH = {"type": "array", "minItems": 1, "maxItems": LIMITS["batch_tasks"], "items": _TASK}
+_PATCH = _object(
+    {
+        "status": _one_of("Success", "Failure"),
+        "new_success": _COUNT,
+        "new_failures": _COUNT,
+        "metadata": {"type": "object"},
+        "failure_reason": _text(LIMITS["failure_reason_chars"]),
+    }
+)
+_COUNTERS = _object({"new_success": _COUNT, "new_failures": _COUNT})
+_PUT_ITEM = _object(
+    {"task_id": _UUID, "new_success": _COUNT, "new_failures": _COUNT}, required=["task_id"]
+)
+_PUT_BATCH = {"type": "array", "maxItems": LIMITS["batch_tasks"], "items": _PUT_ITEM}
+
+_VALIDATORS = {
+    name: Draft202012Validator(schema)
+    for name, schema in {
+        "batch": _BATCH,
+        "rule": _RULE_BODY,
+        "patch": _PATCH,
+        "counters": _COUNTERS,
+        "put_item": _PUT_ITEM,
+        "put_batch": _PUT_BATCH,
+    }.items()
+}
+
+# -- error messages --------------------------------------------------------------------
+
+_TYPE_NAMES = {
+    "object": "an object",
+    "array": "an array",
+    "string": "a string",
+    "integer": "an integer",
+    "boolean": "true or false",
+    "number": "a number",
+}
+
+
+def path_text(path: Iterable[Any]) -> str:
+    """``[2, "dependencies", 0, "id"]`` -> ``[2].dependencies[0].id`` (root: ``body``)."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "body"
+
+
+def _problem(error: ValidationError) -> str:
+    """What is wrong, in words a client can act on."""
+    kind, value, schema = error.validator, error.validator_value, error.schema
+    if kind == "type":
+        names = [value] if isinstance(value, str) else value
+        return "must be " + " or ".join(_TYPE_NAMES.get(n, n) for n in names)
+    if kind == "pattern":
+        return f"must be {schema['x-expected']}"
+    messages = {
+        "minimum": f"must be at least {value}",
+        "maximum": f"must be at most {value}",
+        "minLength": "must not be empty",
+        "maxLength": f"must be at most {value} characters",
+        "minItems": "must not be empty",
+        "maxItems": f"must have at most {value} items",
+        "maxProperties": f"must have at most {value} entries",
+        "uniqueItems": "must not repeat a value",
+    }
+    return messages.get(kind, error.message)
+
+
+def _messages(error: ValidationError, base: Sequence[Any]) -> list[str]:
+    path = [*base, *error.absolute_path]
+    if error.validator == "required":
+        return [
+            f"{path_text([*path, p])}: is required"
+            for p in error.validator_value
+            if p not in error.instance
+        ]
+    if error.validator == "additionalProperties":
+        known = error.schema.get("properties", {})
+        return [f"{path_text([*path, k])}: unknown field" for k in error.instance if k not in known]
+    return [f"{path_text(path)}: {_problem(error)}"]
+
+
+def schema_errors(name: str, instance: Any, base: Sequence[Any] = ()) -> list[str]:
+    """Every problem the named schema finds, as details (duplicates removed)."""
+    found: dict[str, None] = {}
+    for error in _VALIDATORS[name].iter_errors(instance):
+        found.update(dict.fromkeys(_messages(error, base)))
+    return list(found)
+
+
+# -- small checks shared by the request types --------------------------------------------
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if v is not None}
+    return value
+
+
+def _metadata_errors(metadata: Mapping | None, path: Sequence[Any]) -> list[str]:
+    if metadata is None:
+        return []
+    size = len(json.dumps(metadata, separators=(",", ":")).encode())
+    if size > LIMITS["metadata_bytes"]:
+        return [
+            f"{path_text(path)}: must be at most {LIMITS['metadata_bytes']} bytes "
+            f"as JSON (is {size})"
+        ]
+    return []
+
+
+def parse_uuid(value: str) -> str | None:
+    """The canonical text of a UUID, or None when ``value`` is not one."""
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool)
+
+
+# -- POST /task --------------------------------------------------------------------------
+
+
+def _rule(raw: dict, base: list[Any]) -> tuple[dict | None, list[Any], list[str]]:
+    """One rule in either accepted form -> (normalised rule, path of its body, errors)."""
+    if "type" in raw:
+        tag = raw["type"]
+        if not (isinstance(tag, str) and tag.lower() in _RULE_NAMES):
+            return None, base, [f"{path_text([*base, 'type'])}: must be Concurency"]
+        body, body_path = {k: v for k, v in raw.items() if k != "type"}, base
+    elif len(raw) == 1 and next(iter(raw)).lower() in _RULE_NAMES:
+        key = next(iter(raw))
+        body, body_path = raw[key], [*base, key]
+    else:
+        return (
+            None,
+            base,
+            [
+                f'{path_text(base)}: must be {{"Concurency": {{"matcher": ..., '
+                f'"max_concurency": N}}}} or {{"type": "Concurency", "matcher": ..., '
+                f'"max_concurency": N}}'
+            ],
+        )
+    errors = schema_errors("rule", body, body_path)
+    if errors:
+        return None, body_path, errors
+    limits = [body[k] for k in _MAX_KEYS if k in body]
+    if len(limits) != 1:
+        problem = "is required" if not limits else "give max_concurency only once"
+        return None, body_path, [f"{path_text([*body_path, 'max_concurency'])}: {problem}"]
+    matcher = body["matcher"]
+    rule = {
+        "kind": matcher["kind"],
+        "status": matcher["status"].lower(),
+        "fields": matcher.get("fields", []),
+        "max": int(limits[0]),
+    }
+    return rule, body_path, []
+
+
+def _rule_field_errors(rule: dict, metadata: Mapping, matcher_path: list[Any]) -> list[str]:
+    errors = []
+    for k, field in enumerate(rule["fields"]):
+        at = path_text([*matcher_path, "matcher", "fields", k])
+        if field not in metadata:
+            errors.append(f"{at}: '{field}' is missing from the task's metadata")
+        elif not _is_scalar(metadata[field]):
+            errors.append(f"{at}: metadata '{field}' must be a string, number or boolean")
+    return errors
+
+
+def _url_errors(url: str, path: list[Any]) -> list[str]:
+    parts = urlsplit(url)
+    if parts.scheme.lower() in ("http", "https") and parts.hostname:
+        return []
+    return [f"{path_text(path)}: must be an absolute http or https URL"]
+
+
+def _actions(task: dict, i: int) -> tuple[list[dict], list[str]]:
+    """All actions of a task in the create_batch form, with URL problems."""
+    placed = [("start", task["on_start"], [i, "on_start"])]
+    for key, event in _ACTION_LISTS.items():
+        placed += [(event, a, [i, key, j]) for j, a in enumerate(task.get(key, []))]
+    actions, errors = [], []
+    for event, action, path in placed:
+        params = _drop_nulls(action["params"])
+        errors += _url_errors(params["url"], [*path, "params", "url"])
+        actions.append(
+            {
+                "event": event,
+                "url": params["url"],
+                "verb": params["verb"].upper(),
+                "body": params.get("body"),
+                "headers": params.get("headers", {}),
+            }
+        )
+    return actions, errors
+
+
+def _dependencies(task: dict, i: int, local_ids: Mapping[str, int]) -> tuple[list, list[str]]:
+    """Dependencies in the create_batch form: a local id of the batch or a task UUID."""
+    deps, errors, seen = [], [], set()
+    for j, dep in enumerate(task.get("dependencies", [])):
+        ref, at = dep["id"], path_text([i, "dependencies", j, "id"])
+        requires_success = dep.get("requires_success", True)
+        task_id = None if ref in local_ids else parse_uuid(ref)
+        key = ref if ref in local_ids else task_id
+        if ref == task["id"]:
+            errors.append(f"{at}: a task cannot depend on itself")
+        elif key is None:
+            errors.append(f"{at}: unknown local id '{ref}'")
+        elif key in seen:
+            errors.append(f"{at}: duplicate dependency on '{ref}'")
+        elif task_id is None:
+            deps.append({"local_id": ref, "requires_success": requires_success})
+        else:
+            deps.append({"task_id": task_id, "requires_success": requires_success})
+        seen.add(key)
+    return deps, errors
+
+
+def find_cycle(edges: Mapping[str, Sequence[str]]) -> list[str] | None:
+    """A dependency cycle ``[a, b, a]`` (a depends on b, b on a) or None; iterative, so a
+    10,000-long chain is fine. Kahn's algorithm strips every task that is not on or behind
+    a cycle; every remaining task depends on another remaining one, so walking those
+    links must revisit a task."""
+    dependents: dict[str, list[str]] = {}
+    waiting = {node: 0 for node in edges}
+    for child, parents in edges.items():
+        for parent in parents:
+            dependents.setdefault(parent, []).append(child)
+            waiting[child] += 1
+    ready = [node for node, n in waiting.items() if n == 0]
+    while ready:
+        for child in dependents.get(ready.pop(), []):
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                ready.append(child)
+    remaining = {node for node, n in waiting.items() if n > 0}
+    if not remaining:
+        return None
+    walk, position = [], {}
+    node = min(remaining)
+    while node not in position:
+        position[node] = len(walk)
+        walk.append(node)
+        node = next(p for p in edges[node] if p in remaining)
+    return [*walk[position[node] :], node]
+
+
+def _task(task: dict, i: int, local_ids: Mapping[str, int]) -> tuple[dict, list[str]]:
+    """Normalise one shape-valid task; cross-field problems come back as details."""
+    metadata = task.get("metadata", {})
+    errors = _metadata_errors(metadata, [i, "metadata"])
+    rules = []
+    for j, raw in enumerate(task.get("rules", [])):
+        rule, rule_path, _ = _rule(raw, [i, "rules", j])
+        errors += _rule_field_errors(rule, metadata, rule_path)
+        rules.append(rule)
+    actions, action_errors = _actions(task, i)
+    deps, dep_errors = _dependencies(task, i, local_ids)
+    dedupe = [
+        {"kind": m["kind"], "status": m["status"].lower(), "fields": m.get("fields", [])}
+        for m in task.get("dedupe_strategy", [])
+    ]
+    normalised = {
+        "local_id": task["id"],
+        "name": task["name"],
+        "kind": task["kind"],
+        "timeout": int(task.get("timeout", 60)),
+        "priority": int(task.get("priority", 0)),
+        "metadata": metadata,
+        "rules": rules,
+        "dedupe": dedupe,
+        "actions": actions,
+        "dependencies": deps,
+    }
+    return normalised, errors + action_errors + dep_errors
+
+
+def _shape_errors(tasks: Any) -> list[str]:
+    errors = schema_errors("batch", tasks)
+    for i, task in enumerate(tasks if isinstance(tasks, list) else []):
+        rules = task.get("rules") if isinstance(task, dict) else None
+        for j, raw in enumerate(rules if isinstance(rules, list) else []):
+            if isinstance(raw, dict):
+                errors += _rule(raw, [i, "rules", j])[2]
+    return errors
+
+
+def _local_ids(tasks: list[dict]) -> tuple[dict[str, int], list[str]]:
+    first: dict[str, int] = {}
+    errors = []
+    for i, task in enumerate(tasks):
+        local_id = task["id"]
+        if local_id in first:
+            errors.append(
+                f"[{i}].id: duplicate local id '{local_id}' (first used by [{first[local_id]}])"
+            )
+        else:
+            first[local_id] = i
+    return first, errors
+
+
+def batch_input(body: Any) -> list[dict]:
+    """POST /task body -> the ``create_batch`` input (see docs/sql.md); raises Invalid."""
+    tasks = [_drop_nulls(t) for t in body] if isinstance(body, list) else body
+    errors = _shape_errors(tasks)
+    if errors:
+        raise Invalid(errors)
+    local_ids, errors = _local_ids(tasks)
+    normalised = []
+    for i, task in enumerate(tasks):
+        entry, task_errors = _task(task, i, local_ids)
+        normalised.append(entry)
+        errors += task_errors
+    if not errors:
+        cycle = find_cycle(
+            {
+                t["local_id"]: [d["local_id"] for d in t["dependencies"] if "local_id" in d]
+                for t in normalised
+            }
+        )
+        if cycle:
+            errors.append(f"[{local_ids[cycle[0]]}].dependencies: cycle " + " -> ".join(cycle))
+    if errors:
+        raise Invalid(errors)
+    return normalised
+
+
+# -- PATCH /task/{id}, PUT /task, GET /task ------------------------------------------------
+
+
+def _optional_int(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def update_input(body: Any) -> dict:
+    """PATCH /task/{id} body -> the parameters of the ``update_task`` query."""
+    body = _drop_nulls(body)
+    errors = schema_errors("patch", body)
+    if errors:
+        raise Invalid(errors)
+    status = body.get("status", "").lower() or None
+    reason = body.get("failure_reason")
+    errors = _metadata_errors(body.get("metadata"), ["metadata"])
+    if status == "failure" and reason is None:
+        errors.append("failure_reason: is required when status is Failure")
+    if reason is not None and status != "failure":
+        errors.append("failure_reason: only allowed when status is Failure")
+    if errors:
+        raise Invalid(errors)
+    metadata = body.get("metadata")
+    return {
+        "status": status,
+        "new_success": _optional_int(body.get("new_success")),
+        "new_failures": _optional_int(body.get("new_failures")),
+        "metadata": None if metadata is None else json.dumps(metadata),
+        "failure_reason": reason,
+    }
+
+
+def counter_updates(body: Any, task_id: str | None = None) -> list[tuple[str, int, int]]:
+    """PUT /task body (one object or an array), or PUT /task/{id} body with ``task_id``
+    from the path -> ``[(task_id, new_success, new_failures), ...]``."""
+    if task_id is not None:
+        items = [_drop_nulls(body)]
+        errors = schema_errors("counters", items[0])
+    elif isinstance(body, list):
+        items = [_drop_nulls(b) for b in body]
+        errors = schema_errors("put_batch", items)
+    elif isinstance(body, dict):
+        items = [_drop_nulls(body)]
+        errors = schema_errors("put_item", items[0])
+    else:
+        errors = ["body: must be an object or an array of objects"]
+    if errors:
+        raise Invalid(errors)
+    return [
+        (
+            task_id or parse_uuid(item["task_id"]),
+            int(item.get("new_success", 0)),
+            int(item.get("new_failures", 0)),
+        )
+        for item in items
+    ]
+
+
+def _query_int(
+    params: Mapping[str, str], name: str, default: int, low: int, high: int
+) -> tuple[int, list[str]]:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default, []
+    try:
+        value = int(raw)
+    except ValueError:
+        return default, [f"{name}: must be an integer"]
+    if not low <= value <= high:
+        return default, [f"{name}: must be between {low} and {high}"]
+    return value, []
+
+
+def _metadata_filter(raw: str | None) -> tuple[str | None, list[str]]:
+    if not raw:
+        return None, []
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None, ["metadata: must be a JSON object"]
+    if not isinstance(value, dict):
+        return None, ["metadata: must be a JSON object"]
+    return json.dumps(value), []
+
+
+def list_filters(params: Mapping[str, str]) -> dict:
+    """GET /task query string -> the parameters of the ``list_tasks`` query."""
+    page, errors = _query_int(params, "page", 0, 0, LIMITS["page"])
+    size_name = "per_page" if "per_page" in params else "page_size"
+    per_page, size_errors = _query_int(params, size_name, DEFAULT_PER_PAGE, 1, LIMITS["per_page"])
+    metadata, metadata_errors = _metadata_filter(params.get("metadata"))
+    errors += size_errors + metadata_errors
+    status = params.get("status") or None
+    if status is not None and status.capitalize() not in STATUSES:
+        errors.append(f"status: must be one of {', '.join(STATUSES)}")
+    batch_id = params.get("batch_id") or None
+    if batch_id is not None and parse_uuid(batch_id) is None:
+        errors.append("batch_id: must be a UUID")
+    if errors:
+        raise Invalid(errors)
+    return {
+        "status": status.lower() if status else None,
+        "kind": params.get("kind") or None,
+        "name": params.get("name") or None,
+        "batch_id": batch_id,
+        "metadata": metadata,
+        "limit": per_page,
+        "offset": page * per_page,
+    }
