@@ -68,7 +68,8 @@ def _pg_bin_path() -> str:
     return f"{bindir}{os.pathsep}{path}" if path else str(bindir)
 
 
-def _run_dbmate(url: str, command: str, *, dump_schema: bool = False) -> None:
+def _run_dbmate(url: str, command: str, *, dump_schema: bool = False,
+                schema_file: Path = SCHEMA_FILE) -> None:
     if not url:
         raise MigrationError("no database URL given (set DATABASE_URL)")
     args = [
@@ -78,7 +79,7 @@ def _run_dbmate(url: str, command: str, *, dump_schema: bool = False) -> None:
         "--migrations-dir",
         str(MIGRATIONS_DIR),
         "--schema-file",
-        str(SCHEMA_FILE),
+        str(schema_file),
         "--migrations-table",
         MIGRATIONS_TABLE,
         "--wait",
@@ -104,6 +105,6 @@ def rollback(url: str, *, dump_schema: bool = False) -> None:
     _run_dbmate(url, "rollback", dump_schema=dump_schema)
 
 
-def dump_schema(url: str) -> None:
-    """Write the database's current schema to ``sql/schema.sql``."""
-    _run_dbmate(url, "dump", dump_schema=True)
+def dump_schema(url: str, schema_file: Path = SCHEMA_FILE) -> None:
+    """Write the database's current schema to ``sql/schema.sql`` (or ``schema_file``)."""
+    _run_dbmate(url, "dump", dump_schema=True, schema_file=schema_file)
