@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -417,25 +421,27 @@ def test_chain_completed_by_the_remote_side_runs_to_the_end(db_url, conn, sink, 
     assert all(status_of(conn, tasks[k]["id"]) == "success" for k in "abc")
 
 
-def _listening(conn: psycopg.Connection) -> bool:
-    return bool(
-        conn.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
-            " AND query LIKE 'LISTEN%%' AND state = 'idle'"
-        ).fetchone()
-    )
-
-
-def _worker_idle(conn: psycopg.Connection) -> bool:
-    return not conn.execute(
-        "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
-        " AND pid <> pg_backend_pid() AND state <> 'idle'"
+def _listener_pid(conn: psycopg.Connection) -> int | None:
+    row = conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND query LIKE 'LISTEN%%' AND state = 'idle'"
     ).fetchone()
+    return row and row["pid"]
+
+
+def _worker_waiting(conn: psycopg.Connection) -> bool:
+    """Listening, and every worker connection idle for a while: it waits for a wake-up."""
+    busy = conn.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid()"
+        " AND (state <> 'idle' OR state_change > now() - interval '200 ms')"
+    ).fetchone()
+    return _listener_pid(conn) is not None and not busy
 
 
 def test_worker_wakes_on_notify_not_poll(conn, sink, start_worker):
     start_worker(poll_interval=30, tick_interval=30)
-    wait_until(lambda: _listening(conn) and _worker_idle(conn), "the worker to go idle")
+    wait_until(lambda: _worker_waiting(conn), "the worker to wait")
 
     one_task(conn, webhook(url=sink.url("/start")))
 
@@ -488,16 +494,18 @@ def test_running_task_times_out_via_tick(conn, sink, start_worker):
 
 
 def test_worker_survives_losing_its_connections(conn, sink, start_worker):
-    start_worker()
-    wait_until(lambda: _listening(conn), "the LISTEN connection")
+    # no polling to fall back on: the LISTEN connection itself must come back
+    start_worker(poll_interval=30, tick_interval=30)
+    lost = wait_until(lambda: _listener_pid(conn), "the LISTEN connection")
 
     conn.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
         " WHERE datname = current_database() AND pid <> pg_backend_pid()"
     )
+    wait_until(lambda: _listener_pid(conn) not in (None, lost), "LISTEN on a new connection")
     task_id = one_task(conn, webhook(url=sink.url("/start")))
 
-    wait_until(started(conn, task_id), "a start after the reconnect")
+    wait_until(started(conn, task_id), "a start after the reconnect", timeout=5)
 
 
 def test_worker_feeds_transition_stats_and_loop_durations(conn, sink, start_worker, monkeypatch):
@@ -529,3 +537,29 @@ def test_concurrency_bounds_webhooks_in_flight(conn, sink, start_worker):
     assert running == 2
     release.set()
     wait_until(lambda: len(sink.hits_for("/start")) == 5, "all five starts")
+
+
+@pytest.mark.slow
+def test_run_worker_process_exits_cleanly_on_sigterm(db_url, conn, sink):
+    env = os.environ | {
+        "DATABASE_URL": db_url,
+        "HOST_URL": HOST_URL,
+        "POLL_INTERVAL": "0.2",
+        "SHUTDOWN_GRACE": "5",
+    }
+    code = (
+        "from taskrunner.config import Config\n"
+        "from taskrunner.worker.main import run_worker\n"
+        "run_worker(Config.from_env())\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        task_id = one_task(conn, webhook(url=sink.url("/start")))
+        wait_until(started(conn, task_id), "the process to start the task", timeout=20)
+        assert task_row(conn, task_id)["claimed_by"] == f"{socket.gethostname()}:{process.pid}"
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        process.kill()
+        process.wait()
