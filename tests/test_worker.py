@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -520,7 +521,8 @@ def test_worker_feeds_transition_stats_and_loop_durations(conn, sink, start_work
         lambda: any("pending>running>stats-kind>1;" in s for s in seen),
         "the claim's transition in the stats",
     )
-    assert loops and all(seconds >= 0 for seconds in loops)
+    wait_until(lambda: loops, "a loop duration")
+    assert all(seconds >= 0 for seconds in loops)
 
 
 def test_concurrency_bounds_webhooks_in_flight(conn, sink, start_worker):
@@ -563,3 +565,16 @@ def test_run_worker_process_exits_cleanly_on_sigterm(db_url, conn, sink):
     finally:
         process.kill()
         process.wait()
+
+
+def test_worker_without_a_database_keeps_retrying_and_stops_cleanly(start_worker, caplog):
+    caplog.set_level(logging.WARNING, logger="taskrunner.worker")
+    running = start_worker(database_url=f"postgresql://127.0.0.1:{_closed_port()}/none")
+
+    def outage_logged(message: str) -> Callable[[], bool]:
+        return lambda: any(message in r.getMessage() for r in list(caplog.records))
+
+    wait_until(outage_logged("database unavailable"), "the main loop to report the outage")
+    wait_until(outage_logged("LISTEN connection lost"), "the listener to report the outage")
+    assert running.thread.is_alive()
+    running.stop()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 import os
 import socket
 import uuid
@@ -64,7 +66,7 @@ class Worker:
         self.config = config
         self.worker_id = worker_id or default_worker_id()
         # lease long enough for an attempt (bounded by webhook_timeout) plus recording it
-        self.lease_seconds = int(2 * config.webhook_timeout + 10)
+        self.lease_seconds = math.ceil(2 * config.webhook_timeout + 10)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
@@ -193,10 +195,13 @@ class Worker:
         self._unrecorded.add(item.delivery_id)
         task = asyncio.create_task(self._deliver(item), name=f"delivery {item.delivery_id}")
         self._in_flight[item.delivery_id] = task
-        task.add_done_callback(lambda _: self._finished(item.delivery_id))
+        task.add_done_callback(functools.partial(self._finished, item.delivery_id))
 
-    def _finished(self, delivery_id: uuid.UUID) -> None:
+    def _finished(self, delivery_id: uuid.UUID, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(delivery_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            # a bug or bad data, not an outage: the lease expires and tick() recovers it
+            log.error("delivery %s failed in the worker", delivery_id, exc_info=task.exception())
         if self._free_slots() == 1:  # we were full: claim into the freed slot now
             self._wake.set()
 
@@ -216,11 +221,7 @@ class Worker:
                 result.error,
                 "giving up" if delay_ms is None else f"retry in {delay_ms} ms",
             )
-        try:
-            await self._record(item, result, delay_ms, deadline)
-        except psycopg.Error:
-            # not an outage: a bug or bad data; the lease will expire and tick() recovers
-            log.exception("could not record delivery %s", item.delivery_id)
+        await self._record(item, result, delay_ms, deadline)
 
     async def _record(
         self, item: WorkItem, result: WebhookResult, delay_ms: int | None, deadline: float
@@ -275,7 +276,7 @@ class Worker:
                     self._wake.set()  # notifications may have been missed while away
                     async for _ in conn.notifies():
                         self._wake.set()
-            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 log.warning("LISTEN connection lost (%s); reconnecting", exc)
                 await asyncio.sleep(backoff.next())
 
