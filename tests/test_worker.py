@@ -578,3 +578,21 @@ def test_worker_without_a_database_keeps_retrying_and_stops_cleanly(start_worker
     wait_until(outage_logged("LISTEN connection lost"), "the listener to report the outage")
     assert running.thread.is_alive()
     running.stop()
+
+
+def test_two_workers_start_each_task_exactly_once(db_url, conn, sink, start_worker):
+    sink.routes["/start"] = complete_from_remote(db_url)
+    hook = webhook(url=sink.url("/start"))
+    tasks = create_batch(conn, [task_spec(str(i), actions=[hook]) for i in range(30)])
+    start_worker(worker_concurrency=4)
+    start_worker(worker_concurrency=4)
+
+    wait_until(
+        lambda: all(status_of(conn, t["id"]) == "success" for t in tasks.values()),
+        "every task to succeed",
+        timeout=20,
+    )
+    started_ids = sorted(h.headers["x-task-id"] for h in sink.hits_for("/start"))
+    assert started_ids == sorted(str(t["id"]) for t in tasks.values())
+    workers = conn.execute("SELECT DISTINCT claimed_by FROM taskrunner.task").fetchall()
+    assert {w["claimed_by"] for w in workers} <= {"w0", "w1"}
