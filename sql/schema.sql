@@ -657,18 +657,16 @@ BEGIN
         RETURN 'unknown';
     END IF;
 
+    IF d.status <> 'in_flight' OR d.worker IS DISTINCT FROM p_worker THEN
+        -- the lease ran out and the delivery moved on without us (tick() recorded our
+        -- attempt as expired; another worker may own the current one): change nothing
+        RETURN 'stale';
+    END IF;
+
     INSERT INTO taskrunner.delivery_attempt (delivery_id, attempt, worker, started_at,
                                              status_code, error)
     VALUES (p_id, d.attempts, p_worker, coalesce(p_started_at, now()), p_status_code,
-            CASE WHEN p_ok THEN NULL ELSE coalesce(p_error, 'failed') END)
-    ON CONFLICT (delivery_id, attempt) DO UPDATE
-    SET worker = excluded.worker, started_at = excluded.started_at,
-        finished_at = excluded.finished_at, status_code = excluded.status_code,
-        error = excluded.error;
-
-    IF d.status <> 'in_flight' OR d.worker IS DISTINCT FROM p_worker THEN
-        RETURN 'stale';  -- the lease ran out and the delivery moved on without us
-    END IF;
+            CASE WHEN p_ok THEN NULL ELSE coalesce(p_error, 'failed') END);
 
     v_new_status := CASE WHEN p_ok THEN 'delivered'
                          WHEN p_retry_delay_ms IS NOT NULL THEN 'queued'

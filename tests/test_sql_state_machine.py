@@ -434,3 +434,26 @@ def test_wide_fan_out_failure(conn):
     counts = conn.execute("SELECT status::text, count(*) AS n FROM taskrunner.task "
                           "GROUP BY 1").fetchall()
     assert {r["status"]: r["n"] for r in counts} == {"failure": n + 1}
+
+
+def test_late_finish_after_lease_expiry_changes_nothing(conn):
+    t = create_batch(conn, [task_spec("a", actions=[webhook(), webhook("success")])])
+    claim(conn)
+    complete(conn, t["a"]["id"])
+    d = conn.execute("SELECT * FROM taskrunner.claim_deliveries('w1', 1, 1)").fetchone()
+    conn.execute("UPDATE taskrunner.delivery SET lease_until = now() - interval '1 s' "
+                 "WHERE id = %s", (d["delivery_id"],))
+    assert conn.execute("SELECT taskrunner.tick() AS r").fetchone()["r"]["expired_leases"] == 1
+    conn.execute("SELECT * FROM taskrunner.claim_deliveries('w2', 1, 60)")
+    finish = "SELECT taskrunner.finish_delivery(%s, %s, %s, %s, %s, %s) AS s"
+    assert conn.execute(finish, (d["delivery_id"], "w2", True, 200, None, None)
+                        ).fetchone()["s"] == "delivered"
+    assert conn.execute(finish, (d["delivery_id"], "w1", False, 503, "HTTP 503", 10)
+                        ).fetchone()["s"] == "stale"
+    attempts = conn.execute("SELECT attempt, worker, status_code, error FROM "
+                            "taskrunner.delivery_attempt ORDER BY attempt").fetchall()
+    assert [(a["attempt"], a["worker"], a["status_code"]) for a in attempts] == [
+        (1, "w1", None), (2, "w2", 200)]
+    status = conn.execute("SELECT status::text FROM taskrunner.delivery WHERE id = %s",
+                          (d["delivery_id"],)).fetchone()["status"]
+    assert status == "delivered"
