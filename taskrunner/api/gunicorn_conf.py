@@ -25,6 +25,9 @@ accesslog = "-" if os.environ.get("ACCESS_LOG", "").lower() in {"1", "true", "ye
 errorlog = "-"
 _level = _config.log_level.split(",", 1)[0]  # RUST_LOG may be "info,module=debug"
 loglevel = _LEVELS.get(_level, _level)
+# gunicorn >= 24 opens a control socket at one fixed path per user; several API servers on
+# one host (tests, bench, `up`) would fight over it, and we do not use it.
+control_socket_disable = True
 
 
 def child_exit(server, worker) -> None:
