@@ -75,9 +75,7 @@ def wrap_exceptions() -> Iterator[None]:
             diag = exc.diag
             details = [d for d in (diag.message_detail or "").split("\n") if d]
             raise cls(diag.message_primary or str(exc), details) from exc
-        if isinstance(exc, psycopg.OperationalError) or (sqlstate or "").startswith(
-            ("08", "57P")
-        ):
+        if isinstance(exc, psycopg.OperationalError) or (sqlstate or "").startswith(("08", "57P")):
             raise DatabaseUnavailable("database unavailable") from exc
         raise
     except psycopg_pool.PoolTimeout as exc:
@@ -89,8 +87,14 @@ def connect(url: str, **kwargs) -> psycopg.Connection:
     return psycopg.connect(url, autocommit=True, row_factory=dict_row, **kwargs)
 
 
-def create_pool(url: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 5.0,
-                name: str = "taskrunner") -> psycopg_pool.ConnectionPool:
+def create_pool(
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 8,
+    timeout: float = 5.0,
+    name: str = "taskrunner",
+) -> psycopg_pool.ConnectionPool:
     """A pool of autocommit, dict-row connections (opened lazily, never blocks startup)."""
     return psycopg_pool.ConnectionPool(
         url,
@@ -104,8 +108,14 @@ def create_pool(url: str, *, min_size: int = 1, max_size: int = 8, timeout: floa
     )
 
 
-def create_async_pool(url: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 5.0,
-                      name: str = "taskrunner-worker") -> psycopg_pool.AsyncConnectionPool:
+def create_async_pool(
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 8,
+    timeout: float = 5.0,
+    name: str = "taskrunner-worker",
+) -> psycopg_pool.AsyncConnectionPool:
     """The asyncio twin of ``create_pool`` for workers."""
     return psycopg_pool.AsyncConnectionPool(
         url,

@@ -68,8 +68,9 @@ def _pg_bin_path() -> str:
     return f"{bindir}{os.pathsep}{path}" if path else str(bindir)
 
 
-def _run_dbmate(url: str, command: str, *, dump_schema: bool = False,
-                schema_file: Path = SCHEMA_FILE) -> None:
+def _run_dbmate(
+    url: str, command: str, *, dump_schema: bool = False, schema_file: Path = SCHEMA_FILE
+) -> None:
     if not url:
         raise MigrationError("no database URL given (set DATABASE_URL)")
     args = [

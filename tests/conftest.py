@@ -66,14 +66,22 @@ def conn(db_url: str) -> Iterator[psycopg.Connection]:
 # --- small builders for tests: only the fields a test cares about ---------------------
 
 
-def webhook(event: str = "start", url: str = "http://127.0.0.1:9/hook", verb: str = "POST",
-            **extra: Any) -> dict:
+def webhook(
+    event: str = "start", url: str = "http://127.0.0.1:9/hook", verb: str = "POST", **extra: Any
+) -> dict:
     return {"event": event, "url": url, "verb": verb, **extra}
 
 
-def task_spec(local_id: str, *, kind: str = "k", deps: list | None = None,
-              rules: list | None = None, metadata: dict | None = None,
-              actions: list | None = None, **extra: Any) -> dict:
+def task_spec(
+    local_id: str,
+    *,
+    kind: str = "k",
+    deps: list | None = None,
+    rules: list | None = None,
+    metadata: dict | None = None,
+    actions: list | None = None,
+    **extra: Any,
+) -> dict:
     """A normalised create_batch entry (the API's output format, see docs/sql.md)."""
     dependencies = []
     for dep in deps or []:
@@ -111,8 +119,9 @@ def create_batch(conn: psycopg.Connection, specs: list[dict], requester: str = "
 
 
 def status_of(conn: psycopg.Connection, task_id: Any) -> str:
-    return conn.execute("SELECT status::text FROM taskrunner.task WHERE id = %s",
-                        (task_id,)).fetchone()["status"]
+    return conn.execute(
+        "SELECT status::text FROM taskrunner.task WHERE id = %s", (task_id,)
+    ).fetchone()["status"]
 
 
 def statuses(conn: psycopg.Connection) -> dict[str, str]:

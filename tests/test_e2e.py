@@ -15,10 +15,15 @@ def _action(sink: Sink, path: str) -> dict:
 
 
 def _task(sink: Sink, local_id: str, deps=(), **extra) -> dict:
-    return {"id": local_id, "name": local_id, "kind": extra.pop("kind", "etl"),
-            "on_start": _action(sink, f"/start/{local_id}"),
-            "on_success": [_action(sink, f"/done/{local_id}")],
-            "dependencies": [{"id": d, "requires_success": True} for d in deps], **extra}
+    return {
+        "id": local_id,
+        "name": local_id,
+        "kind": extra.pop("kind", "etl"),
+        "on_start": _action(sink, f"/start/{local_id}"),
+        "on_success": [_action(sink, f"/done/{local_id}")],
+        "dependencies": [{"id": d, "requires_success": True} for d in deps],
+        **extra,
+    }
 
 
 def test_dag_runs_to_completion_through_real_processes(db_url, conn, tmp_path):
@@ -29,9 +34,13 @@ def test_dag_runs_to_completion_through_real_processes(db_url, conn, tmp_path):
     try:
         with running(["api"], env), running(["worker", "--processes", "2"], env):
             wait_healthy(base)
-            dag = [_task(sink, "ingest-a"), _task(sink, "ingest-b"),
-                   _task(sink, "cluster", ["ingest-a", "ingest-b"]),
-                   _task(sink, "report", ["cluster"]), _task(sink, "notify", ["report"])]
+            dag = [
+                _task(sink, "ingest-a"),
+                _task(sink, "ingest-b"),
+                _task(sink, "cluster", ["ingest-a", "ingest-b"]),
+                _task(sink, "report", ["cluster"]),
+                _task(sink, "notify", ["report"]),
+            ]
             resp = httpx.post(f"{base}/task", json=dag, headers={"X-Requester": "e2e"})
             assert resp.status_code == 201, resp.text
             batch = resp.headers["X-Batch-ID"]
@@ -42,23 +51,28 @@ def test_dag_runs_to_completion_through_real_processes(db_url, conn, tmp_path):
 
             tasks = wait_for(all_done, 60, message="the DAG to finish")
             assert len(tasks) == 5
-            wait_for(lambda: len([r for r in sink.requests if r["path"].startswith("/done/")])
-                     == 5, 30, message="on_success webhooks")
+            wait_for(
+                lambda: len([r for r in sink.requests if r["path"].startswith("/done/")]) == 5,
+                30,
+                message="on_success webhooks",
+            )
             metrics = httpx.get(f"{base}/metrics").text
     finally:
         sink.close()
 
     order = [r["path"] for r in sink.starts()]
-    assert order.index("/start/cluster") > max(order.index("/start/ingest-a"),
-                                                order.index("/start/ingest-b"))
+    assert order.index("/start/cluster") > max(
+        order.index("/start/ingest-a"), order.index("/start/ingest-b")
+    )
     assert order.index("/start/report") > order.index("/start/cluster")
     assert order.index("/start/notify") > order.index("/start/report")
     assert len(order) == 5  # each start fired once
     # the API's /metrics includes the workers' metrics (shared multiprocess directory)
     assert "worker_loop_duration_seconds_count" in metrics
     assert 'tasks_completed_total{kind="etl",outcome="Success"} 5.0' in metrics
-    hist = conn.execute("SELECT count(*) AS n FROM taskrunner.task_history "
-                        "WHERE to_status = 'success'").fetchone()["n"]
+    hist = conn.execute(
+        "SELECT count(*) AS n FROM taskrunner.task_history WHERE to_status = 'success'"
+    ).fetchone()["n"]
     assert hist == 5
 
 
@@ -67,8 +81,12 @@ def test_max_one_rule_with_four_worker_processes(db_url, conn, tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = service_env(db_url, port, tmp_path, WORKER_CONCURRENCY="8", API_PROCESSES="2")
-    rule = {"Concurency": {"matcher": {"kind": "exclusive", "status": "Running", "fields": []},
-                           "max_concurency": 1}}
+    rule = {
+        "Concurency": {
+            "matcher": {"kind": "exclusive", "status": "Running", "fields": []},
+            "max_concurency": 1,
+        }
+    }
     n = 40
     try:
         with running(["api"], env), running(["worker", "--processes", "4"], env):
@@ -77,8 +95,9 @@ def test_max_one_rule_with_four_worker_processes(db_url, conn, tmp_path):
             assert httpx.post(f"{base}/task", json=batch).status_code == 201
 
             def finished():
-                row = conn.execute("SELECT count(*) AS n FROM taskrunner.task "
-                                   "WHERE status = 'success'").fetchone()
+                row = conn.execute(
+                    "SELECT count(*) AS n FROM taskrunner.task WHERE status = 'success'"
+                ).fetchone()
                 return row["n"] == n
 
             wait_for(finished, 120, message="all exclusive tasks to succeed")
@@ -87,6 +106,7 @@ def test_max_one_rule_with_four_worker_processes(db_url, conn, tmp_path):
 
     peaks = assert_rule_respected(conn, "exclusive", [], 1)
     assert peaks == {(): 1}
-    workers = conn.execute("SELECT count(DISTINCT claimed_by) AS n FROM taskrunner.task"
-                           ).fetchone()["n"]
+    workers = conn.execute(
+        "SELECT count(DISTINCT claimed_by) AS n FROM taskrunner.task"
+    ).fetchone()["n"]
     assert workers >= 2, "the claims should have been spread over several worker processes"

@@ -25,8 +25,12 @@ def empty_db():
 
 def _has_schema(url: str) -> bool:
     with psycopg.connect(url) as conn:
-        return conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'taskrunner'"
-                            ).fetchone()[0] == 1
+        return (
+            conn.execute(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'taskrunner'"
+            ).fetchone()[0]
+            == 1
+        )
 
 
 def test_up_down_up(empty_db):
@@ -41,8 +45,9 @@ def test_up_down_up(empty_db):
 
 
 def _normalise(text: str) -> str:
-    return "\n".join(line for line in text.splitlines()
-                     if not re.match(r"-- Dumped (from|by) ", line)).strip()
+    return "\n".join(
+        line for line in text.splitlines() if not re.match(r"-- Dumped (from|by) ", line)
+    ).strip()
 
 
 def test_schema_file_matches_migrations(empty_db, tmp_path):
@@ -52,4 +57,5 @@ def test_schema_file_matches_migrations(empty_db, tmp_path):
     committed = migrate.SCHEMA_FILE.read_text()
     assert _normalise(dumped.read_text()) == _normalise(committed), (
         "sql/schema.sql is out of date: run `bin/taskrunner migrate --dump` on a fresh "
-        "database and commit it")
+        "database and commit it"
+    )

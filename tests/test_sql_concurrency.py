@@ -16,18 +16,21 @@ def _claimer(url: str, worker: str, deadline: float) -> int:
     done = 0
     with psycopg.connect(url, autocommit=True) as conn:
         while time.monotonic() < deadline:
-            rows = conn.execute("SELECT task_id, delivery_id FROM taskrunner.claim_tasks(%s, 3, 60)",
-                                (worker,)).fetchall()
+            rows = conn.execute(
+                "SELECT task_id, delivery_id FROM taskrunner.claim_tasks(%s, 3, 60)", (worker,)
+            ).fetchall()
             if not rows:
-                left = conn.execute("SELECT count(*) FROM taskrunner.task "
-                                    "WHERE NOT taskrunner.is_terminal(status)").fetchone()[0]
+                left = conn.execute(
+                    "SELECT count(*) FROM taskrunner.task WHERE NOT taskrunner.is_terminal(status)"
+                ).fetchone()[0]
                 if left == 0:
                     return done
                 time.sleep(0.002)
                 continue
             for task_id, delivery_id in rows:
-                conn.execute("SELECT taskrunner.finish_delivery(%s, %s, true, 200)",
-                             (delivery_id, worker))
+                conn.execute(
+                    "SELECT taskrunner.finish_delivery(%s, %s, true, 200)", (delivery_id, worker)
+                )
                 time.sleep(random.uniform(0, 0.003))  # let the others race for the slot
                 conn.execute("SELECT taskrunner.update_task(%s, 'success')", (task_id,))
                 done += 1
@@ -39,8 +42,9 @@ def test_rules_exact_with_many_claimers(conn, db_url):
     single = {"kind": "solo", "status": "running", "fields": [], "max": 1}
     specs = []
     for i in range(240):
-        specs.append(task_spec(f"j{i}", kind="job", rules=[per_tenant],
-                               metadata={"tenant": f"t{i % 3}"}))
+        specs.append(
+            task_spec(f"j{i}", kind="job", rules=[per_tenant], metadata={"tenant": f"t{i % 3}"})
+        )
     for i in range(60):
         specs.append(task_spec(f"s{i}", kind="solo", rules=[single]))
     for i in range(60):  # rule-less tasks of a counted kind race with the rule holders
@@ -80,19 +84,26 @@ def assert_rule_respected_for_rule_holders(conn):
               AND NOT EXISTS (SELECT 1 FROM taskrunner.task_history e
                               WHERE e.task_id = h.task_id AND e.from_status = 'running'
                                 AND e.id > h.id AND e.at <= %(at)s)
-            """, {"tenant": s["tenant"], "at": s["at"]}).fetchone()["n"]
+            """,
+            {"tenant": s["tenant"], "at": s["at"]},
+        ).fetchone()["n"]
         assert running <= 2, f"{running} running for tenant {s['tenant']} at {s['at']}"
 
 
 def test_blocked_groups_cost_one_check_each(conn):
     rule = {"kind": "k", "status": "running", "fields": ["tenant"], "max": 1}
-    specs = [task_spec(f"b{i}", rules=[rule], metadata={"tenant": f"t{i % 5}"})
-             for i in range(2000)]
+    specs = [
+        task_spec(f"b{i}", rules=[rule], metadata={"tenant": f"t{i % 5}"}) for i in range(2000)
+    ]
     create_batch(conn, specs)
     first = conn.execute("SELECT count(*) AS n FROM taskrunner.claim_tasks('w', 100, 60)")
     assert first.fetchone()["n"] == 5  # one per tenant; the other 1995 are blocked
     with conn.transaction():
-        assert conn.execute("SELECT count(*) AS n FROM taskrunner.claim_tasks('w', 100, 60)"
-                            ).fetchone()["n"] == 0
+        assert (
+            conn.execute(
+                "SELECT count(*) AS n FROM taskrunner.claim_tasks('w', 100, 60)"
+            ).fetchone()["n"]
+            == 0
+        )
         stats = conn.execute("SELECT taskrunner.take_stats() AS s").fetchone()["s"]
     assert stats == "blocked>5;"  # five groups checked, not 1995 tasks
