@@ -146,6 +146,7 @@ def test_config(db_url: str, **overrides: Any) -> Config:
         "webhook_backoff_base": 0.01,
         "webhook_backoff_max": 0.05,
         "shutdown_grace": 2.0,
+        "webhook_allow_private": True,  # the sinks listen on 127.0.0.1
     }
     return Config(**(settings | overrides))
 
@@ -548,6 +549,7 @@ def test_run_worker_process_exits_cleanly_on_sigterm(db_url, conn, sink):
         "HOST_URL": HOST_URL,
         "POLL_INTERVAL": "0.2",
         "SHUTDOWN_GRACE": "5",
+        "WEBHOOK_ALLOW_PRIVATE": "true",
     }
     code = (
         "from taskrunner.config import Config\n"

@@ -4,7 +4,9 @@ A work item (a row of ``claim_tasks`` / ``claim_deliveries``) becomes one HTTP r
 the action's verb; its URL with ``handle=<HOST_URL>/task/<task_id>`` added to the query;
 its JSON body and headers, plus ``X-Task-Id``, ``X-Task-Trigger`` and an
 ``Idempotency-Key`` (the delivery id, stable across retries). Redirects are never
-followed: a 3xx is a failure like any other non-2xx answer.
+followed: a 3xx is a failure like any other non-2xx answer. Every connection goes through
+the SSRF guard (``taskrunner.netguard``); a refused URL is a final failure
+(``blocked: <reason>``), never retried.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from taskrunner import netguard
 from taskrunner.config import Config
 
 log = logging.getLogger(__name__)
@@ -68,14 +71,20 @@ class WebhookResult:
     status_code: int | None = None
     error: str | None = None
     cancel_actions: list[dict[str, Any]] | None = None
+    # False when another attempt cannot help (the SSRF guard refused the URL)
+    retryable: bool = True
 
 
 def create_client(config: Config) -> httpx.AsyncClient:
-    """The HTTP client every webhook goes through: per-phase timeout, no redirects."""
+    """The HTTP client every webhook goes through: per-phase timeout, no redirects, the
+    SSRF guard on every connection, no proxies from the environment (a proxy would
+    resolve and connect where the guard cannot see)."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     return httpx.AsyncClient(
         timeout=config.webhook_timeout,
         follow_redirects=False,
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        trust_env=False,
+        transport=netguard.transport(config, limits),
     )
 
 
@@ -117,6 +126,10 @@ async def call(client: httpx.AsyncClient, item: WorkItem, config: Config) -> Web
                 body = await _read_capped(response) if item.event == "start" else b""
             finally:
                 await response.aclose()
+    except netguard.Blocked as exc:
+        return WebhookResult(
+            ok=False, started_at=started_at, error=f"blocked: {exc.reason}", retryable=False
+        )
     except (TimeoutError, httpx.TimeoutException):
         return WebhookResult(ok=False, started_at=started_at, error="timeout")
     except httpx.HTTPError as exc:

@@ -208,7 +208,8 @@ class Worker:
     async def _deliver(self, item: WorkItem) -> None:
         deadline = asyncio.get_running_loop().time() + self.lease_seconds
         result = await webhooks.call(self._client, item, self.config)
-        delay_ms = None if result.ok else webhooks.retry_delay_ms(item.attempt, self.config)
+        retry = not result.ok and result.retryable
+        delay_ms = webhooks.retry_delay_ms(item.attempt, self.config) if retry else None
         if result.ok:
             log.debug("delivery %s (%s of task %s) ok", item.delivery_id, item.event, item.task_id)
         else:
