@@ -1,5 +1,9 @@
 """Real processes for end-to-end tests: the API under gunicorn, worker processes, and a
-webhook sink (a real HTTP server) that completes tasks through their ``handle`` URL."""
+webhook sink (a real HTTP server) that completes tasks through their ``handle`` URL.
+
+The sink can also misbehave on purpose (``Reply``: a status code, a delay, or closing the
+connection without an answer), which the fault and retry tests use.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -28,8 +34,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
-             message: str = "condition") -> object:
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> object:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -41,40 +51,76 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: f
         time.sleep(interval)
 
 
+@dataclass(frozen=True)
+class Reply:
+    """How the sink answers one request: ``status`` after ``delay`` seconds, or, with
+    ``close``, drop the connection without any answer."""
+
+    status: int = 200
+    delay: float = 0.0
+    close: bool = False
+
+
 class Sink:
-    """A webhook target. Records every request; on a start webhook it calls ``on_start``
+    """A webhook target. Records every request; ``respond(req)`` picks the ``Reply``
+    (default 200 at once). After a 2xx to a start webhook it calls ``on_start(req)``
     (default: PATCH the task's handle with {"status": "Success"}) from its own thread."""
 
-    def __init__(self, on_start: Callable[[dict], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_start: Callable[[dict], None] | None = None,
+        respond: Callable[[dict], Reply] | None = None,
+    ) -> None:
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self.on_start = on_start or self.complete
-        self.client = httpx.Client(timeout=10)
+        self.respond = respond or (lambda req: Reply())
+        self.client = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=64))
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real targets do
+
             def log_message(self, *args) -> None:
                 pass
 
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                req = {"method": self.command, "path": urlsplit(self.path).path,
-                       "query": parse_qs(urlsplit(self.path).query),
-                       "headers": {k.lower(): v for k, v in self.headers.items()},
-                       "body": json.loads(body) if body else None, "at": time.time()}
+                parts = urlsplit(self.path)
+                req = {
+                    "method": self.command,
+                    "path": parts.path,
+                    "query": parse_qs(parts.query),
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "body": json.loads(body) if body else None,
+                    "at": time.time(),
+                }
                 with sink.lock:
                     sink.requests.append(req)
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                if req["headers"].get("x-task-trigger") == "Start":
+                reply = sink.respond(req)
+                if reply.delay:
+                    time.sleep(reply.delay)
+                if reply.close:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                try:
+                    self.send_response(reply.status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:  # the worker gave up waiting (timeout) or died
+                    self.close_connection = True
+                    return
+                started = req["headers"].get("x-task-trigger") == "Start"
+                if started and 200 <= reply.status < 300:
                     threading.Thread(target=sink.on_start, args=(req,), daemon=True).start()
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        self.server.request_queue_size = 256
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -89,6 +135,11 @@ class Sink:
         with self.lock:
             return [r for r in self.requests if r["headers"].get("x-task-trigger") == "Start"]
 
+    def received(self) -> Counter:
+        """Requests received per ``Idempotency-Key`` (that is, per delivery)."""
+        with self.lock:
+            return Counter(r["headers"].get("idempotency-key") for r in self.requests)
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -97,12 +148,19 @@ class Sink:
 
 def service_env(db_url: str, port: int, metrics_dir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "DATABASE_URL": db_url, "PORT": str(port), "HOST_URL": f"http://127.0.0.1:{port}",
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "WEBHOOK_ALLOW_PRIVATE": "true",
-        "LOG_LEVEL": "warning", "POLL_INTERVAL": "1", "TICK_INTERVAL": "0.5",
-        "API_PROCESSES": "2",
-    })
+    env.update(
+        {
+            "DATABASE_URL": db_url,
+            "PORT": str(port),
+            "HOST_URL": f"http://127.0.0.1:{port}",
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "WEBHOOK_ALLOW_PRIVATE": "true",
+            "LOG_LEVEL": "warning",
+            "POLL_INTERVAL": "1",
+            "TICK_INTERVAL": "0.5",
+            "API_PROCESSES": "2",
+        }
+    )
     env.update(extra)
     return env
 
@@ -119,13 +177,30 @@ def running(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
 
 def stop(proc: subprocess.Popen, timeout: float = 20.0) -> int:
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with_group(proc, signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with_group(proc, signal.SIGKILL)
             proc.wait()
     return proc.returncode
+
+
+def with_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the process group of ``proc`` (it and the children it spawned)."""
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (e.g. gunicorn's workers), from /proc."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
 
 
 def wait_healthy(base_url: str, timeout: float = 30.0) -> None:
