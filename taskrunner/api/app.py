@@ -6,12 +6,14 @@ import falcon
 import psycopg_pool
 
 from taskrunner import db
-from taskrunner.api import errors
+from taskrunner.api import errors, openapi
+from taskrunner.api.auth import BearerAuth
 from taskrunner.api.counters import CounterBuffer
 from taskrunner.api.resources import (
     DeliveryRetry,
     Health,
     Metrics,
+    OpenApi,
     Ready,
     TaskCollection,
     TaskItem,
@@ -20,6 +22,7 @@ from taskrunner.api.resources import (
 from taskrunner.api.store import Store
 from taskrunner.config import Config
 from taskrunner.migrate import MIGRATIONS_DIR
+from taskrunner.netguard import Policy
 
 
 def newest_migration() -> str | None:
@@ -34,10 +37,11 @@ def create_app(
     """The API on ``pool``; ``counters`` is the PUT /task buffer (one per process)."""
     store = Store(pool)
     counters = counters or CounterBuffer(pool, config.counter_flush_interval)
-    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    middleware = [BearerAuth(config.api_token)] if config.api_token else []
+    app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
-    app.add_route("/task", TaskCollection(store, counters))
+    app.add_route("/task", TaskCollection(store, counters, Policy.from_config(config)))
     app.add_route("/task/{id}", TaskItem(store, counters))
     app.add_route("/task/pause/{id}", TaskMove(store, "pause_task"))
     app.add_route("/task/resume/{id}", TaskMove(store, "resume_task"))
@@ -45,6 +49,7 @@ def create_app(
     app.add_route("/metrics", Metrics())
     app.add_route("/health", Health())
     app.add_route("/ready", Ready(store, newest_migration()))
+    app.add_route("/openapi.json", OpenApi(openapi.document()))
     return app
 
 

@@ -25,8 +25,14 @@ log = logging.getLogger(__name__)
 class ApiError(falcon.HTTPError):
     """An HTTP error with our body shape: a short message and per-field details."""
 
-    def __init__(self, status: int, error: str, details: Iterable[str] = ()) -> None:
-        super().__init__(status, title=error)
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        details: Iterable[str] = (),
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status, title=error, headers=headers)
         self.details = list(details)
 
 

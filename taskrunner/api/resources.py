@@ -27,6 +27,7 @@ from taskrunner.api.validation import (
     update_input,
 )
 from taskrunner.db import DomainError
+from taskrunner.netguard import Policy
 
 
 def read_json(req: falcon.Request) -> Any:
@@ -68,14 +69,18 @@ def _requester(req: falcon.Request) -> str | None:
 
 
 class TaskCollection:
-    """``/task``: create a batch (POST), list (GET), add counters (PUT)."""
+    """``/task``: create a batch (POST), list (GET), add counters (PUT). ``url_policy``
+    refuses webhook URLs the SSRF guard would block for sure (literal private addresses)."""
 
-    def __init__(self, store: Store, counters: CounterBuffer) -> None:
+    def __init__(
+        self, store: Store, counters: CounterBuffer, url_policy: Policy | None = None
+    ) -> None:
         self.store = store
         self.counters = counters
+        self.url_policy = url_policy
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        tasks = batch_input(read_json(req))
+        tasks = batch_input(read_json(req), self.url_policy)
         rows = self.store.call(
             "create_batch", {"tasks": json.dumps(tasks), "requester": _requester(req)}
         )
@@ -162,6 +167,17 @@ class Metrics:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.data, resp.content_type = metrics.render()
+
+
+class OpenApi:
+    """``GET /openapi.json``: the OpenAPI document (taskrunner/api/openapi.py)."""
+
+    def __init__(self, document: dict) -> None:
+        self.text = serialize.dumps(document)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = self.text
 
 
 class Health:

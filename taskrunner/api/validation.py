@@ -13,20 +13,32 @@ import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
+import httpx
 from jsonschema import Draft202012Validator, ValidationError
 
+from taskrunner.netguard import Policy
+
 # The limits the API enforces (name -> value). Anything above is a 400 (body: 413).
+# README.md's "Limits" table lists them; tests/test_security.py tries each one.
 LIMITS: dict[str, int] = {
     "body_bytes": 10 * 1024 * 1024,  # request body size (413 above)
     "batch_tasks": 10_000,  # tasks in one POST /task, updates in one PUT /task
     "name_chars": 200,  # task name
     "kind_chars": 200,  # task kind, matcher kind
-    "local_id_chars": 200,  # a task's "id" in its batch
+    "local_id_chars": 200,  # a task's "id" in its batch, a dependency's id
     "url_chars": 2048,  # webhook URL
     "headers_entries": 50,  # webhook headers
-    "metadata_bytes": 64 * 1024,  # metadata, serialised as compact JSON
+    "header_name_chars": 256,  # a webhook header's name
+    "header_value_chars": 8192,  # a webhook header's value
+    "actions_per_list": 100,  # on_success / on_failure / on_cancel entries
+    "dependencies": 10_000,  # dependencies of one task
+    "rules": 20,  # rules of one task
+    "dedupe_matchers": 20,  # dedupe_strategy entries of one task
+    "matcher_fields": 20,  # fields of one matcher
+    "field_chars": 200,  # a matcher field name
+    "metadata_bytes": 64 * 1024,  # metadata (and the GET metadata filter) as compact JSON
+    "filter_chars": 200,  # GET /task kind and name filters
     "requester_chars": 200,  # X-Requester header
     "failure_reason_chars": 10_000,  # PATCH failure_reason
     "max_concurency": 1_000_000,  # a rule's limit
@@ -71,6 +83,10 @@ def _text(max_chars: int) -> dict:
     return {"type": "string", "minLength": 1, "maxLength": max_chars}
 
 
+def _array(items: dict, max_items: int) -> dict:
+    return {"type": "array", "items": items, "maxItems": max_items}
+
+
 def _int(minimum: int, maximum: int) -> dict:
     return {"type": "integer", "minimum": minimum, "maximum": maximum}
 
@@ -96,7 +112,8 @@ _MATCHER = _object(
         "status": _one_of(*STATUSES),
         "fields": {
             "type": "array",
-            "items": {"type": "string", "minLength": 1},
+            "items": _text(LIMITS["field_chars"]),
+            "maxItems": LIMITS["matcher_fields"],
             "uniqueItems": True,
         },
     },
@@ -117,7 +134,17 @@ def _action(trigger: str) -> dict:
             "headers": {
                 "type": "object",
                 "maxProperties": LIMITS["headers_entries"],
-                "additionalProperties": {"type": "string"},
+                "propertyNames": {
+                    "pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
+                    "maxLength": LIMITS["header_name_chars"],
+                    "x-expected": "an HTTP header name",
+                },
+                "additionalProperties": {
+                    "type": "string",
+                    "maxLength": LIMITS["header_value_chars"],
+                    "pattern": "^[^\\r\\n\\x00]*$",
+                    "x-expected": "a header value without line breaks or NUL",
+                },
             },
         },
         required=["url", "verb"],
@@ -141,18 +168,19 @@ _TASK = _object(
         "priority": _int(-1000, 1000),
         "metadata": {"type": "object"},
         "on_start": _action("Start"),
-        "on_success": {"type": "array", "items": _action("End")},
-        "on_failure": {"type": "array", "items": _action("End")},
-        "on_cancel": {"type": "array", "items": _action("Cancel")},
+        "on_success": _array(_action("End"), LIMITS["actions_per_list"]),
+        "on_failure": _array(_action("End"), LIMITS["actions_per_list"]),
+        "on_cancel": _array(_action("Cancel"), LIMITS["actions_per_list"]),
         "dependencies": {
             "type": "array",
+            "maxItems": LIMITS["dependencies"],
             "items": _object(
                 {"id": _text(LIMITS["local_id_chars"]), "requires_success": {"type": "boolean"}},
                 required=["id"],
             ),
         },
-        "rules": {"type": "array", "items": {"type": "object"}},
-        "dedupe_strategy": {"type": "array", "items": _MATCHER},
+        "rules": _array({"type": "object"}, LIMITS["rules"]),
+        "dedupe_strategy": _array(_MATCHER, LIMITS["dedupe_matchers"]),
     },
     required=["id", "name", "kind", "on_start"],
 )
@@ -172,17 +200,16 @@ _PUT_ITEM = _object(
 )
 _PUT_BATCH = {"type": "array", "maxItems": LIMITS["batch_tasks"], "items": _PUT_ITEM}
 
-_VALIDATORS = {
-    name: Draft202012Validator(schema)
-    for name, schema in {
-        "batch": _BATCH,
-        "rule": _RULE_BODY,
-        "patch": _PATCH,
-        "counters": _COUNTERS,
-        "put_item": _PUT_ITEM,
-        "put_batch": _PUT_BATCH,
-    }.items()
+# The request schemas by name (the OpenAPI document reuses them, taskrunner/api/openapi.py)
+SCHEMAS: dict[str, dict] = {
+    "batch": _BATCH,
+    "rule": _RULE_BODY,
+    "patch": _PATCH,
+    "counters": _COUNTERS,
+    "put_item": _PUT_ITEM,
+    "put_batch": _PUT_BATCH,
 }
+_VALIDATORS = {name: Draft202012Validator(schema) for name, schema in SCHEMAS.items()}
 
 # -- error messages --------------------------------------------------------------------
 
@@ -334,14 +361,20 @@ def _rule_field_errors(rule: dict, metadata: Mapping, matcher_path: list[Any]) -
     return errors
 
 
-def _url_errors(url: str, path: list[Any]) -> list[str]:
-    parts = urlsplit(url)
-    if parts.scheme.lower() in ("http", "https") and parts.hostname:
-        return []
-    return [f"{path_text(path)}: must be an absolute http or https URL"]
+def _url_errors(url: str, path: list[Any], policy: Policy | None) -> list[str]:
+    """The URL as httpx (which the worker sends with) reads it; then the SSRF problems
+    that show without DNS (the worker checks again, after resolving, before connecting)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, UnicodeError):
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        return [f"{path_text(path)}: must be an absolute http or https URL"]
+    problem = policy.static_problem(url) if policy else None
+    return [f"{path_text(path)}: blocked: {problem}"] if problem else []
 
 
-def _actions(task: dict, i: int) -> tuple[list[dict], list[str]]:
+def _actions(task: dict, i: int, policy: Policy | None) -> tuple[list[dict], list[str]]:
     """All actions of a task in the create_batch form, with URL problems."""
     placed = [("start", task["on_start"], [i, "on_start"])]
     for key, event in _ACTION_LISTS.items():
@@ -349,7 +382,7 @@ def _actions(task: dict, i: int) -> tuple[list[dict], list[str]]:
     actions, errors = [], []
     for event, action, path in placed:
         params = _drop_nulls(action["params"])
-        errors += _url_errors(params["url"], [*path, "params", "url"])
+        errors += _url_errors(params["url"], [*path, "params", "url"], policy)
         actions.append(
             {
                 "event": event,
@@ -413,7 +446,9 @@ def find_cycle(edges: Mapping[str, Sequence[str]]) -> list[str] | None:
     return [*walk[position[node] :], node]
 
 
-def _task(task: dict, i: int, local_ids: Mapping[str, int]) -> tuple[dict, list[str]]:
+def _task(
+    task: dict, i: int, local_ids: Mapping[str, int], policy: Policy | None
+) -> tuple[dict, list[str]]:
     """Normalise one shape-valid task; cross-field problems come back as details."""
     metadata = task.get("metadata", {})
     errors = _metadata_errors(metadata, [i, "metadata"])
@@ -422,7 +457,7 @@ def _task(task: dict, i: int, local_ids: Mapping[str, int]) -> tuple[dict, list[
         rule, rule_path, _ = _rule(raw, [i, "rules", j])
         errors += _rule_field_errors(rule, metadata, rule_path)
         rules.append(rule)
-    actions, action_errors = _actions(task, i)
+    actions, action_errors = _actions(task, i, policy)
     deps, dep_errors = _dependencies(task, i, local_ids)
     dedupe = [
         {"kind": m["kind"], "status": m["status"].lower(), "fields": m.get("fields", [])}
@@ -467,8 +502,9 @@ def _local_ids(tasks: list[dict]) -> tuple[dict[str, int], list[str]]:
     return first, errors
 
 
-def batch_input(body: Any) -> list[dict]:
-    """POST /task body -> the ``create_batch`` input (see docs/sql.md); raises Invalid."""
+def batch_input(body: Any, policy: Policy | None = None) -> list[dict]:
+    """POST /task body -> the ``create_batch`` input (see docs/sql.md); raises Invalid.
+    With ``policy``, webhook URLs that it refuses outright are errors too."""
     tasks = [_drop_nulls(t) for t in body] if isinstance(body, list) else body
     errors = _shape_errors(tasks)
     if errors:
@@ -476,7 +512,7 @@ def batch_input(body: Any) -> list[dict]:
     local_ids, errors = _local_ids(tasks)
     normalised = []
     for i, task in enumerate(tasks):
-        entry, task_errors = _task(task, i, local_ids)
+        entry, task_errors = _task(task, i, local_ids, policy)
         normalised.append(entry)
         errors += task_errors
     if not errors:
@@ -569,6 +605,8 @@ def _query_int(
 def _metadata_filter(raw: str | None) -> tuple[str | None, list[str]]:
     if not raw:
         return None, []
+    if len(raw.encode()) > LIMITS["metadata_bytes"]:
+        return None, [f"metadata: must be at most {LIMITS['metadata_bytes']} bytes"]
     try:
         value = json.loads(raw)
     except ValueError:
@@ -591,6 +629,9 @@ def list_filters(params: Mapping[str, str]) -> dict:
     batch_id = params.get("batch_id") or None
     if batch_id is not None and parse_uuid(batch_id) is None:
         errors.append("batch_id: must be a UUID")
+    for name in ("kind", "name"):
+        if len(params.get(name) or "") > LIMITS["filter_chars"]:
+            errors.append(f"{name}: must be at most {LIMITS['filter_chars']} characters")
     if errors:
         raise Invalid(errors)
     return {

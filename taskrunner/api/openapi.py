@@ -1,0 +1,435 @@
+"""The OpenAPI 3.1 document of the API, served at ``GET /openapi.json``.
+
+Request bodies reuse the JSON Schemas that validate them (``validation.SCHEMAS``; OpenAPI
+3.1 schemas are JSON Schema 2020-12), with the case-insensitive enum patterns turned into
+plain enums of the canonical names. ``tests/test_openapi.py`` checks that the paths and
+methods here are exactly the app's routes, and runs schemathesis against the app.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+from taskrunner.api.validation import DEFAULT_PER_PAGE, LIMITS, SCHEMAS, STATUSES
+
+_ENUM_PATTERN = re.compile(r"^\^\(\?i:(.*)\)\$$")
+
+
+def _for_document(schema: Any) -> Any:
+    """A validation schema as documentation: ``^(?i:A|B)$`` -> ``enum: [A, B]`` (any
+    letter case is accepted, the document names the canonical spelling); no ``x-expected``."""
+    if isinstance(schema, list):
+        return [_for_document(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _for_document(v) for k, v in schema.items() if k != "x-expected"}
+    match = _ENUM_PATTERN.match(str(schema.get("pattern", "")))
+    if match and schema.get("type") == "string":
+        del out["pattern"]
+        out["enum"] = match.group(1).split("|")
+    return out
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_STRING = {"type": "string"}
+_INT = {"type": "integer"}
+_TIME = {"type": "string", "format": "date-time"}
+_UUID_OUT = {"type": "string", "format": "uuid"}
+
+
+def _object(properties: dict, optional: tuple[str, ...] = ()) -> dict:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": [k for k in properties if k not in optional],
+    }
+
+
+_SCHEMAS: dict[str, dict] = {
+    "Error": _object(
+        {"error": _STRING, "details": {"type": "array", "items": _STRING}},
+    ),
+    "Rule": {
+        "type": "object",
+        "description": (
+            'A concurrency rule: {"Concurency": {"matcher": {kind, status, fields}, '
+            '"max_concurency": N}} or {"type": "Concurency", "matcher": ..., '
+            '"max_concurency": N}; the spellings Concurrency/max_concurrency are accepted.'
+        ),
+    },
+    "Task": _object(
+        {
+            "id": _UUID_OUT,
+            "local_id": _nullable(_STRING),
+            "batch_id": _UUID_OUT,
+            "requester": _nullable(_STRING),
+            "name": _STRING,
+            "kind": _STRING,
+            "status": {"type": "string", "enum": list(STATUSES)},
+            "status_reason": _nullable(_STRING),
+            "priority": _INT,
+            "timeout": _INT,
+            "metadata": {"type": "object"},
+            "rules": {"type": "array", "items": {"type": "object"}},
+            "success": _INT,
+            "failures": _INT,
+            "failure_reason": _nullable(_STRING),
+            "created_at": _TIME,
+            "started_at": _nullable(_TIME),
+            "ended_at": _nullable(_TIME),
+            "last_updated": _TIME,
+        }
+    ),
+    "Attempt": _object(
+        {
+            "attempt": _INT,
+            "worker": _nullable(_STRING),
+            "started_at": _TIME,
+            "finished_at": _TIME,
+            "status_code": _nullable(_INT),
+            "error": _nullable(_STRING),
+        }
+    ),
+    "Delivery": _object(
+        {
+            "id": _UUID_OUT,
+            "status": {
+                "type": "string",
+                "enum": ["Queued", "InFlight", "Delivered", "Failed", "Canceled", "Expired"],
+            },
+            "attempt_count": _INT,
+            "next_attempt_at": _TIME,
+            "last_status_code": _nullable(_INT),
+            "last_error": _nullable(_STRING),
+            "created_at": _TIME,
+            "finished_at": _nullable(_TIME),
+            "attempts": {"type": "array", "items": _ref("Attempt")},
+        },
+        optional=("attempts",),
+    ),
+    "Action": _object(
+        {
+            "id": _INT,
+            "kind": {"type": "string", "enum": ["Webhook"]},
+            "trigger": {"type": "string", "enum": ["Start", "End", "Cancel"]},
+            "params": _object(
+                {
+                    "url": _STRING,
+                    "verb": {"type": "string", "enum": ["Get", "Post", "Put", "Patch", "Delete"]},
+                    "body": {},
+                    "headers": {"type": "object", "additionalProperties": _STRING},
+                },
+                optional=("body", "headers"),
+            ),
+            "deliveries": {"type": "array", "items": _ref("Delivery")},
+        }
+    ),
+    "TaskDetail": {
+        "allOf": [
+            _ref("Task"),
+            _object(
+                {
+                    "dependencies": {
+                        "type": "array",
+                        "items": _object(
+                            {"id": _UUID_OUT, "requires_success": {"type": "boolean"}}
+                        ),
+                    },
+                    "on_start": _nullable(_ref("Action")),
+                    "on_success": {"type": "array", "items": _ref("Action")},
+                    "on_failure": {"type": "array", "items": _ref("Action")},
+                    "on_cancel": {"type": "array", "items": _ref("Action")},
+                }
+            ),
+        ]
+    },
+    "Accepted": _object({"accepted": _INT}),
+    "TaskBatch": _for_document(SCHEMAS["batch"]),
+    "TaskUpdate": _for_document(SCHEMAS["patch"]),
+    "Counters": _for_document(SCHEMAS["counters"]),
+    "CounterUpdate": _for_document(SCHEMAS["put_item"]),
+    "CounterBatch": _for_document(SCHEMAS["put_batch"]),
+}
+_SCHEMAS["TaskBatch"]["items"]["properties"]["rules"]["items"] = _ref("Rule")
+_BATCH_EXAMPLE = [
+    {
+        "id": "ingest",
+        "name": "Ingest",
+        "kind": "ingest",
+        "metadata": {"tenant": "t1"},
+        "on_start": {
+            "kind": "Webhook",
+            "params": {"url": "http://example.com/start", "verb": "Post"},
+        },
+        "rules": [
+            {
+                "Concurency": {
+                    "matcher": {"kind": "ingest", "status": "Running", "fields": ["tenant"]},
+                    "max_concurency": 2,
+                }
+            }
+        ],
+    },
+    {
+        "id": "report",
+        "name": "Report",
+        "kind": "report",
+        "dependencies": [{"id": "ingest", "requires_success": True}],
+        "on_start": {"kind": "Webhook", "params": {"url": "http://example.com/go", "verb": "Get"}},
+    },
+]
+
+_DESCRIPTIONS = {
+    400: "Bad input; `details` lists every problem as `<field>: <problem>`",
+    401: "`API_TOKEN` is set and the request has no valid `Authorization: Bearer` token",
+    404: "No such task (or delivery); ids that are not UUIDs are 404 too",
+    409: "Illegal transition for the task's current status",
+    413: f"Body larger than {LIMITS['body_bytes']} bytes",
+    415: "Body is not `application/json`",
+    503: "Database unavailable",
+}
+
+
+def _json(schema: dict) -> dict:
+    return {"application/json": {"schema": schema}}
+
+
+def _errors(*codes: int) -> dict:
+    codes = (*codes, 401, 503)
+    return {
+        str(code): {"description": _DESCRIPTIONS[code], "content": _json(_ref("Error"))}
+        for code in sorted(codes)
+    }
+
+
+def _ok(code: int, description: str, schema: dict, **extra: Any) -> dict:
+    return {str(code): {"description": description, "content": _json(schema), **extra}}
+
+
+def _body(schema: dict, description: str = "") -> dict:
+    return {"required": True, "description": description, "content": _json(schema)}
+
+
+_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "A task's UUID",
+    "schema": {"type": "string", "format": "uuid"},
+}
+_TASK_OUT = _ok(200, "The task", _ref("Task"))
+_LINKS = {
+    op: {"operationId": op, "parameters": {"id": "$response.body#/0/id"}}
+    for op in ("getTask", "updateTask", "cancelTask", "pauseTask", "resumeTask", "addTaskCounters")
+}
+
+
+def _query(name: str, schema: dict, description: str) -> dict:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+_PATHS: dict[str, dict] = {
+    "/task": {
+        "post": {
+            "operationId": "createTasks",
+            "summary": "Create a batch of tasks atomically",
+            "parameters": [
+                {
+                    "name": "X-Requester",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "maxLength": LIMITS["requester_chars"]},
+                    "description": "Who asked; recorded on every task of the batch",
+                }
+            ],
+            "requestBody": {
+                **_body(_ref("TaskBatch"), "The tasks; `id` is a local id"),
+                "content": {
+                    "application/json": {"schema": _ref("TaskBatch"), "example": _BATCH_EXAMPLE}
+                },
+            },
+            "responses": {
+                **_ok(
+                    201,
+                    "The created tasks, each with its `local_id`",
+                    {"type": "array", "items": _ref("Task")},
+                    headers={"X-Batch-ID": {"schema": {"type": "string", "format": "uuid"}}},
+                    links=_LINKS,
+                ),
+                "204": {"description": "The dedupe strategy skipped every task"},
+                **_errors(400, 413, 415),
+            },
+        },
+        "get": {
+            "operationId": "listTasks",
+            "summary": "List tasks, newest first",
+            "parameters": [
+                _query(
+                    "page", {"type": "integer", "minimum": 0, "maximum": LIMITS["page"]}, "0-based"
+                ),
+                _query(
+                    "per_page",
+                    {"type": "integer", "minimum": 1, "maximum": LIMITS["per_page"]},
+                    f"page size (default {DEFAULT_PER_PAGE})",
+                ),
+                _query(
+                    "page_size",
+                    {"type": "integer", "minimum": 1, "maximum": LIMITS["per_page"]},
+                    "alias of per_page",
+                ),
+                _query("status", {"type": "string", "enum": list(STATUSES)}, "any letter case"),
+                _query("kind", {"type": "string", "maxLength": LIMITS["filter_chars"]}, "exact"),
+                _query(
+                    "name", {"type": "string", "maxLength": LIMITS["filter_chars"]}, "substring"
+                ),
+                _query("batch_id", {"type": "string", "format": "uuid"}, "one batch"),
+                _query("metadata", {"type": "string"}, "JSON object the metadata must contain"),
+            ],
+            "responses": {
+                **_ok(200, "One page of tasks", {"type": "array", "items": _ref("Task")}),
+                **_errors(400),
+            },
+        },
+        "put": {
+            "operationId": "addCounters",
+            "summary": "Add to tasks' success/failure counters (buffered, flushed every ~100 ms)",
+            "requestBody": _body(
+                {"oneOf": [_ref("CounterUpdate"), _ref("CounterBatch")]},
+                "One update or an array of them",
+            ),
+            "responses": {**_ok(202, "Accepted", _ref("Accepted")), **_errors(400, 413, 415)},
+        },
+    },
+    "/task/{id}": {
+        "parameters": [_ID],
+        "get": {
+            "operationId": "getTask",
+            "summary": "A task with its dependencies, actions, deliveries and attempts",
+            "responses": {**_ok(200, "The task", _ref("TaskDetail")), **_errors(404)},
+        },
+        "patch": {
+            "operationId": "updateTask",
+            "summary": "Report progress or the outcome of a Running task (also a heartbeat)",
+            "requestBody": _body(_ref("TaskUpdate")),
+            "responses": {**_TASK_OUT, **_errors(400, 404, 409, 413, 415)},
+        },
+        "delete": {
+            "operationId": "cancelTask",
+            "summary": "Cancel a task (a Running task's cancel actions fire)",
+            "responses": {**_TASK_OUT, **_errors(404, 409)},
+        },
+        "put": {
+            "operationId": "addTaskCounters",
+            "summary": "Alias of PUT /task for one task",
+            "requestBody": _body(_ref("Counters")),
+            "responses": {**_ok(202, "Accepted", _ref("Accepted")), **_errors(400, 404, 413, 415)},
+        },
+    },
+    "/task/pause/{id}": {
+        "parameters": [_ID],
+        "patch": {
+            "operationId": "pauseTask",
+            "summary": "Waiting/Pending -> Paused",
+            "responses": {**_TASK_OUT, **_errors(404, 409)},
+        },
+    },
+    "/task/resume/{id}": {
+        "parameters": [_ID],
+        "patch": {
+            "operationId": "resumeTask",
+            "summary": "Paused -> Waiting or Pending",
+            "responses": {**_TASK_OUT, **_errors(404, 409)},
+        },
+    },
+    "/delivery/{id}/retry": {
+        "parameters": [{**_ID, "description": "A delivery's UUID"}],
+        "post": {
+            "operationId": "retryDelivery",
+            "summary": "Queue again a webhook delivery that gave up",
+            "responses": {**_ok(200, "The delivery", _ref("Delivery")), **_errors(404, 409)},
+        },
+    },
+    "/metrics": {
+        "get": {
+            "operationId": "metrics",
+            "summary": "Prometheus metrics",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "Prometheus text format",
+                    "content": {"text/plain": {"schema": _STRING}},
+                }
+            },
+        }
+    },
+    "/health": {
+        "get": {
+            "operationId": "health",
+            "summary": "Liveness (never touches the database)",
+            "security": [],
+            "responses": _ok(200, "Alive", _object({"status": {"const": "ok"}})),
+        }
+    },
+    "/ready": {
+        "get": {
+            "operationId": "ready",
+            "summary": "Readiness: the database answers and has the newest migration",
+            "security": [],
+            "responses": {
+                **_ok(
+                    200,
+                    "Ready",
+                    _object({"status": {"const": "ready"}, "migration": _nullable(_STRING)}),
+                ),
+                "503": {"description": "Not ready", "content": _json(_ref("Error"))},
+            },
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "operationId": "openapi",
+            "summary": "This document",
+            "security": [],
+            "responses": _ok(200, "The OpenAPI document", {"type": "object"}),
+        }
+    },
+}
+
+
+def document(version: str = "0.1.0") -> dict:
+    """The OpenAPI document (a fresh copy each call)."""
+    return copy.deepcopy(
+        {
+            "openapi": "3.1.0",
+            "info": {
+                "title": "taskrunner",
+                "version": version,
+                "description": (
+                    "Runs DAGs of webhook tasks on PostgreSQL. Errors are always "
+                    '`{"error": ..., "details": [...]}`. Limits are listed in README.md.'
+                ),
+            },
+            "components": {
+                "schemas": _SCHEMAS,
+                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            },
+            # the token is optional: needed only when the server sets API_TOKEN
+            "security": [{}, {"bearer": []}],
+            "paths": _PATHS,
+        }
+    )
