@@ -171,6 +171,8 @@ class Policy:
 
     def name_problem(self, host: str) -> str | None:
         """Problems visible in the host name alone (no DNS)."""
+        if _parse_ip(host) is not None:
+            return None  # an address literal (an IPv6 one may carry a %zone)
         if not _HOST_CHARS.match(host):
             return f"{host!r} is not a valid host name"
         if host in METADATA_HOSTS:

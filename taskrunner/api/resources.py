@@ -65,6 +65,8 @@ def _requester(req: falcon.Request) -> str | None:
     requester = req.get_header("X-Requester")
     if requester is not None and len(requester) > LIMITS["requester_chars"]:
         raise bad_request([f"X-Requester: must be at most {LIMITS['requester_chars']} characters"])
+    if requester is not None and "\x00" in requester:
+        raise bad_request(["X-Requester: must not contain NUL characters"])
     return requester
 
 

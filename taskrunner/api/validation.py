@@ -630,8 +630,11 @@ def list_filters(params: Mapping[str, str]) -> dict:
     if batch_id is not None and parse_uuid(batch_id) is None:
         errors.append("batch_id: must be a UUID")
     for name in ("kind", "name"):
-        if len(params.get(name) or "") > LIMITS["filter_chars"]:
+        value = params.get(name) or ""
+        if len(value) > LIMITS["filter_chars"]:
             errors.append(f"{name}: must be at most {LIMITS['filter_chars']} characters")
+        elif "\x00" in value:
+            errors.append(f"{name}: must not contain NUL characters")
     if errors:
         raise Invalid(errors)
     return {

@@ -71,7 +71,7 @@ class WebhookResult:
     status_code: int | None = None
     error: str | None = None
     cancel_actions: list[dict[str, Any]] | None = None
-    # False when another attempt cannot help (the SSRF guard refused the URL)
+    # False when another attempt cannot help (the SSRF guard refused the URL, or it is invalid)
     retryable: bool = True
 
 
@@ -116,7 +116,10 @@ async def call(client: httpx.AsyncClient, item: WorkItem, config: Config) -> Web
     try:
         request = build_request(client, item, config.host_url)
     except httpx.InvalidURL as exc:
-        return WebhookResult(ok=False, started_at=started_at, error=f"invalid URL: {exc}")
+        # never sent, and no later attempt can fix it
+        return WebhookResult(
+            ok=False, started_at=started_at, error=f"invalid URL: {exc}", retryable=False
+        )
     try:
         # httpx's timeout is per phase; this bounds the whole exchange, so the claim's
         # lease (2 * webhook_timeout + 10 s) always outlives an attempt.
