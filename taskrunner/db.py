@@ -60,6 +60,14 @@ class DatabaseUnavailable(DomainError):
     status = 503
 
 
+class TransientConflict(DatabaseUnavailable):
+    """A deadlock or serialization failure: PostgreSQL rolled the transaction back, so
+    running it again is safe (``CONFLICT_ATTEMPTS`` times, then it is a 503)."""
+
+
+CONFLICT_ATTEMPTS = 3
+
+
 _BY_SQLSTATE = {"TR400": BadInput, "TR404": TaskNotFound, "TR409": IllegalTransition}
 
 
@@ -75,6 +83,8 @@ def wrap_exceptions() -> Iterator[None]:
             diag = exc.diag
             details = [d for d in (diag.message_detail or "").split("\n") if d]
             raise cls(diag.message_primary or str(exc), details) from exc
+        if isinstance(exc, psycopg.errors.TransactionRollbackError):  # 40001, 40P01
+            raise TransientConflict("database conflict; retry") from exc
         if isinstance(exc, psycopg.OperationalError) or (sqlstate or "").startswith(("08", "57P")):
             raise DatabaseUnavailable("database unavailable") from exc
         raise

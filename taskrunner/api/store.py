@@ -2,6 +2,8 @@
 
 A call that changes tasks runs in one transaction and reads the trigger-counted
 transitions (``take_stats``) before commit; they are recorded in Prometheus after commit.
+A transaction PostgreSQL rolled back for a deadlock or a serialization failure (two
+completions propagating into shared children, say) is run again, a few times.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 import psycopg_pool
 
 from taskrunner import metrics
-from taskrunner.db import QUERIES, wrap_exceptions
+from taskrunner.db import CONFLICT_ATTEMPTS, QUERIES, TransientConflict, wrap_exceptions
 
 
 class Store:
@@ -22,9 +24,15 @@ class Store:
 
     def call(self, name: str, params: dict[str, Any]) -> list[dict]:
         """Run a query that may change tasks; returns its rows."""
-        with wrap_exceptions(), self.pool.connection() as conn, conn.transaction():
-            rows = conn.execute(QUERIES[name], params).fetchall()
-            stats = conn.execute(QUERIES["take_stats"]).fetchone()["stats"]
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                with wrap_exceptions(), self.pool.connection() as conn, conn.transaction():
+                    rows = conn.execute(QUERIES[name], params).fetchall()
+                    stats = conn.execute(QUERIES["take_stats"]).fetchone()["stats"]
+                break
+            except TransientConflict:
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise
         metrics.record_stats(stats)
         return rows
 
