@@ -83,7 +83,7 @@ def wrap_exceptions() -> Iterator[None]:
             diag = exc.diag
             details = [d for d in (diag.message_detail or "").split("\n") if d]
             raise cls(diag.message_primary or str(exc), details) from exc
-        if isinstance(exc, psycopg.errors.TransactionRollbackError):  # 40001, 40P01
+        if isinstance(exc, psycopg.errors.TransactionRollback):  # 40001, 40P01
             raise TransientConflict("database conflict; retry") from exc
         if isinstance(exc, psycopg.OperationalError) or (sqlstate or "").startswith(("08", "57P")):
             raise DatabaseUnavailable("database unavailable") from exc
