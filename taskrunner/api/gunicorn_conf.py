@@ -28,6 +28,9 @@ loglevel = _LEVELS.get(_level, _level)
 # gunicorn >= 24 opens a control socket at one fixed path per user; several API servers on
 # one host (tests, bench, `up`) would fight over it, and we do not use it.
 control_socket_disable = True
+# the longest request line (method + URL) gunicorn accepts: its maximum, so GET /task
+# filters (metadata JSON) have room; longer lines get gunicorn's own 414 page (HTML)
+limit_request_line = 8190
 
 
 def child_exit(server, worker) -> None:

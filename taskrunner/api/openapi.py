@@ -411,6 +411,17 @@ _PATHS: dict[str, dict] = {
 }
 
 
+# gunicorn answers a request line longer than its limit_request_line itself, in HTML
+_URI_TOO_LONG = {
+    "description": "Request line (method + URL) over 8190 bytes; gunicorn's own page",
+    "content": {"text/html": {"schema": _STRING}},
+}
+for _item in _PATHS.values():
+    for _method, _operation in _item.items():
+        if _method != "parameters":
+            _operation["responses"]["414"] = _URI_TOO_LONG
+
+
 def document(version: str = "0.1.0") -> dict:
     """The OpenAPI document (a fresh copy each call)."""
     return copy.deepcopy(
