@@ -54,11 +54,13 @@ def wait_for(
 @dataclass(frozen=True)
 class Reply:
     """How the sink answers one request: ``status`` after ``delay`` seconds, or, with
-    ``close``, drop the connection without any answer."""
+    ``close``, drop the connection without any answer. ``report=False``: a 2xx to a start
+    does not go on to report the outcome (a target too slow to count as started)."""
 
     status: int = 200
     delay: float = 0.0
     close: bool = False
+    report: bool = True
 
 
 class Sink:
@@ -113,7 +115,7 @@ class Sink:
                     self.close_connection = True
                     return
                 started = req["headers"].get("x-task-trigger") == "Start"
-                if started and 200 <= reply.status < 300:
+                if started and reply.report and 200 <= reply.status < 300:
                     threading.Thread(target=sink.on_start, args=(req,), daemon=True).start()
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
@@ -125,11 +127,22 @@ class Sink:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def complete(self, req: dict, status: str = "Success") -> None:
+        """Report the outcome like a careful remote side: retry while the API is out of
+        reach (connection cut, 503) for up to a minute; a 409 means it already counted."""
         handle = req["query"]["handle"][0]
         body = {"status": status}
         if status == "Failure":
             body["failure_reason"] = "sink says no"
-        self.client.patch(handle, json=body)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if self.client.patch(handle, json=body).status_code < 500:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
 
     def starts(self) -> list[dict]:
         with self.lock:
