@@ -73,9 +73,9 @@ CHECKS = [
     response_headers_conformance,
     response_schema_conformance,
 ]
-# Bounded and repeatable: 30 examples per operation and input kind, derandomized.
+# Bounded and repeatable: 25 examples per operation and input kind, derandomized.
 FUZZ_SETTINGS = settings(
-    max_examples=30,
+    max_examples=25,
     derandomize=True,
     deadline=None,
     database=None,
