@@ -73,6 +73,9 @@ def find_pg_bindir() -> Path:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as PostgreSQL binds: connections of a just-stopped server linger in TIME_WAIT,
+        # and without this the restarted cluster would move to another port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
