@@ -55,12 +55,14 @@ def wait_for(
 class Reply:
     """How the sink answers one request: ``status`` after ``delay`` seconds, or, with
     ``close``, drop the connection without any answer. ``report=False``: a 2xx to a start
-    does not go on to report the outcome (a target too slow to count as started)."""
+    does not go on to report the outcome (a target too slow to count as started).
+    ``body``: a JSON body (e.g. the cancel action a start answers with)."""
 
     status: int = 200
     delay: float = 0.0
     close: bool = False
     report: bool = True
+    body: object = None
 
 
 class Sink:
@@ -107,10 +109,13 @@ class Sink:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                payload = b"" if reply.body is None else json.dumps(reply.body).encode()
                 try:
                     self.send_response(reply.status)
-                    self.send_header("Content-Length", "0")
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
+                    self.wfile.write(payload)
                 except OSError:  # the worker gave up waiting (timeout) or died
                     self.close_connection = True
                     return
