@@ -68,6 +68,12 @@ class TransientConflict(DatabaseUnavailable):
 CONFLICT_ATTEMPTS = 3
 
 
+def is_conflict(exc: BaseException) -> bool:
+    """A deadlock (40P01) or serialization failure (40001): SQLSTATE class 40, rolled back.
+    (psycopg's DeadlockDetected is not a TransactionRollback subclass, hence the code.)"""
+    return (getattr(exc, "sqlstate", None) or "").startswith("40")
+
+
 _BY_SQLSTATE = {"TR400": BadInput, "TR404": TaskNotFound, "TR409": IllegalTransition}
 
 
@@ -83,7 +89,7 @@ def wrap_exceptions() -> Iterator[None]:
             diag = exc.diag
             details = [d for d in (diag.message_detail or "").split("\n") if d]
             raise cls(diag.message_primary or str(exc), details) from exc
-        if isinstance(exc, psycopg.errors.TransactionRollback):  # 40001, 40P01
+        if is_conflict(exc):
             raise TransientConflict("database conflict; retry") from exc
         if isinstance(exc, psycopg.OperationalError) or (sqlstate or "").startswith(("08", "57P")):
             raise DatabaseUnavailable("database unavailable") from exc

@@ -18,6 +18,7 @@ from collections import Counter
 
 import httpx
 import pytest
+from conftest import create_batch, task_spec
 from invariants import (
     assert_deliveries_settled,
     assert_final_states,
@@ -35,6 +36,9 @@ from procs import (
     wait_for,
     wait_healthy,
 )
+
+from taskrunner import db
+from taskrunner.api.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -335,3 +339,64 @@ def test_webhook_targets_down_slow_5xx_or_closing(db_url, conn, tmp_path):
     assert problems == 2 * len(FAULTS)
     assert_history_consistent(conn)
     print(f"\ntarget faults: {len(FAULTS)} kinds x (start, end), {settled}")
+
+
+def test_api_reruns_a_transaction_postgres_chose_as_deadlock_victim(db_url, conn):
+    """A completion whose propagation deadlocks with another transaction is run again
+    (it was rolled back whole), not answered with a 503. The deadlock is made on purpose:
+    PATCH(A) holds A and waits for child B; another session holds B and asks for A."""
+    tasks = create_batch(conn, [task_spec("a"), task_spec("b", deps=["a"])])
+    a, b = tasks["a"]["id"], tasks["b"]["id"]
+    conn.execute("SELECT * FROM taskrunner.claim_tasks('w', 1, 60)")
+    pool = db.create_pool(db_url, max_size=2)
+    pool.open(wait=True)
+    result: dict = {}
+
+    def patch_a() -> None:
+        params = {
+            "id": a,
+            "status": "success",
+            "new_success": None,
+            "new_failures": None,
+            "metadata": None,
+            "failure_reason": None,
+        }
+        try:
+            result["row"] = Store(pool).call("update_task", params)[0]
+        except Exception as exc:  # reported below
+            result["error"] = exc
+
+    try:
+        with db.connect(db_url) as other:
+            with other.transaction():
+                other.execute("SELECT 1 FROM taskrunner.task WHERE id = %s FOR UPDATE", (b,))
+                thread = threading.Thread(target=patch_a)
+                thread.start()
+                wait_for(
+                    lambda: (
+                        _count(
+                            conn,
+                            "SELECT count(*) AS n FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                        )
+                        == 1
+                    ),
+                    10,
+                    message="PATCH(A) to wait for B",
+                )
+                # closes the cycle; PATCH(A) waited first, so its backend detects the
+                # deadlock (deadlock_timeout) and is the one rolled back
+                other.execute("SELECT 1 FROM taskrunner.task WHERE id = %s FOR UPDATE", (a,))
+            thread.join(30)
+    finally:
+        pool.close()
+
+    assert "error" not in result, result.get("error")
+    assert result["row"]["status"] == "success"
+    assert (
+        conn.execute("SELECT status::text FROM taskrunner.task WHERE id = %s", (b,)).fetchone()[
+            "status"
+        ]
+        == "pending"
+    )
+    assert_history_consistent(conn)

@@ -21,7 +21,13 @@ import psycopg
 import psycopg_pool
 
 from taskrunner import metrics
-from taskrunner.db import CONFLICT_ATTEMPTS, QUERIES, TransientConflict, wrap_exceptions
+from taskrunner.db import (
+    CONFLICT_ATTEMPTS,
+    QUERIES,
+    TransientConflict,
+    is_conflict,
+    wrap_exceptions,
+)
 
 DOWN_TIMEOUT = 0.5  # seconds to wait for a connection while the database seems down
 
@@ -65,6 +71,6 @@ class Store:
                 self._down = True
                 raise
             except psycopg.OperationalError as exc:
-                if not isinstance(exc, psycopg.errors.TransactionRollbackError):
+                if not is_conflict(exc):
                     self._down = True
                 raise
