@@ -64,6 +64,10 @@ SELECT taskrunner.finish_delivery(%(delivery_id)s::uuid, %(worker)s::text, %(ok)
     %(status_code)s::int, %(error)s::text, %(retry_delay_ms)s::int,
     %(cancel_actions)s::jsonb, %(started_at)s::timestamptz) AS status;
 
+-- name: finish_deliveries
+-- Record many webhook attempts in one call (the worker batches the outcomes of a round).
+SELECT * FROM taskrunner.finish_deliveries(%(worker)s::text, %(results)s::jsonb);
+
 -- name: release_deliveries
 SELECT taskrunner.release_deliveries(%(worker)s::text, %(ids)s::uuid[]) AS released;
 

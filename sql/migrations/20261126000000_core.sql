@@ -884,7 +884,134 @@ LANGUAGE sql AS $$
     JOIN taskrunner.task t ON t.id = l.task_id
 $$;
 
--- Record the outcome of one webhook attempt (see docs/sql.md).
+-- Record the outcomes of webhook attempts, many in one call (see docs/sql.md). Each
+-- element of p_results: {"delivery_id", "ok", "status_code", "error", "retry_delay_ms",
+-- "cancel_actions", "started_at"}. Returns each delivery's new status, 'stale' when our
+-- lease was lost, or 'unknown'. Set-based: a worker records a whole round of webhook
+-- results with a few statements, so the per-statement trigger work is paid once.
+--
+-- Locks: deliveries, then the tasks of starts, each in id order (as add_counters does),
+-- so concurrent callers cannot deadlock.
+CREATE FUNCTION taskrunner.finish_deliveries(p_worker text, p_results jsonb)
+RETURNS TABLE (delivery_id uuid, status text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_out jsonb;
+    v_started jsonb;  -- starts that succeeded: [{task_id, cancel_actions}]
+    v_failed jsonb;   -- starts that gave up: [{task_id, error}]
+    v_queued int;
+BEGIN
+    WITH input AS MATERIALIZED (
+        SELECT DISTINCT ON (id) * FROM (
+            SELECT (r ->> 'delivery_id')::uuid AS id,
+                   coalesce((r ->> 'ok')::boolean, false) AS ok,
+                   (r ->> 'status_code')::int AS status_code,
+                   r ->> 'error' AS error,
+                   (r ->> 'retry_delay_ms')::int AS retry_delay_ms,
+                   nullif(r -> 'cancel_actions', 'null') AS cancel_actions,
+                   (r ->> 'started_at')::timestamptz AS started_at,
+                   ord
+            FROM jsonb_array_elements(p_results) WITH ORDINALITY x(r, ord)) i
+        ORDER BY id, ord
+    ), locked AS MATERIALIZED (
+        SELECT d.id, d.task_id, d.event, d.attempts, d.status, d.worker
+        FROM taskrunner.delivery d
+        WHERE d.id IN (SELECT id FROM input)
+        ORDER BY d.id
+        FOR NO KEY UPDATE
+    ), outcome AS MATERIALIZED (
+        -- a delivery that is no longer in flight for us: the lease ran out and it moved
+        -- on without us (tick() recorded our attempt as expired; another worker may own
+        -- the current one), so nothing changes
+        SELECT i.*, l.task_id, l.event, l.attempts,
+               CASE WHEN l.id IS NULL THEN 'unknown'
+                    WHEN l.status <> 'in_flight' OR l.worker IS DISTINCT FROM p_worker THEN 'stale'
+                    WHEN i.ok THEN 'delivered'
+                    WHEN i.retry_delay_ms IS NOT NULL THEN 'queued'
+                    ELSE 'failed' END AS result
+        FROM input i LEFT JOIN locked l ON l.id = i.id
+    ), new_attempts AS (
+        INSERT INTO taskrunner.delivery_attempt (delivery_id, attempt, worker, started_at,
+                                                 status_code, error)
+        SELECT o.id, o.attempts, p_worker, coalesce(o.started_at, now()), o.status_code,
+               CASE WHEN o.ok THEN NULL ELSE coalesce(o.error, 'failed') END
+        FROM outcome o WHERE o.result NOT IN ('unknown', 'stale')
+    ), moved AS (
+        UPDATE taskrunner.delivery d
+        SET status = o.result::taskrunner.delivery_status,
+            lease_until = NULL,
+            last_status_code = o.status_code,
+            last_error = CASE WHEN o.ok THEN NULL ELSE coalesce(o.error, 'failed') END,
+            next_attempt_at = CASE WHEN o.result = 'queued'
+                                   THEN now() + make_interval(secs => o.retry_delay_ms / 1000.0)
+                                   ELSE d.next_attempt_at END,
+            finished_at = CASE WHEN o.result = 'queued' THEN NULL ELSE now() END
+        FROM outcome o
+        WHERE d.id = o.id AND o.result NOT IN ('unknown', 'stale')
+    )
+    SELECT jsonb_agg(jsonb_build_object('delivery_id', o.id, 'status', o.result) ORDER BY o.ord),
+           jsonb_agg(jsonb_build_object('task_id', o.task_id, 'cancel_actions', o.cancel_actions))
+               FILTER (WHERE o.event = 'start' AND o.result = 'delivered'),
+           jsonb_agg(jsonb_build_object('task_id', o.task_id,
+                                        'error', coalesce(o.error, 'failed')))
+               FILTER (WHERE o.event = 'start' AND o.result = 'failed')
+    INTO v_out, v_started, v_failed
+    FROM outcome o;
+
+    IF v_started IS NOT NULL OR v_failed IS NOT NULL THEN
+        PERFORM 1 FROM taskrunner.task
+        WHERE id IN (SELECT (e ->> 'task_id')::uuid
+                     FROM jsonb_array_elements(coalesce(v_started, '[]') || coalesce(v_failed, '[]')) e)
+        ORDER BY id
+        FOR NO KEY UPDATE;
+    END IF;
+
+    IF v_failed IS NOT NULL THEN
+        -- a start that gave up fails its task (never overriding an end reached meanwhile)
+        UPDATE taskrunner.task t
+        SET status = 'failure', failure_reason = format('start webhook failed: %s', f ->> 'error')
+        FROM jsonb_array_elements(v_failed) f
+        WHERE t.id = (f ->> 'task_id')::uuid AND t.status = 'running' AND t.started_at IS NULL;
+    END IF;
+
+    IF v_started IS NOT NULL THEN
+        -- Started. Register the cancel actions the targets answered with.
+        INSERT INTO taskrunner.action (task_id, event, url, verb, body, headers)
+        SELECT (s ->> 'task_id')::uuid, 'cancel', a ->> 'url',
+               upper(coalesce(a ->> 'verb', 'POST')), a -> 'body', coalesce(a -> 'headers', '{}')
+        FROM jsonb_array_elements(v_started) s
+        CROSS JOIN LATERAL jsonb_array_elements(
+            CASE WHEN jsonb_typeof(s -> 'cancel_actions') = 'array'
+                 THEN s -> 'cancel_actions' ELSE '[]' END) a;
+
+        UPDATE taskrunner.task t SET started_at = now(), last_updated = now()
+        WHERE t.id IN (SELECT (s ->> 'task_id')::uuid FROM jsonb_array_elements(v_started) s)
+          AND t.status = 'running' AND t.started_at IS NULL;
+
+        -- canceled while the start was in flight: the target did start it, so tell it
+        -- to cancel with the actions it just gave us
+        INSERT INTO taskrunner.delivery (action_id, task_id, event)
+        SELECT a.id, a.task_id, 'cancel'
+        FROM taskrunner.action a
+        JOIN taskrunner.task t ON t.id = a.task_id AND t.status = 'canceled'
+        WHERE a.task_id IN (SELECT (s ->> 'task_id')::uuid FROM jsonb_array_elements(v_started) s
+                            WHERE CASE WHEN jsonb_typeof(s -> 'cancel_actions') = 'array'
+                                       THEN jsonb_array_length(s -> 'cancel_actions') > 0 END)
+          AND a.event = 'cancel'
+          AND NOT EXISTS (SELECT 1 FROM taskrunner.delivery x WHERE x.action_id = a.id);
+        GET DIAGNOSTICS v_queued = ROW_COUNT;
+        IF v_queued > 0 THEN
+            PERFORM pg_notify('taskrunner_delivery', '');
+        END IF;
+    END IF;
+
+    RETURN QUERY
+    SELECT (o ->> 'delivery_id')::uuid, o ->> 'status'
+    FROM jsonb_array_elements(coalesce(v_out, '[]')) o;
+END $$;
+
+-- Record the outcome of one webhook attempt: finish_deliveries for a single result.
 CREATE FUNCTION taskrunner.finish_delivery(p_id uuid, p_worker text, p_ok boolean,
                                            p_status_code int DEFAULT NULL,
                                            p_error text DEFAULT NULL,
@@ -892,81 +1019,64 @@ CREATE FUNCTION taskrunner.finish_delivery(p_id uuid, p_worker text, p_ok boolea
                                            p_cancel_actions jsonb DEFAULT NULL,
                                            p_started_at timestamptz DEFAULT NULL)
 RETURNS text
+LANGUAGE sql AS $$
+    SELECT f.status FROM taskrunner.finish_deliveries(p_worker, jsonb_build_array(
+        jsonb_build_object('delivery_id', p_id, 'ok', p_ok, 'status_code', p_status_code,
+                           'error', p_error, 'retry_delay_ms', p_retry_delay_ms,
+                           'cancel_actions', p_cancel_actions, 'started_at', p_started_at))) f
+$$;
+
+-- The outcome of many running tasks at once: the batch form of PATCH /task/{id} with a
+-- status. Each element of p_results: {"task_id", "status": "success"|"failure",
+-- "failure_reason"} (required for failure). A task that is not running is left alone
+-- (completed = false). Rows are locked in id order; one UPDATE moves them all, so the
+-- history, outbox, propagation and wake-up run once for the batch.
+CREATE FUNCTION taskrunner.complete_tasks(p_results jsonb)
+RETURNS TABLE (task_id uuid, completed boolean, status taskrunner.task_status)
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
-    d taskrunner.delivery;
-    v_task taskrunner.task;
-    v_new_status taskrunner.delivery_status;
-    v_queued int;
+    v_bad text;
 BEGIN
-    SELECT * INTO d FROM taskrunner.delivery WHERE id = p_id FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        RETURN 'unknown';
+    SELECT string_agg(format('[%s]: %s', ord - 1, problem), E'\n') INTO v_bad
+    FROM (SELECT ord, CASE
+                 WHEN r ->> 'task_id' IS NULL THEN 'task_id: required'
+                 WHEN coalesce(r ->> 'status', '') NOT IN ('success', 'failure')
+                     THEN 'status: must be success or failure'
+                 WHEN r ->> 'status' = 'failure' AND r ->> 'failure_reason' IS NULL
+                     THEN 'failure_reason: required when status is failure'
+                 END AS problem
+          FROM jsonb_array_elements(p_results) WITH ORDINALITY x(r, ord)) p
+    WHERE problem IS NOT NULL;
+    IF v_bad IS NOT NULL THEN
+        PERFORM taskrunner._raise('TR400', 'invalid results', v_bad);
     END IF;
 
-    IF d.status <> 'in_flight' OR d.worker IS DISTINCT FROM p_worker THEN
-        -- the lease ran out and the delivery moved on without us (tick() recorded our
-        -- attempt as expired; another worker may own the current one): change nothing
-        RETURN 'stale';
-    END IF;
-
-    INSERT INTO taskrunner.delivery_attempt (delivery_id, attempt, worker, started_at,
-                                             status_code, error)
-    VALUES (p_id, d.attempts, p_worker, coalesce(p_started_at, now()), p_status_code,
-            CASE WHEN p_ok THEN NULL ELSE coalesce(p_error, 'failed') END);
-
-    v_new_status := CASE WHEN p_ok THEN 'delivered'
-                         WHEN p_retry_delay_ms IS NOT NULL THEN 'queued'
-                         ELSE 'failed' END;
-    UPDATE taskrunner.delivery
-    SET status = v_new_status,
-        lease_until = NULL,
-        last_status_code = p_status_code,
-        last_error = CASE WHEN p_ok THEN NULL ELSE coalesce(p_error, 'failed') END,
-        next_attempt_at = CASE WHEN v_new_status = 'queued'
-                               THEN now() + make_interval(secs => p_retry_delay_ms / 1000.0)
-                               ELSE next_attempt_at END,
-        finished_at = CASE WHEN v_new_status = 'queued' THEN NULL ELSE now() END
-    WHERE id = p_id;
-
-    IF d.event <> 'start' OR v_new_status = 'queued' THEN
-        RETURN v_new_status;
-    END IF;
-
-    SELECT * INTO v_task FROM taskrunner.task WHERE id = d.task_id FOR NO KEY UPDATE;
-    IF v_new_status = 'failed' THEN
-        -- a start that gave up fails its task (never overriding an end reached meanwhile)
-        IF v_task.status = 'running' AND v_task.started_at IS NULL THEN
-            UPDATE taskrunner.task
-            SET status = 'failure',
-                failure_reason = format('start webhook failed: %s', coalesce(p_error, 'failed'))
-            WHERE id = d.task_id;
-        END IF;
-        RETURN v_new_status;
-    END IF;
-
-    -- Started. Register the cancel actions the target answered with.
-    INSERT INTO taskrunner.action (task_id, event, url, verb, body, headers)
-    SELECT d.task_id, 'cancel', a ->> 'url', upper(coalesce(a ->> 'verb', 'POST')), a -> 'body',
-           coalesce(a -> 'headers', '{}')
-    FROM jsonb_array_elements(coalesce(p_cancel_actions, '[]')) a;
-    IF v_task.status = 'running' THEN
-        UPDATE taskrunner.task SET started_at = now(), last_updated = now()
-        WHERE id = d.task_id AND started_at IS NULL;
-    ELSIF v_task.status = 'canceled' AND p_cancel_actions IS NOT NULL
-          AND jsonb_array_length(p_cancel_actions) > 0 THEN
-        -- canceled while the start was in flight: the target did start it, so tell it
-        -- to cancel with the actions it just gave us
-        INSERT INTO taskrunner.delivery (action_id, task_id, event)
-        SELECT a.id, a.task_id, 'cancel' FROM taskrunner.action a
-        WHERE a.task_id = d.task_id AND a.event = 'cancel'
-          AND NOT EXISTS (SELECT 1 FROM taskrunner.delivery x WHERE x.action_id = a.id);
-        GET DIAGNOSTICS v_queued = ROW_COUNT;
-        IF v_queued > 0 THEN
-            PERFORM pg_notify('taskrunner_delivery', '');
-        END IF;
-    END IF;
-    RETURN v_new_status;
+    RETURN QUERY
+    WITH input AS MATERIALIZED (
+        SELECT DISTINCT ON (id) * FROM (
+            SELECT (r ->> 'task_id')::uuid AS id, (r ->> 'status')::taskrunner.task_status AS to_status,
+                   r ->> 'failure_reason' AS reason, ord
+            FROM jsonb_array_elements(p_results) WITH ORDINALITY x(r, ord)) i
+        ORDER BY id, ord
+    ), locked AS MATERIALIZED (
+        SELECT t.id FROM taskrunner.task t WHERE t.id IN (SELECT id FROM input)
+        ORDER BY t.id FOR NO KEY UPDATE
+    ), done AS (
+        UPDATE taskrunner.task t
+        SET status = i.to_status,
+            failure_reason = CASE WHEN i.to_status = 'failure' THEN i.reason END,
+            status_reason = format('reported %s', i.to_status),
+            last_updated = now()
+        FROM input i, locked l
+        WHERE t.id = i.id AND l.id = i.id AND t.status = 'running'
+        RETURNING t.id, t.status
+    )
+    SELECT i.id, d.id IS NOT NULL, coalesce(d.status, t.status)
+    FROM input i
+    LEFT JOIN done d ON d.id = i.id
+    LEFT JOIN taskrunner.task t ON t.id = i.id
+    ORDER BY i.ord;
 END $$;
 
 -- Put leased deliveries back (a worker shutting down): the task of a start goes back to

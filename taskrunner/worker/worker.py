@@ -1,7 +1,7 @@
 """The worker: claims ready work from PostgreSQL and runs webhooks concurrently.
 
 All state lives in the database; this loop only moves work between the SQL functions
-(``claim_tasks``, ``claim_deliveries``, ``finish_delivery``, ``release_deliveries``,
+(``claim_tasks``, ``claim_deliveries``, ``finish_deliveries``, ``release_deliveries``,
 ``tick``) and the HTTP client (``webhooks``). It wakes on NOTIFY (one dedicated LISTEN
 connection), on a freed slot, on a retry it scheduled falling due, or on the poll timeout,
 so a lost notification only costs latency. A database outage is logged and retried,
@@ -75,6 +75,9 @@ class Worker:
         self._next_retry: float | None = None  # loop time when a retry we scheduled is due
         self._next_tick = 0.0
         self._tasks_first = True
+        # webhook outcomes waiting to be recorded, and the task recording them (_finish)
+        self._outcomes: list[tuple[dict[str, Any], asyncio.Future[str]]] = []
+        self._recorder: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
         """Stop claiming and shut down gracefully; safe from any thread or a signal."""
@@ -227,21 +230,21 @@ class Worker:
     async def _record(
         self, item: WorkItem, result: WebhookResult, delay_ms: int | None, deadline: float
     ) -> None:
-        """finish_delivery, retried through a database outage until the lease runs out."""
-        params = {
-            "delivery_id": item.delivery_id,
-            "worker": self.worker_id,
+        """Record the attempt (batched with others, see ``_finish``), retried through a
+        database outage until the lease runs out."""
+        outcome = {
+            "delivery_id": str(item.delivery_id),
             "ok": result.ok,
             "status_code": result.status_code,
             "error": result.error,
             "retry_delay_ms": delay_ms,
-            "cancel_actions": Jsonb(result.cancel_actions) if result.cancel_actions else None,
-            "started_at": result.started_at,
+            "cancel_actions": result.cancel_actions or None,
+            "started_at": result.started_at.isoformat(),
         }
         backoff = Backoff()
         while True:
             try:
-                rows = await self._call("finish_delivery", params)
+                status = await self._finish(outcome)
                 break
             except DatabaseUnavailable as exc:
                 if asyncio.get_running_loop().time() + backoff.delay > deadline:
@@ -253,10 +256,42 @@ class Worker:
                     return
                 await asyncio.sleep(backoff.next())
         self._unrecorded.discard(item.delivery_id)
-        if rows[0]["status"] == "stale":
+        if status == "stale":
             log.info("delivery %s: lease lost before recording", item.delivery_id)
         if delay_ms is not None:
             self._retry_due(delay_ms / 1000)
+
+    async def _finish(self, outcome: dict[str, Any]) -> str:
+        """Queue one outcome for ``finish_deliveries``; returns the delivery's new status.
+
+        Group commit: the first outcome starts a recorder, which writes everything queued
+        in one call; outcomes that arrive while that call runs go together in the next.
+        An idle worker records at once, a busy one pays one statement per round of
+        results instead of one per webhook.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._outcomes.append((outcome, future))
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.create_task(self._record_outcomes())
+        return await future
+
+    async def _record_outcomes(self) -> None:
+        while self._outcomes:
+            batch, self._outcomes = self._outcomes, []
+            try:
+                rows = await self._call(
+                    "finish_deliveries",
+                    {"worker": self.worker_id, "results": Jsonb([o for o, _ in batch])},
+                )
+            except Exception as exc:  # each caller decides (retry through an outage)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            statuses = {str(r["delivery_id"]): r["status"] for r in rows}
+            for outcome, future in batch:
+                if not future.done():
+                    future.set_result(statuses.get(outcome["delivery_id"], "unknown"))
 
     def _retry_due(self, seconds: float) -> None:
         due = asyncio.get_running_loop().time() + seconds

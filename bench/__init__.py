@@ -1,0 +1,1 @@
+"""The performance bench: ``python -m bench`` (see docs/performance.md)."""

@@ -1,0 +1,474 @@
+"""The baselines and scenarios S1-S7. Each returns a dict of figures; ``report`` checks them
+against the targets. Sizes come from a ``Sizes`` (full or ``--quick``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+
+from bench.env import (
+    HttpConnection,
+    Service,
+    Sink,
+    api_task,
+    connect,
+    dumps,
+    hammer,
+    reset,
+    wait_for,
+)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    pgbench_scale: int = 10
+    pgbench_seconds: int = 20
+    health_seconds: float = 5.0
+    chain: int = 200
+    s2_tasks: int = 10_000
+    s2_batch: int = 1_000
+    s3_tasks: int = 20_000
+    s3_batch: int = 32
+    s4_groups: int = 100
+    s4_small: int = 1_000
+    s4_large: int = 100_000
+    s4_claims: int = 200
+    s5_batches: int = 10
+    s5_batch: int = 1_000
+    s6_clients: int = 8
+    s6_requests: int = 1_500  # per client
+    s7_tasks: int = 5_000
+    s7_workers: tuple[int, ...] = (1, 2, 4)
+
+
+QUICK = Sizes(
+    pgbench_scale=1,
+    pgbench_seconds=2,
+    health_seconds=1.0,
+    chain=10,
+    s2_tasks=200,
+    s2_batch=100,
+    s3_tasks=400,
+    s4_groups=5,
+    s4_small=50,
+    s4_large=500,
+    s4_claims=10,
+    s5_batches=2,
+    s5_batch=100,
+    s6_requests=50,
+    s7_tasks=100,
+    s7_workers=(1, 2),
+)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+# --- baselines ------------------------------------------------------------------------
+
+
+def pgbench_tps(db_url: str, sizes: Sizes) -> dict:
+    """``pgbench -N`` (simple updates, the closest to our write pattern), 4 clients."""
+    subprocess.run(
+        ["pgbench", "-i", "-q", "-s", str(sizes.pgbench_scale), "-d", db_url],
+        check=True,
+        capture_output=True,
+    )
+    out = subprocess.run(
+        ["pgbench", "-N", "-c", "4", "-j", "2", "-T", str(sizes.pgbench_seconds), "-d", db_url],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    tps = next(
+        float(line.split("=")[1].split()[0]) for line in out.splitlines() if line.startswith("tps")
+    )
+    with connect(db_url) as conn:
+        conn.execute(
+            "DROP TABLE pgbench_accounts, pgbench_branches, pgbench_history, pgbench_tellers"
+        )
+    return {"tps": round(tps, 1), "clients": 4, "seconds": sizes.pgbench_seconds}
+
+
+def health_rate(service: Service, sizes: Sizes, clients: int) -> dict:
+    """``GET /health`` requests/s from the same client code and concurrency as S6."""
+    done, elapsed, errors = asyncio.run(
+        hammer(
+            service.port,
+            clients,
+            lambda c, n: ("GET", "/health", None),
+            seconds=sizes.health_seconds,
+        )
+    )
+    return {"rps": round(done / elapsed, 1), "clients": clients, "errors": len(errors)}
+
+
+# --- S1: hop latency ------------------------------------------------------------------
+
+
+def s1_hop_latency(db_url: str, service: Service, sink: Sink, sizes: Sizes) -> dict:
+    """A chain; the sink completes each task when its start arrives. Per hop: from the
+    parent's PATCH response at the sink to the child's start webhook at the sink
+    (``sink_ms``), and from the parent's running->success history row to the worker
+    sending the child's start (``engine_ms``, database and worker clocks)."""
+    reset(db_url)
+    service.start_workers(1)
+    n = sizes.chain
+    tasks = [api_task("t0", sink.url)]
+    tasks += [
+        api_task(f"t{i}", sink.url, dependencies=[{"id": f"t{i - 1}", "requires_success": True}])
+        for i in range(1, n)
+    ]
+    sink.expect(n)
+    ids = asyncio.run(_post(service.port, tasks))
+    with connect(db_url) as conn:
+        wait_for(
+            lambda: conn.execute(
+                "SELECT status = 'success' AS done FROM taskrunner.task WHERE id = %s", (ids[-1],)
+            ).fetchone()["done"],
+            60 + n * 0.5,
+            "the end of S1's chain",
+        )
+        sink.wait_done(5)  # the last PATCH response
+        sink_ms = [
+            (sink.started[ids[i]] - sink.completed[ids[i - 1]]) * 1000
+            for i in range(1, n)
+            if ids[i] in sink.started and ids[i - 1] in sink.completed
+        ]
+        rows = conn.execute(
+            """
+            SELECT extract(epoch FROM a.started_at - h.at) * 1000 AS ms
+            FROM unnest(%(parents)s::uuid[], %(children)s::uuid[]) e(parent, child)
+            JOIN taskrunner.task_history h ON h.task_id = e.parent AND h.to_status = 'success'
+            JOIN taskrunner.delivery d ON d.task_id = e.child AND d.event = 'start'
+            JOIN taskrunner.delivery_attempt a ON a.delivery_id = d.id AND a.attempt = 1
+            """,
+            {"parents": ids[:-1], "children": ids[1:]},
+        ).fetchall()
+    engine_ms = [float(r["ms"]) for r in rows]
+    service.stop_workers()
+    return {
+        "hops": len(sink_ms),
+        "failed_patches": len(sink.failed_patches),
+        "median_ms": round(statistics.median(sink_ms), 2),
+        "p99_ms": round(percentile(sink_ms, 99), 2),
+        "max_ms": round(max(sink_ms), 2),
+        "engine_median_ms": round(statistics.median(engine_ms), 2) if engine_ms else None,
+        "engine_p99_ms": round(percentile(engine_ms, 99), 2) if engine_ms else None,
+    }
+
+
+async def _post(port: int, tasks: list[dict]) -> list[str]:
+    """POST one batch; returns the created task ids in input order."""
+    conn = HttpConnection("127.0.0.1", port)
+    status, body = await conn.request("POST", "/task", dumps(tasks))
+    conn.close()
+    if status != 201:
+        raise RuntimeError(f"POST /task: {status} {body[:300]!r}")
+    return [t["id"] for t in json.loads(body)]
+
+
+# --- S2 / S7: end-to-end throughput ---------------------------------------------------
+
+
+def s2_throughput(
+    db_url: str, service: Service, sink: Sink, tasks: int, batch: int, workers: int
+) -> dict:
+    """Independent tasks POSTed in batches while the workers run them; the sink completes
+    each. Tasks/s from the first POST to the last Success, both on the database's clock
+    (``clock_timestamp()`` before the first POST, the newest running->success history row),
+    polled every 50 ms."""
+    reset(db_url)
+    service.start_workers(workers)
+    sink.expect(tasks)
+    batches = [
+        [api_task(f"t{b}-{i}", sink.url) for i in range(min(batch, tasks - b))]
+        for b in range(0, tasks, batch)
+    ]
+    with connect(db_url) as conn:
+        start = conn.execute("SELECT clock_timestamp() AS t").fetchone()["t"]
+        for payload in batches:
+            asyncio.run(_post(service.port, payload))
+        posted = conn.execute("SELECT clock_timestamp() AS t").fetchone()["t"]
+
+        def successes() -> int:
+            return conn.execute(
+                "SELECT count(*) AS n FROM taskrunner.task WHERE status = 'success'"
+            ).fetchone()["n"]
+
+        try:
+            wait_for(lambda: successes() >= tasks, 120 + tasks / 50, "S2's successes")
+        finally:
+            service.stop_workers()
+        end = conn.execute(
+            "SELECT max(at) AS t FROM taskrunner.task_history WHERE to_status = 'success'"
+        ).fetchone()["t"]
+        done = successes()
+    seconds = (end - start).total_seconds()
+    return {
+        "tasks": tasks,
+        "workers": workers,
+        "seconds": round(seconds, 3),
+        "tasks_per_s": round(tasks / seconds, 1),
+        "create_seconds": round((posted - start).total_seconds(), 3),
+        "successes": done,
+        "failed_patches": len(sink.failed_patches),
+        "failed_patch_examples": [str(x) for x in sink.failed_patches[:3]],
+    }
+
+
+# --- S3: engine throughput without HTTP -----------------------------------------------
+
+
+def _sql_tasks(n: int, *, kind: str = "bench", **extra) -> list[dict]:
+    """Normalised create_batch entries (see docs/sql.md) with one start webhook each."""
+    return [
+        {
+            "local_id": str(i),
+            "name": f"bench {i}",
+            "kind": kind,
+            "actions": [{"event": "start", "url": "http://127.0.0.1:9/hook", "verb": "POST"}],
+            **extra,
+        }
+        for i in range(n)
+    ]
+
+
+def _create_sql(db_url: str, specs: list[dict], chunk: int = 10_000) -> None:
+    with connect(db_url) as conn:
+        for i in range(0, len(specs), chunk):
+            conn.execute(
+                "SELECT count(*) FROM taskrunner.create_batch(%s::jsonb, 'bench')",
+                (json.dumps(specs[i : i + chunk]),),
+            )
+        conn.execute("ANALYZE taskrunner.task")
+
+
+def s3_engine(db_url: str, sizes: Sizes, connections: int = 4) -> dict:
+    """claim_tasks -> finish_deliveries (start recorded) -> complete_tasks, in batches,
+    from ``connections`` connections; tasks/s through the whole cycle."""
+    reset(db_url)
+    _create_sql(db_url, _sql_tasks(sizes.s3_tasks))
+    done = [0] * connections
+    errors: list[BaseException] = []
+
+    def run(c: int) -> None:
+        worker = f"bench-{c}"
+        try:
+            with connect(db_url) as conn:
+                while True:
+                    items = conn.execute(
+                        "SELECT * FROM taskrunner.claim_tasks(%s, %s, 60)",
+                        (worker, sizes.s3_batch),
+                    ).fetchall()
+                    if not items:
+                        return
+                    results = [
+                        {"delivery_id": str(r["delivery_id"]), "ok": True, "status_code": 200}
+                        for r in items
+                    ]
+                    conn.execute(
+                        "SELECT * FROM taskrunner.finish_deliveries(%s, %s::jsonb)",
+                        (worker, json.dumps(results)),
+                    ).fetchall()
+                    outcomes = [{"task_id": str(r["task_id"]), "status": "success"} for r in items]
+                    conn.execute(
+                        "SELECT * FROM taskrunner.complete_tasks(%s::jsonb)",
+                        (json.dumps(outcomes),),
+                    ).fetchall()
+                    done[c] += len(items)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(connections)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    with connect(db_url) as conn:
+        successes = conn.execute(
+            "SELECT count(*) AS n FROM taskrunner.task WHERE status = 'success'"
+        ).fetchone()["n"]
+    return {
+        "tasks": sum(done),
+        "connections": connections,
+        "batch": sizes.s3_batch,
+        "seconds": round(elapsed, 3),
+        "tasks_per_s": round(sum(done) / elapsed, 1),
+        "successes": successes,
+    }
+
+
+# --- S4: blocked backlog --------------------------------------------------------------
+
+
+def s4_blocked_backlog(db_url: str, sizes: Sizes) -> dict:
+    """Claim latency with many pending tasks held back by saturated rules: ``groups``
+    admission groups each with a running task that fills its rule (max 1), and the
+    backlog spread over them; each measured claim takes one ready rule-less task."""
+    small = _claim_latency(db_url, sizes, sizes.s4_small)
+    large = _claim_latency(db_url, sizes, sizes.s4_large)
+    return {
+        "groups": sizes.s4_groups,
+        "small_backlog": sizes.s4_small,
+        "large_backlog": sizes.s4_large,
+        "small_median_ms": round(small, 3),
+        "large_median_ms": round(large, 3),
+        "ratio": round(large / small, 3),
+    }
+
+
+def _claim_latency(db_url: str, sizes: Sizes, backlog: int) -> float:
+    reset(db_url)
+    rule = {"kind": "blocked", "status": "running", "fields": ["group"], "max": 1}
+    groups = sizes.s4_groups
+    holders = [
+        {**spec, "metadata": {"group": g}, "rules": [rule]}
+        for g, spec in enumerate(_sql_tasks(groups, kind="blocked"))
+    ]
+    _create_sql(db_url, holders)
+    with connect(db_url) as conn:  # the holders start: every group is now saturated
+        conn.execute("SELECT count(*) FROM taskrunner.claim_tasks('holder', %s, 3600)", (groups,))
+    blocked = [
+        {**spec, "metadata": {"group": i % groups}, "rules": [rule]}
+        for i, spec in enumerate(_sql_tasks(backlog, kind="blocked"))
+    ]
+    _create_sql(db_url, blocked)
+    _create_sql(db_url, _sql_tasks(sizes.s4_claims + 20, kind="free"))
+    with connect(db_url) as conn:
+        conn.execute("VACUUM ANALYZE taskrunner.task")
+        for _ in range(10):  # warm up
+            conn.execute("SELECT count(*) FROM taskrunner.claim_tasks('warm', 1, 60)")
+        times = []
+        for _ in range(sizes.s4_claims):
+            start = time.perf_counter()
+            n = conn.execute(
+                "SELECT count(*) AS n FROM taskrunner.claim_tasks('bench', 1, 60)"
+            ).fetchone()["n"]
+            times.append(time.perf_counter() - start)
+            if n != 1:
+                raise RuntimeError(f"S4: a claim returned {n} tasks, expected 1")
+        pending = conn.execute(
+            "SELECT count(*) AS n FROM taskrunner.task"
+            " WHERE status = 'pending' AND kind = 'blocked'"
+        ).fetchone()["n"]
+    if pending != backlog:
+        raise RuntimeError(f"S4: {pending} blocked tasks pending, expected {backlog}")
+    return statistics.median(times) * 1000
+
+
+# --- S5: creation ---------------------------------------------------------------------
+
+
+def s5_creation(service: Service, sizes: Sizes, db_url: str, clients: int = 2) -> dict:
+    """POST /task with batches that include dependencies (a binary tree) and a rule."""
+    reset(db_url)
+    rule = {
+        "Concurency": {
+            "matcher": {"kind": "create", "status": "Running", "fields": ["tenant"]},
+            "max_concurency": 5,
+        }
+    }
+
+    def batch() -> bytes:
+        tasks = []
+        for i in range(sizes.s5_batch):
+            task = api_task(
+                f"t{i}",
+                "http://127.0.0.1:9/hook",
+                kind="create",
+                metadata={"tenant": f"t{i % 10}", "n": i},
+                rules=[rule],
+            )
+            if i:
+                task["dependencies"] = [{"id": f"t{(i - 1) // 2}", "requires_success": True}]
+            tasks.append(task)
+        return dumps(tasks)
+
+    payloads = [batch() for _ in range(sizes.s5_batches)]
+    per_client = -(-sizes.s5_batches // clients)
+    done, elapsed, errors = asyncio.run(
+        hammer(
+            service.port,
+            clients,
+            lambda c, n: ("POST", "/task", payloads[(c * per_client + n) % len(payloads)]),
+            requests_per_client=per_client,
+        )
+    )
+    if errors:
+        raise RuntimeError(f"S5: POST /task answered {errors[:5]}")
+    tasks = done * sizes.s5_batch
+    return {
+        "tasks": tasks,
+        "batch": sizes.s5_batch,
+        "clients": clients,
+        "seconds": round(elapsed, 3),
+        "tasks_per_s": round(tasks / elapsed, 1),
+    }
+
+
+# --- S6: counters ---------------------------------------------------------------------
+
+
+def s6_counters(service: Service, sizes: Sizes, db_url: str) -> dict:
+    """PUT /task from concurrent clients, one increment each, to 100 running tasks; then
+    the sums in the database must equal what was sent."""
+    reset(db_url)
+    specs = _sql_tasks(100, kind="counted")
+    _create_sql(db_url, specs)
+    with connect(db_url) as conn:
+        ids = [
+            str(r["task_id"])
+            for r in conn.execute("SELECT * FROM taskrunner.claim_tasks('bench', 100, 3600)")
+        ]
+    expected = {t: [0, 0] for t in ids}
+    rng = random.Random(4)
+
+    def make(c: int, n: int) -> tuple[str, str, bytes]:
+        task_id = rng.choice(ids)
+        success, failures = rng.randint(0, 5), rng.randint(0, 2)
+        expected[task_id][0] += success
+        expected[task_id][1] += failures
+        body = {"task_id": task_id, "new_success": success, "new_failures": failures}
+        return "PUT", "/task", dumps(body)
+
+    done, elapsed, errors = asyncio.run(
+        hammer(service.port, sizes.s6_clients, make, requests_per_client=sizes.s6_requests)
+    )
+
+    def sums_match() -> bool:
+        with connect(db_url) as conn:
+            rows = conn.execute(
+                "SELECT id::text, success, failures FROM taskrunner.task"
+                " WHERE id = ANY(%s::uuid[])",
+                (ids,),
+            ).fetchall()
+        return all([r["success"], r["failures"]] == expected[r["id"]] for r in rows)
+
+    try:
+        exact = bool(wait_for(sums_match, 10, "the counter sums"))
+    except TimeoutError:
+        exact = False
+    return {
+        "requests": done,
+        "clients": sizes.s6_clients,
+        "seconds": round(elapsed, 3),
+        "rps": round(done / elapsed, 1),
+        "errors": len(errors),
+        "exact_sums": exact,
+    }
