@@ -100,9 +100,10 @@ class Remote:
     def __init__(self, base: str) -> None:
         self.base = base
         # no keep-alive: a request racing the server's idle close could not be retried
-        # safely (counters would double), and a real client would retry
+        # safely (counters would double). A generous timeout: this test is about nothing
+        # lost or doubled, and a shared CI machine can stall a request for a while.
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
-        self.client = httpx.Client(timeout=30, limits=limits)
+        self.client = httpx.Client(timeout=120, limits=limits)
 
     def on_start(self, req: dict) -> None:
         task_id = req["headers"]["x-task-id"]
