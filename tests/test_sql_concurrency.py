@@ -107,3 +107,49 @@ def test_blocked_groups_cost_one_check_each(conn):
         )
         stats = conn.execute("SELECT taskrunner.take_stats() AS s").fetchone()["s"]
     assert stats == "blocked>5;"  # five groups checked, not 1995 tasks
+
+
+def test_parents_ending_together_never_deadlock_on_shared_children(conn, db_url):
+    """Two parents of the same 300 children end in two transactions at the same instant;
+    both propagate into every child. Children are locked in id order, so neither is ever
+    chosen as a deadlock victim, and every child counts both parents exactly once."""
+    import threading
+
+    rounds, children = 8, 300
+    for r in range(rounds):
+        # a third parent that never runs keeps the children waiting (and unclaimable)
+        specs = [task_spec(f"p{r}a"), task_spec(f"p{r}b"), task_spec(f"h{r}", kind="hold")]
+        specs += [
+            task_spec(f"c{r}_{i}", deps=[(f"p{r}a", False), (f"p{r}b", False), f"h{r}"])
+            for i in range(children)
+        ]
+        t = create_batch(conn, specs)
+        conn.execute("SELECT taskrunner.pause_task(%s)", (t[f"h{r}"]["id"],))
+        conn.execute("SELECT * FROM taskrunner.claim_tasks('w', 2, 60)")
+        barrier = threading.Barrier(2)
+        errors: list[Exception] = []
+
+        def finish(task_id):
+            with psycopg.connect(db_url, autocommit=True) as c:
+                barrier.wait()
+                try:
+                    c.execute("SELECT taskrunner.update_task(%s, 'success')", (task_id,))
+                except psycopg.Error as exc:
+                    errors.append(exc)
+
+        threads = [
+            threading.Thread(target=finish, args=(t[k]["id"],)) for k in (f"p{r}a", f"p{r}b")
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert errors == []
+        counts = conn.execute(
+            "SELECT status::text, deps_finished, count(*) AS n FROM taskrunner.task "
+            "WHERE local_id LIKE %s GROUP BY 1, 2",
+            (f"c{r}_%",),
+        ).fetchall()
+        assert [(c["status"], c["deps_finished"], c["n"]) for c in counts] == [
+            ("waiting", 2, children)
+        ]

@@ -291,8 +291,13 @@ END $$;
 CREATE FUNCTION taskrunner._propagate(p_parents uuid[], p_children uuid[] DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
+    v_ids uuid[];
+    v_reasons text[];
     v_lines text;
 BEGIN
+    -- Children are locked in id order before they are updated, so two transactions
+    -- propagating into shared children (parents ending at the same time) cannot deadlock.
+
     -- 1. Children that must fail: they require success of a parent that failed or was
     --    canceled, transitively through their own requires_success children.
     WITH RECURSIVE doomed(id) AS (
@@ -323,23 +328,37 @@ BEGIN
         WHERE p.status IN ('failure', 'canceled') OR x.id IS NOT NULL
         ORDER BY dm.id, (p.status IN ('failure', 'canceled')) DESC, d.parent_id
     )
-    UPDATE taskrunner.task t
-    SET status = 'failure', failure_reason = r.reason, status_reason = r.reason
-    FROM reasons r
-    WHERE t.id = r.id;
+    SELECT array_agg(id ORDER BY id), array_agg(reason ORDER BY id)
+    INTO v_ids, v_reasons
+    FROM reasons;
+    IF v_ids IS NOT NULL THEN
+        PERFORM 1 FROM taskrunner.task WHERE id = ANY (v_ids) ORDER BY id FOR NO KEY UPDATE;
+        UPDATE taskrunner.task t
+        SET status = 'failure', failure_reason = r.reason, status_reason = r.reason
+        FROM unnest(v_ids, v_reasons) r(id, reason)
+        WHERE t.id = r.id AND t.status IN ('waiting', 'pending', 'paused');
+    END IF;
 
     -- 2. Every other unfinished child counts its ended parents; a waiting child whose
     --    parents have all finished becomes pending.
-    WITH edges AS MATERIALIZED (
-        SELECT d.child_id, p.status AS parent_status
-        FROM taskrunner.task p
-        JOIN taskrunner.dependency d ON d.parent_id = p.id
-        WHERE p.id = ANY (p_parents)
-          AND (p_children IS NULL OR d.child_id = ANY (p_children))
-    ), ended AS (
-        SELECT child_id, count(*) AS n, count(*) FILTER (WHERE parent_status = 'success') AS ok
-        FROM edges GROUP BY child_id
-    ), counted AS (
+    SELECT array_agg(id) INTO v_ids FROM (
+        SELECT c.id
+        FROM taskrunner.task c
+        WHERE c.id IN (SELECT d.child_id FROM taskrunner.dependency d
+                       WHERE d.parent_id = ANY (p_parents)
+                         AND (p_children IS NULL OR d.child_id = ANY (p_children)))
+          AND c.status IN ('waiting', 'paused')
+        ORDER BY c.id
+        FOR NO KEY UPDATE
+    ) locked;
+    IF v_ids IS NOT NULL THEN
+        WITH ended AS (
+            SELECT d.child_id, count(*) AS n, count(*) FILTER (WHERE p.status = 'success') AS ok
+            FROM taskrunner.task p
+            JOIN taskrunner.dependency d ON d.parent_id = p.id
+            WHERE p.id = ANY (p_parents) AND d.child_id = ANY (v_ids)
+            GROUP BY d.child_id
+        )
         UPDATE taskrunner.task c
         SET deps_finished = c.deps_finished + e.n,
             deps_succeeded = c.deps_succeeded + e.ok,
@@ -348,11 +367,17 @@ BEGIN
             status_reason = CASE WHEN c.status = 'waiting' AND c.deps_finished + e.n = c.deps_total
                                  THEN 'dependencies finished' ELSE c.status_reason END
         FROM ended e
-        WHERE c.id = e.child_id AND c.status IN ('waiting', 'paused')
-    )
+        WHERE c.id = e.child_id AND c.status IN ('waiting', 'paused');
+    END IF;
+
     SELECT string_agg(format('propagation>%s>%s;', parent_status, n), '')
     INTO v_lines
-    FROM (SELECT parent_status, count(*) AS n FROM edges GROUP BY 1) s;
+    FROM (SELECT p.status AS parent_status, count(*) AS n
+          FROM taskrunner.task p
+          JOIN taskrunner.dependency d ON d.parent_id = p.id
+          WHERE p.id = ANY (p_parents)
+            AND (p_children IS NULL OR d.child_id = ANY (p_children))
+          GROUP BY 1) s;
     IF v_lines IS NOT NULL THEN
         PERFORM taskrunner._add_stats(v_lines);
     END IF;
