@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="results file")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: services stopped, bench database dropped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     only = tuple(s.strip().upper() for s in args.only.split(",") if s.strip())
     unknown = set(only) - set(ALL)
     if unknown:

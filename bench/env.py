@@ -27,6 +27,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from taskrunner import migrate
+from taskrunner.cli import _die_with_parent
 
 # --- the database ---------------------------------------------------------------------
 
@@ -107,7 +108,10 @@ class Service:
 
     def _spawn(self, *args: str) -> subprocess.Popen:
         argv = [sys.executable, "-m", "taskrunner.cli", *args]
-        return subprocess.Popen(argv, env=self.env, start_new_session=True)
+        # _die_with_parent: a bench killed outright (a test's timeout) leaves no orphans
+        return subprocess.Popen(
+            argv, env=self.env, start_new_session=True, preexec_fn=_die_with_parent
+        )
 
     def start_api(self) -> None:
         self.api = self._spawn("api")
