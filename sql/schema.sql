@@ -440,9 +440,9 @@ CREATE FUNCTION taskrunner.claim_deliveries(p_worker text, p_max integer, p_leas
         SET status = 'in_flight', attempts = d.attempts + 1, worker = p_worker,
             lease_until = now() + make_interval(secs => p_lease_seconds)
         FROM picked WHERE d.id = picked.id
-        RETURNING d.id, d.action_id, d.task_id, d.event, d.attempts
+        RETURNING d.id, d.action_id, d.task_id, d.event, d.attempts - d.round_base AS attempt
     )
-    SELECT l.id, l.task_id, l.event, l.attempts, a.url, a.verb, a.body, a.headers,
+    SELECT l.id, l.task_id, l.event, l.attempt, a.url, a.verb, a.body, a.headers,
            t.name, t.kind
     FROM leased l
     JOIN taskrunner.action a ON a.id = l.action_id
@@ -935,6 +935,7 @@ CREATE TABLE taskrunner.delivery (
     event taskrunner.action_event NOT NULL,
     status taskrunner.delivery_status DEFAULT 'queued'::taskrunner.delivery_status NOT NULL,
     attempts integer DEFAULT 0 NOT NULL,
+    round_base integer DEFAULT 0 NOT NULL,
     next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
     lease_until timestamp with time zone,
     worker text,
@@ -969,7 +970,7 @@ BEGIN
             format('delivery %s is a start; its task already failed', p_id));
     END IF;
     UPDATE taskrunner.delivery
-    SET status = 'queued', next_attempt_at = now(), finished_at = NULL
+    SET status = 'queued', next_attempt_at = now(), finished_at = NULL, round_base = attempts
     WHERE id = p_id
     RETURNING * INTO d;
     PERFORM pg_notify('taskrunner_delivery', '');

@@ -129,7 +129,7 @@ def test_parents_ending_together_never_deadlock_on_shared_children(conn, db_url)
         barrier = threading.Barrier(2)
         errors: list[Exception] = []
 
-        def finish(task_id):
+        def finish(task_id, barrier=barrier, errors=errors):
             with psycopg.connect(db_url, autocommit=True) as c:
                 barrier.wait()
                 try:

@@ -418,7 +418,22 @@ def test_retry_delivery_requeues_exhausted(conn):
     )
     row = conn.execute("SELECT * FROM taskrunner.retry_delivery(%s)", (d["delivery_id"],))
     assert row.fetchone()["status"] == "queued"
-    with pytest.raises(psycopg.Error) as err:
+    # a fresh round: the worker sees attempt 1 again; the history keeps counting
+    again = conn.execute("SELECT * FROM taskrunner.claim_deliveries('w1', 10, 60)").fetchone()
+    assert (again["delivery_id"], again["attempt"]) == (d["delivery_id"], 1)
+    conn.execute(
+        "SELECT taskrunner.finish_delivery(%s, 'w1', false, 500, 'HTTP 500', NULL)",
+        (d["delivery_id"],),
+    )
+    numbers = conn.execute(
+        "SELECT attempt FROM taskrunner.delivery_attempt WHERE delivery_id = %s ORDER BY 1",
+        (d["delivery_id"],),
+    ).fetchall()
+    assert [n["attempt"] for n in numbers] == [1, 2]
+    conn.execute("SELECT taskrunner.retry_delivery(%s)", (d["delivery_id"],))
+    conn.execute("SELECT * FROM taskrunner.claim_deliveries('w1', 10, 60)")
+    conn.execute("SELECT taskrunner.finish_delivery(%s, 'w1', true, 200)", (d["delivery_id"],))
+    with pytest.raises(psycopg.Error) as err:  # only a delivery that gave up can be retried
         conn.execute("SELECT taskrunner.retry_delivery(%s)", (d["delivery_id"],))
     assert err.value.sqlstate == "TR409"
 

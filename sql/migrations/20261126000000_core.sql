@@ -109,6 +109,9 @@ CREATE TABLE taskrunner.delivery (
     event taskrunner.action_event NOT NULL,
     status taskrunner.delivery_status NOT NULL DEFAULT 'queued',
     attempts int NOT NULL DEFAULT 0,
+    -- attempts made before the latest retry_delivery(): a manual retry starts a fresh
+    -- round of attempts (work items count attempts - round_base)
+    round_base int NOT NULL DEFAULT 0,
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
     lease_until timestamptz,
     worker text,
@@ -900,9 +903,9 @@ LANGUAGE sql AS $$
         SET status = 'in_flight', attempts = d.attempts + 1, worker = p_worker,
             lease_until = now() + make_interval(secs => p_lease_seconds)
         FROM picked WHERE d.id = picked.id
-        RETURNING d.id, d.action_id, d.task_id, d.event, d.attempts
+        RETURNING d.id, d.action_id, d.task_id, d.event, d.attempts - d.round_base AS attempt
     )
-    SELECT l.id, l.task_id, l.event, l.attempts, a.url, a.verb, a.body, a.headers,
+    SELECT l.id, l.task_id, l.event, l.attempt, a.url, a.verb, a.body, a.headers,
            t.name, t.kind
     FROM leased l
     JOIN taskrunner.action a ON a.id = l.action_id
@@ -1156,7 +1159,7 @@ BEGIN
             format('delivery %s is a start; its task already failed', p_id));
     END IF;
     UPDATE taskrunner.delivery
-    SET status = 'queued', next_attempt_at = now(), finished_at = NULL
+    SET status = 'queued', next_attempt_at = now(), finished_at = NULL, round_base = attempts
     WHERE id = p_id
     RETURNING * INTO d;
     PERFORM pg_notify('taskrunner_delivery', '');
