@@ -359,13 +359,24 @@ END $$;
 --
 
 CREATE FUNCTION taskrunner._rule_count(p_rule jsonb, p_metadata jsonb) RETURNS bigint
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-    SELECT count(*) FROM taskrunner.task t
-    WHERE t.kind = p_rule ->> 'kind'
-      AND t.status = (p_rule ->> 'status')::taskrunner.task_status
-      AND t.metadata @> taskrunner._rule_pattern(p_rule, p_metadata)
-$$;
+DECLARE
+    v_count bigint;
+BEGIN
+    IF p_rule ->> 'status' = 'running' THEN
+        SELECT count(*) INTO v_count FROM taskrunner.task t
+        WHERE t.status = 'running'
+          AND t.kind = p_rule ->> 'kind'
+          AND t.metadata @> taskrunner._rule_pattern(p_rule, p_metadata);
+    ELSE
+        SELECT count(*) INTO v_count FROM taskrunner.task t
+        WHERE t.kind = p_rule ->> 'kind'
+          AND t.status = (p_rule ->> 'status')::taskrunner.task_status
+          AND t.metadata @> taskrunner._rule_pattern(p_rule, p_metadata);
+    END IF;
+    RETURN v_count;
+END $$;
 
 
 --
@@ -1595,6 +1606,13 @@ CREATE INDEX task_pending_claim_idx ON taskrunner.task USING btree (admission_ke
 --
 
 CREATE INDEX task_running_idx ON taskrunner.task USING btree (last_updated) WHERE (status = 'running'::taskrunner.task_status);
+
+
+--
+-- Name: task_running_metadata_idx; Type: INDEX; Schema: taskrunner; Owner: -
+--
+
+CREATE INDEX task_running_metadata_idx ON taskrunner.task USING gin (metadata jsonb_path_ops) WHERE (status = 'running'::taskrunner.task_status);
 
 
 --
