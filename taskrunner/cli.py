@@ -16,7 +16,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -250,16 +249,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return _supervise(supervisor, start)
 
 
-def _port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 def _healthy(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
@@ -280,7 +269,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     _require_module("taskrunner.api.gunicorn_conf", "the API")
     _require_module("taskrunner.worker.main", "the worker")
-    if _port_in_use(config.port):
+    if not embedded.port_is_free(config.port):
         raise CliError(f"port {config.port} is already in use: set PORT or pass --port")
 
     state = embedded.state_dir()

@@ -71,7 +71,8 @@ def find_pg_bindir() -> Path:
     )
 
 
-def _port_is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
+    """True if 127.0.0.1:``port`` can be bound (as a server binds it, with SO_REUSEADDR)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # as PostgreSQL binds: connections of a just-stopped server linger in TIME_WAIT,
         # and without this the restarted cluster would move to another port
@@ -266,7 +267,7 @@ class EmbeddedPostgres:
     def _start_server(self) -> None:
         self._prepare_dirs()
         port = self.port
-        if port is None or port == DEFAULT_PORT_AVOID or not _port_is_free(port):
+        if port is None or port == DEFAULT_PORT_AVOID or not port_is_free(port):
             port = _pick_free_port()
             self.port_file.write_text(f"{port}\n")
         self._pg(
