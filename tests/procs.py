@@ -164,6 +164,16 @@ class Sink:
         self.client.close()
 
 
+def hook(url: str) -> dict:
+    """A webhook action as a client POSTs it: ``{"kind": "Webhook", "params": {url, Post}}``."""
+    return {"kind": "Webhook", "params": {"url": url, "verb": "Post"}}
+
+
+def count(conn, sql: str, *params) -> int:
+    """The ``n`` column of a one-row query."""
+    return conn.execute(sql, params).fetchone()["n"]
+
+
 def service_env(db_url: str, port: int, metrics_dir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(

@@ -5,13 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 from invariants import assert_rule_respected
-from procs import Sink, free_port, running, service_env, wait_for, wait_healthy
+from procs import Sink, free_port, hook, running, service_env, wait_for, wait_healthy
 
 pytestmark = pytest.mark.slow
-
-
-def _action(sink: Sink, path: str) -> dict:
-    return {"kind": "Webhook", "params": {"url": f"{sink.url}{path}", "verb": "Post"}}
 
 
 def _task(sink: Sink, local_id: str, deps=(), **extra) -> dict:
@@ -19,8 +15,8 @@ def _task(sink: Sink, local_id: str, deps=(), **extra) -> dict:
         "id": local_id,
         "name": local_id,
         "kind": extra.pop("kind", "etl"),
-        "on_start": _action(sink, f"/start/{local_id}"),
-        "on_success": [_action(sink, f"/done/{local_id}")],
+        "on_start": hook(f"{sink.url}/start/{local_id}"),
+        "on_success": [hook(f"{sink.url}/done/{local_id}")],
         "dependencies": [{"id": d, "requires_success": True} for d in deps],
         **extra,
     }

@@ -30,7 +30,9 @@ from procs import (
     Reply,
     Sink,
     children,
+    count,
     free_port,
+    hook,
     running,
     service_env,
     wait_for,
@@ -43,23 +45,15 @@ from taskrunner.api.store import Store
 pytestmark = pytest.mark.slow
 
 
-def _hook(url: str) -> dict:
-    return {"kind": "Webhook", "params": {"url": url, "verb": "Post"}}
-
-
-def _count(conn, sql: str, *params) -> int:
-    return conn.execute(sql, params).fetchone()["n"]
-
-
 def _all_ended(conn) -> bool:
     return (
-        _count(
+        count(
             conn,
             "SELECT count(*) AS n FROM taskrunner.task"
             " WHERE status NOT IN ('success', 'failure', 'canceled')",
         )
         == 0
-        and _count(
+        and count(
             conn,
             "SELECT count(*) AS n FROM taskrunner.delivery WHERE status IN ('queued', 'in_flight')",
         )
@@ -91,8 +85,8 @@ def test_kill_9_workers_with_webhooks_in_flight_repeatedly(db_url, conn, tmp_pat
             "kind": "job",
             "metadata": {"tenant": f"t{i % 3}"},
             "rules": [rule],
-            "on_start": _hook(f"{sink.url}/start"),
-            "on_success": [_hook(f"{sink.url}/done")],
+            "on_start": hook(f"{sink.url}/start"),
+            "on_success": [hook(f"{sink.url}/done")],
         }
         for i in range(n)
     ]
@@ -127,7 +121,7 @@ def test_kill_9_workers_with_webhooks_in_flight_repeatedly(db_url, conn, tmp_pat
     settled = assert_deliveries_settled(conn, sink.received())
     assert_rule_respected(conn, "job", ["tenant"], 4)
     assert_history_consistent(conn)
-    expired = _count(
+    expired = count(
         conn,
         "SELECT count(*) AS n FROM taskrunner.delivery_attempt"
         " WHERE error = 'lease expired (worker gone?)'",
@@ -175,7 +169,7 @@ def test_kill_9_api_process_mid_request(db_url, conn, tmp_path):
                         "id": f"t{i}",
                         "name": f"t{i}",
                         "kind": "api-kill",
-                        "on_start": _hook(f"{sink.url}/start"),
+                        "on_start": hook(f"{sink.url}/start"),
                         "dependencies": [{"id": f"t{i - 1}", "requires_success": True}]
                         if i
                         else [],
@@ -227,7 +221,7 @@ def test_kill_9_api_process_mid_request(db_url, conn, tmp_path):
     assert set(acked) <= set(by_batch), "an acknowledged batch is missing"
     assert all(n == 10 for n in by_batch.values()), f"a partial batch: {by_batch}"
     assert len(by_batch) <= len(acked) + sum(cut.values())
-    assert _count(conn, "SELECT count(*) AS n FROM taskrunner.task WHERE status <> 'success'") == 0
+    assert count(conn, "SELECT count(*) AS n FROM taskrunner.task WHERE status <> 'success'") == 0
     assert_no_double_start(conn)
     assert_deliveries_settled(conn, sink.received())
     assert_history_consistent(conn)
@@ -278,8 +272,8 @@ def test_webhook_targets_down_slow_5xx_or_closing(db_url, conn, tmp_path):
                     "id": f"start-{name}",
                     "name": path,
                     "kind": "fault",
-                    "on_start": _hook(url(path)),
-                    "on_failure": [_hook(f"{sink.url}/failed")],
+                    "on_start": hook(url(path)),
+                    "on_failure": [hook(f"{sink.url}/failed")],
                 }
             )
             batch.append(
@@ -287,8 +281,8 @@ def test_webhook_targets_down_slow_5xx_or_closing(db_url, conn, tmp_path):
                     "id": f"end-{name}",
                     "name": path,
                     "kind": "fault",
-                    "on_start": _hook(f"{sink.url}/ok"),
-                    "on_success": [_hook(url(path))],
+                    "on_start": hook(f"{sink.url}/ok"),
+                    "on_success": [hook(url(path))],
                 }
             )
         batch.append(
@@ -296,8 +290,8 @@ def test_webhook_targets_down_slow_5xx_or_closing(db_url, conn, tmp_path):
                 "id": "healthy",
                 "name": "healthy",
                 "kind": "fault",
-                "on_start": _hook(f"{sink.url}/ok"),
-                "on_success": [_hook(f"{sink.url}/done")],
+                "on_start": hook(f"{sink.url}/ok"),
+                "on_success": [hook(f"{sink.url}/done")],
             }
         )
         try:
@@ -333,7 +327,7 @@ def test_webhook_targets_down_slow_5xx_or_closing(db_url, conn, tmp_path):
         (delivery,) = on_success["deliveries"]
         assert delivery["status"] == "Failed" and delivery["attempt_count"] == 3
         assert all(error in a["error"] for a in delivery["attempts"])
-    problems = _count(
+    problems = count(
         conn, "SELECT count(*) AS n FROM taskrunner.delivery_problems WHERE status = 'failed'"
     )
     assert problems == 2 * len(FAULTS)
@@ -374,7 +368,7 @@ def test_api_reruns_a_transaction_postgres_chose_as_deadlock_victim(db_url, conn
                 thread.start()
                 wait_for(
                     lambda: (
-                        _count(
+                        count(
                             conn,
                             "SELECT count(*) AS n FROM pg_stat_activity"
                             " WHERE datname = current_database() AND wait_event_type = 'Lock'",

@@ -13,16 +13,12 @@ from collections import Counter
 import httpx
 import pytest
 from invariants import assert_deliveries_settled, assert_history_consistent
-from procs import Reply, Sink, free_port, running, service_env, wait_for, wait_healthy
+from procs import Reply, Sink, free_port, hook, running, service_env, wait_for, wait_healthy
 
 pytestmark = pytest.mark.slow
 
 FAILS = 2  # 503s before a flaky target answers 200
 MAX_ATTEMPTS = 4
-
-
-def _hook(url: str) -> dict:
-    return {"kind": "Webhook", "params": {"url": url, "verb": "Post"}}
 
 
 def _attempts(detail_delivery: dict) -> list[tuple]:
@@ -45,7 +41,7 @@ def test_start_end_and_cancel_webhooks_retry_then_exhaust_then_retry_by_api_and_
     seen: Counter = Counter()
     lock = threading.Lock()
     healthy = threading.Event()  # the always-failing target recovers (for the manual retries)
-    cancel_action = _hook("")  # filled in below with the sink's URL
+    cancel_action = hook("")  # filled in below with the sink's URL
 
     def respond(req: dict) -> Reply:
         key = req["headers"].get("idempotency-key")
@@ -67,28 +63,28 @@ def test_start_end_and_cancel_webhooks_retry_then_exhaust_then_retry_by_api_and_
             "id": "flaky",
             "name": "flaky start and end",
             "kind": "retry",
-            "on_start": _hook(f"{sink.url}/start"),
-            "on_success": [_hook(f"{sink.url}/done")],
+            "on_start": hook(f"{sink.url}/start"),
+            "on_success": [hook(f"{sink.url}/done")],
         },
         {
             "id": "cancel",
             "name": "flaky cancel",
             "kind": "retry",
-            "on_start": _hook(f"{sink.url}/start-cancelable"),
+            "on_start": hook(f"{sink.url}/start-cancelable"),
         },
         {
             "id": "exhausted-api",
             "name": "end webhook gives up, retried by the API",
             "kind": "retry",
-            "on_start": _hook(f"{sink.url}/start"),
-            "on_success": [_hook(f"{sink.url}/down-until-fixed")],
+            "on_start": hook(f"{sink.url}/start"),
+            "on_success": [hook(f"{sink.url}/down-until-fixed")],
         },
         {
             "id": "exhausted-sql",
             "name": "end webhook gives up, retried in SQL",
             "kind": "retry",
-            "on_start": _hook(f"{sink.url}/start"),
-            "on_success": [_hook(f"{sink.url}/down-until-fixed")],
+            "on_start": hook(f"{sink.url}/start"),
+            "on_success": [hook(f"{sink.url}/down-until-fixed")],
         },
     ]
     try:

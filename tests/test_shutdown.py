@@ -22,13 +22,19 @@ from invariants import (
     assert_history_consistent,
     assert_no_double_start,
 )
-from procs import Reply, Sink, free_port, running, service_env, stop, wait_for, wait_healthy
+from procs import (
+    Reply,
+    Sink,
+    count,
+    free_port,
+    running,
+    service_env,
+    stop,
+    wait_for,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def _count(conn, sql: str, *params) -> int:
-    return conn.execute(sql, params).fetchone()["n"]
 
 
 def test_sigterm_to_the_api_flushes_every_buffered_increment(db_url, conn, tmp_path):
@@ -56,7 +62,7 @@ def test_sigterm_to_the_api_flushes_every_buffered_increment(db_url, conn, tmp_p
         wait_healthy(base)
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(put, [sent[i::8] for i in range(8)]))
-        written = _count(conn, "SELECT count(*) AS n FROM taskrunner.task WHERE success > 0")
+        written = count(conn, "SELECT count(*) AS n FROM taskrunner.task WHERE success > 0")
         code = stop(api)  # SIGTERM, as systemd or `up` would
 
     assert written == 0, "increments were flushed before the shutdown; the test proves nothing"
@@ -101,7 +107,7 @@ def test_sigterm_to_a_worker_releases_what_it_cannot_finish(db_url, conn, tmp_pa
                 "SELECT d.status::text, d.last_error, t.status::text AS task"
                 " FROM taskrunner.delivery d JOIN taskrunner.task t ON t.id = d.task_id"
             ).fetchall()
-            claimed = _count(
+            claimed = count(
                 conn,
                 "SELECT count(*) AS n FROM taskrunner.task_history WHERE to_status = 'running'",
             )
@@ -110,7 +116,7 @@ def test_sigterm_to_a_worker_releases_what_it_cannot_finish(db_url, conn, tmp_pa
                 wait_healthy(f"http://127.0.0.1:{port}")
                 wait_for(
                     lambda: (
-                        _count(
+                        count(
                             conn,
                             "SELECT count(*) AS n FROM taskrunner.task WHERE status = 'success'",
                         )
@@ -154,7 +160,7 @@ def test_sigterm_to_a_worker_waits_for_in_flight_webhooks_within_grace(db_url, c
                 wait_for(lambda: len(sink.starts()) == 4, 30, message="4 starts in flight")
                 worker.send_signal(signal.SIGTERM)
                 # it stays up, waiting for them; they are still its own
-                in_flight = _count(
+                in_flight = count(
                     conn, "SELECT count(*) AS n FROM taskrunner.delivery WHERE status = 'in_flight'"
                 )
                 alive = worker.poll() is None
@@ -162,7 +168,7 @@ def test_sigterm_to_a_worker_waits_for_in_flight_webhooks_within_grace(db_url, c
                 code = worker.wait(30)
             wait_for(
                 lambda: (
-                    _count(
+                    count(
                         conn, "SELECT count(*) AS n FROM taskrunner.task WHERE status = 'success'"
                     )
                     == 4
@@ -180,7 +186,7 @@ def test_sigterm_to_a_worker_waits_for_in_flight_webhooks_within_grace(db_url, c
         "SELECT status::text, count(*) AS n FROM taskrunner.task GROUP BY 1"
     ).fetchall()
     assert {r["status"]: r["n"] for r in counts} == {"success": 4, "pending": 6}
-    claims = _count(
+    claims = count(
         conn, "SELECT count(*) AS n FROM taskrunner.task_history WHERE to_status = 'running'"
     )
     assert claims == 4, "nothing is claimed after SIGTERM"
