@@ -103,6 +103,21 @@ def connect(url: str, **kwargs) -> psycopg.Connection:
     return psycopg.connect(url, autocommit=True, row_factory=dict_row, **kwargs)
 
 
+def _pool(cls, url: str, min_size: int, max_size: int, timeout: float, name: str):
+    """A pool of ``cls`` (sync or async) with the settings every pool here shares:
+    autocommit dict-row connections, checked on checkout, opened by the caller."""
+    return cls(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        name=name,
+        open=False,
+        kwargs={"autocommit": True, "row_factory": dict_row},
+        check=cls.check_connection,
+    )
+
+
 def create_pool(
     url: str,
     *,
@@ -112,16 +127,7 @@ def create_pool(
     name: str = "taskrunner",
 ) -> psycopg_pool.ConnectionPool:
     """A pool of autocommit, dict-row connections (opened lazily, never blocks startup)."""
-    return psycopg_pool.ConnectionPool(
-        url,
-        min_size=min_size,
-        max_size=max_size,
-        timeout=timeout,
-        name=name,
-        open=False,
-        kwargs={"autocommit": True, "row_factory": dict_row},
-        check=psycopg_pool.ConnectionPool.check_connection,
-    )
+    return _pool(psycopg_pool.ConnectionPool, url, min_size, max_size, timeout, name)
 
 
 def create_async_pool(
@@ -133,13 +139,4 @@ def create_async_pool(
     name: str = "taskrunner-worker",
 ) -> psycopg_pool.AsyncConnectionPool:
     """The asyncio twin of ``create_pool`` for workers."""
-    return psycopg_pool.AsyncConnectionPool(
-        url,
-        min_size=min_size,
-        max_size=max_size,
-        timeout=timeout,
-        name=name,
-        open=False,
-        kwargs={"autocommit": True, "row_factory": dict_row},
-        check=psycopg_pool.AsyncConnectionPool.check_connection,
-    )
+    return _pool(psycopg_pool.AsyncConnectionPool, url, min_size, max_size, timeout, name)
