@@ -101,9 +101,7 @@ def _run_dbmate(
         raise MigrationError(f"dbmate {command} failed (exit code {result.returncode})")
 
 
-def migrate(
-    url: str, *, dump_schema: bool = False, migrations_dir: Path = MIGRATIONS_DIR
-) -> None:
+def migrate(url: str, *, dump_schema: bool = False, migrations_dir: Path = MIGRATIONS_DIR) -> None:
     """Apply every pending migration (``dbmate up``: creates the database if missing).
 
     ``migrations_dir``: another directory of migration files (tests build a database at an
