@@ -14,8 +14,15 @@ import pytest
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "sql.md"
 
-# (section of docs/sql.md, pattern of an entry, catalog query of the public objects with
-# their comments)
+RELATIONS = """
+    SELECT c.relname AS name, obj_description(c.oid, 'pg_class') AS comment
+    FROM pg_class c
+    WHERE c.relnamespace = 'taskrunner'::regnamespace AND c.relkind = '{relkind}'
+      AND c.relname !~ '^_'
+"""
+
+# kind: (section of docs/sql.md, pattern of an entry there, the public objects of that
+# kind in the database, with their comments)
 KINDS = {
     "function": (
         "Functions",
@@ -27,25 +34,8 @@ KINDS = {
           AND p.proname !~ '^(_|tg_)'
         """,
     ),
-    "view": (
-        "Views",
-        r"^\* `(\w+)[`(]",
-        """
-        SELECT c.relname AS name, obj_description(c.oid, 'pg_class') AS comment
-        FROM pg_class c
-        WHERE c.relnamespace = 'taskrunner'::regnamespace AND c.relkind = 'v'
-          AND c.relname !~ '^_'
-        """,
-    ),
-    "table": (
-        "Tables",
-        r"^\* `(\w+)[`(]",
-        """
-        SELECT c.relname AS name, obj_description(c.oid, 'pg_class') AS comment
-        FROM pg_class c
-        WHERE c.relnamespace = 'taskrunner'::regnamespace AND c.relkind = 'r'
-        """,
-    ),
+    "view": ("Views", r"^\* `(\w+)[`(]", RELATIONS.format(relkind="v")),
+    "table": ("Tables", r"^\* `(\w+)[`(]", RELATIONS.format(relkind="r")),
 }
 
 
