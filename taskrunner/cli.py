@@ -205,17 +205,23 @@ def _supervise(supervisor: Supervisor, start: Callable[[], None]) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    _migrate(_require_database(_config(args)), rollback=args.rollback, dump=args.dump)
+    return 0
+
+
+def _migrate(url: str, *, rollback: bool = False, dump: bool = False) -> None:
+    """Migrate (or roll back) and say what changed, naming the version the database is at."""
     from taskrunner import migrate
 
-    url = _require_database(_config(args))
+    before = migrate.applied_versions(url)
     try:
-        if args.rollback:
-            migrate.rollback(url, dump_schema=args.dump)
+        if rollback:
+            migrate.rollback(url, dump_schema=dump)
         else:
-            migrate.migrate(url, dump_schema=args.dump)
+            migrate.migrate(url, dump_schema=dump)
     except migrate.MigrationError as exc:
         raise CliError(str(exc)) from exc
-    return 0
+    print(f"taskrunner: {migrate.summary(before, migrate.applied_versions(url))}", flush=True)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -258,7 +264,7 @@ def _healthy(port: int) -> bool:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from taskrunner import embedded, migrate
+    from taskrunner import embedded
 
     config = _config(
         args,
@@ -287,10 +293,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             how = "started" if cluster.started_here else "already running"
             print(f"taskrunner: embedded PostgreSQL {how} in {cluster.data_dir}", flush=True)
             config = dataclasses.replace(config, database_url=url)
-        try:
-            migrate.migrate(config.database_url)
-        except migrate.MigrationError as exc:
-            raise CliError(str(exc)) from exc
+        _migrate(config.database_url)
 
         extra = {}
         if not os.environ.get("WEBHOOK_ALLOW_PRIVATE"):
@@ -349,6 +352,22 @@ examples:
 """
 
 
+_DEFAULTS = Config()  # the defaults every help text shows
+
+UP_EPILOG = f"""\
+defaults (environment variable: value when unset; README.md lists every setting):
+  DATABASE_URL            an embedded cluster in $TASKRUNNER_STATE_DIR or <checkout>/.taskrunner
+  HOST / PORT             {_DEFAULTS.host} / {_DEFAULTS.port}
+  HOST_URL                http://127.0.0.1:$PORT (the base of each webhook's handle)
+  LOG_LEVEL               {_DEFAULTS.log_level}
+  API_THREADS             {_DEFAULTS.api_threads} per API process
+  WEBHOOK_TIMEOUT         {_DEFAULTS.webhook_timeout:g} s
+  WEBHOOK_MAX_ATTEMPTS    {_DEFAULTS.webhook_max_attempts}
+  WEBHOOK_ALLOW_PRIVATE   true under `up` (false for `worker`)
+  API_TOKEN               unset: no authentication
+"""
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -375,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         type=str.lower,
-        help="log level (default: $LOG_LEVEL or info)",
+        help=f"log level (default: $LOG_LEVEL or {_DEFAULTS.log_level})",
     )
 
     parser = argparse.ArgumentParser(
@@ -391,20 +410,36 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run migrations, the API and workers together (for development / one machine)",
         description=(
-            "Run everything on this machine: apply migrations, start the API (gunicorn) and "
-            "WORKER_PROCESSES worker processes, wait until GET /health answers and print the "
-            "URL. Without DATABASE_URL a private PostgreSQL cluster is started in "
-            ".taskrunner/ (kept between runs). Webhooks to private addresses are allowed "
+            "Run everything on this machine: apply migrations, start the API (gunicorn) and\n"
+            "WORKER_PROCESSES worker processes, wait until GET /health answers and print the\n"
+            "URL. Without DATABASE_URL a private PostgreSQL cluster is started in\n"
+            ".taskrunner/ (kept between runs). Webhooks to private addresses are allowed\n"
             "unless WEBHOOK_ALLOW_PRIVATE is set. Ctrl-C or SIGTERM stops everything."
         ),
+        epilog=UP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--port", type=_port, help="API port (default: $PORT or 8085)")
+    p.add_argument("--port", type=_port, help=f"API port (default: $PORT or {_DEFAULTS.port})")
     p.add_argument(
-        "--api-processes", type=_positive_int, metavar="N", help="gunicorn worker processes"
+        "--api-processes",
+        type=_positive_int,
+        metavar="N",
+        help=f"gunicorn worker processes (default: $API_PROCESSES or {_DEFAULTS.api_processes})",
     )
-    p.add_argument("--worker-processes", type=_positive_int, metavar="N", help="worker processes")
     p.add_argument(
-        "--concurrency", type=_positive_int, metavar="N", help="webhooks in flight per worker"
+        "--worker-processes",
+        type=_positive_int,
+        metavar="N",
+        help=f"worker processes (default: $WORKER_PROCESSES or {_DEFAULTS.worker_processes})",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        metavar="N",
+        help=(
+            "webhooks in flight per worker "
+            f"(default: $WORKER_CONCURRENCY or {_DEFAULTS.worker_concurrency})"
+        ),
     )
     p.set_defaults(func=cmd_up)
 

@@ -89,6 +89,21 @@ def test_subcommand_help(command: str, capsys: pytest.CaptureFixture[str]) -> No
     assert f"usage: taskrunner {command}" in capsys.readouterr().out
 
 
+def test_up_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["up", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
+    defaults = Config()
+
+    assert f"$PORT or {defaults.port}" in out
+    assert f"$API_PROCESSES or {defaults.api_processes}" in out
+    assert f"$WORKER_PROCESSES or {defaults.worker_processes}" in out
+    assert f"$WORKER_CONCURRENCY or {defaults.worker_concurrency}" in out
+    assert f"$LOG_LEVEL or {defaults.log_level}" in out
+    for name in ("DATABASE_URL", "TASKRUNNER_STATE_DIR", "HOST_URL", "WEBHOOK_ALLOW_PRIVATE"):
+        assert name in out
+
+
 def test_no_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main([])
@@ -155,9 +170,13 @@ def test_migrate_creates_the_schema_and_rollback_undoes_a_step(fresh_db_url: str
         applied = conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0]
     assert applied == len(list(migrate.MIGRATIONS_DIR.glob("*.sql")))
 
+    newest = max(p.name.split("_", 1)[0] for p in migrate.MIGRATIONS_DIR.glob("*.sql"))
+    assert f"applied {applied} migration(s): the database is at version {newest}" in result.stdout
+
     again = _run_cli("migrate", "--database-url", fresh_db_url)
     assert again.returncode == 0, again.stderr
     assert "Applying" not in again.stdout
+    assert f"nothing to migrate: the database is already at version {newest}" in again.stdout
 
     back = _run_cli("migrate", "--rollback", "--database-url", fresh_db_url)
     assert back.returncode == 0, back.stdout + back.stderr
