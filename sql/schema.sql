@@ -990,6 +990,20 @@ END $$;
 
 
 --
+-- Name: session_actor(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.session_actor() RETURNS text
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT CASE WHEN coalesce(current_setting('application_name', true), '') = ''
+                THEN session_user::text
+                ELSE format('%s (role %s)', current_setting('application_name', true),
+                            session_user) END
+$$;
+
+
+--
 -- Name: take_stats(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -1137,7 +1151,9 @@ BEGIN
                    NEW.deps_total - NEW.deps_finished));
     END IF;
     IF NEW.status_reason IS NOT DISTINCT FROM OLD.status_reason THEN
-        NEW.status_reason := format('set to %s by %s', NEW.status, session_user);
+        -- say who: the API, a worker, or a DBA's session (psql sets application_name)
+        NEW.status_reason := format('set to %s by %s', initcap(NEW.status::text),
+                                    taskrunner.session_actor());
     END IF;
     IF NEW.status = 'failure' AND NEW.failure_reason IS NULL THEN
         NEW.failure_reason := NEW.status_reason;
@@ -1436,7 +1452,8 @@ CREATE TABLE taskrunner.task_history (
     from_status taskrunner.task_status,
     to_status taskrunner.task_status NOT NULL,
     at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
-    reason text
+    reason text,
+    actor text DEFAULT taskrunner.session_actor()
 );
 
 
@@ -1717,4 +1734,5 @@ ALTER TABLE ONLY taskrunner.dependency
 --
 
 INSERT INTO public.schema_migrations (version) VALUES
-    ('20261126000000');
+    ('20261126000000'),
+    ('20261127130000');

@@ -1,4 +1,4 @@
-"""The ``taskrunner`` command: ``up``, ``api``, ``worker`` and ``migrate``.
+"""The ``taskrunner`` command: ``up``, ``api``, ``worker``, ``migrate`` and ``psql``.
 
 Settings come from the environment (``Config.from_env``); command-line flags override them.
 ``api`` and ``worker`` run one part of the service; ``up`` runs all of it on one machine
@@ -332,6 +332,47 @@ def cmd_up(args: argparse.Namespace) -> int:
             cluster.stop()
 
 
+def _psql_binary() -> str:
+    from taskrunner import embedded
+
+    found = shutil.which("psql")
+    if found:
+        return found
+    try:
+        beside = embedded.find_pg_bindir() / "psql"
+    except embedded.EmbeddedError:
+        beside = None
+    if beside is None or not beside.is_file():
+        raise CliError(
+            "psql not found: install the PostgreSQL client (apt-get install postgresql-client)"
+        )
+    return str(beside)
+
+
+def _database_for_psql(config: Config) -> str:
+    """DATABASE_URL, else the embedded cluster's URL (it must be running)."""
+    from taskrunner import embedded
+
+    if config.database_url:
+        return config.database_url
+    cluster = embedded.EmbeddedPostgres()
+    if not cluster.is_running() or cluster.port is None:
+        raise CliError(
+            f"DATABASE_URL is not set and the embedded PostgreSQL in {cluster.data_dir} is "
+            "not running: start `taskrunner up` first, or set DATABASE_URL"
+        )
+    return cluster.url()
+
+
+def cmd_psql(args: argparse.Namespace) -> int:
+    url = _database_for_psql(_config(args))
+    psql = _psql_binary()
+    extra = args.psql_args[1:] if args.psql_args[:1] == ["--"] else args.psql_args
+    # psql names itself in application_name: the task history records "psql (role ...)"
+    os.execvp(psql, [psql, url, *extra])
+    return 1  # not reached
+
+
 # -- argument parsing ---------------------------------------------------------------------
 
 DESCRIPTION = """\
@@ -349,6 +390,7 @@ examples:
   DATABASE_URL=postgresql://... taskrunner migrate
   taskrunner api --port 8085 --processes 4
   taskrunner worker --processes 4 --concurrency 64
+  taskrunner psql -c 'SELECT * FROM taskrunner.running_tasks'
 """
 
 
@@ -504,11 +546,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the resulting schema to sql/schema.sql (needs pg_dump)",
     )
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser(
+        "psql",
+        parents=[common],
+        help="open psql on the configured database (the embedded one under `up`)",
+        description=(
+            "Run psql on DATABASE_URL, or, when it is unset, on the embedded cluster that\n"
+            "`taskrunner up` runs (it must be running). Arguments after the options go to\n"
+            "psql as they are. README.md's 'For DBAs' section is a quick start."
+        ),
+        epilog=(
+            "examples:\n"
+            "  taskrunner psql\n"
+            "  taskrunner psql -c 'SELECT * FROM taskrunner.blocked_tasks'\n"
+            "  taskrunner psql -- -v ON_ERROR_STOP=1 -f fix.sql"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("psql_args", nargs=argparse.REMAINDER, help="arguments passed to psql")
+    p.set_defaults(func=cmd_psql)
     return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; ``psql`` passes whatever it does not know on to psql, in order."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.func is not cmd_psql:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.func is cmd_psql:
+        # unknown options come before the first positional, which starts the remainder
+        args.psql_args = unknown + args.psql_args
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         code = args.func(args)
     except CliError as exc:

@@ -132,3 +132,8 @@ def summary(before: list[str], after: list[str]) -> str:
     if removed:
         return f"rolled back {', '.join(removed)}: the database is at version {now}"
     return f"nothing to migrate: the database is already at version {now}"
+
+
+def dump_schema(url: str, schema_file: Path = SCHEMA_FILE) -> None:
+    """Write the database's current schema to ``sql/schema.sql`` (or ``schema_file``)."""
+    _run_dbmate(url, "dump", dump_schema=True, schema_file=schema_file)

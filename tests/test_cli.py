@@ -27,7 +27,7 @@ from psycopg import sql
 from taskrunner import cli, migrate
 from taskrunner.config import Config
 
-SUBCOMMANDS = ["up", "api", "worker", "migrate"]
+SUBCOMMANDS = ["up", "api", "worker", "migrate", "psql"]
 HAS_MIGRATIONS = any(migrate.MIGRATIONS_DIR.glob("*.sql"))
 
 
@@ -199,6 +199,26 @@ def test_migrate_creates_a_missing_database() -> None:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@pytest.mark.skipif(shutil.which("psql") is None, reason="no psql client on PATH")
+def test_psql_opens_database_url_and_passes_arguments_through(fresh_db_url: str) -> None:
+    env = {**os.environ, "DATABASE_URL": fresh_db_url}
+    query = "SELECT current_database(), current_setting('application_name')"
+    result = _run_cli("psql", "-At", "-c", query, "-c", "SELECT 2", env=env)
+
+    assert result.returncode == 0, result.stderr
+    dbname = fresh_db_url.rsplit("/", 1)[1]
+    assert result.stdout.split() == [f"{dbname}|psql", "2"]
+    dashed = _run_cli("psql", "--", "-At", "-c", "SELECT 3", env=env)
+    assert dashed.stdout.strip() == "3", dashed.stderr
+
+
+def test_other_commands_still_refuse_unknown_arguments() -> None:
+    result = _run_cli("migrate", "--bogus")
+
+    assert result.returncode == 2
+    assert "unrecognized arguments: --bogus" in result.stderr
 
 
 # -- supervision ---------------------------------------------------------------------------
