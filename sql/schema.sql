@@ -1303,6 +1303,27 @@ COMMENT ON FUNCTION taskrunner.retry_delivery(p_id uuid) IS 'Queue again a deliv
 
 
 --
+-- Name: session_actor(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.session_actor() RETURNS text
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT CASE WHEN coalesce(current_setting('application_name', true), '') = ''
+                THEN session_user::text
+                ELSE format('%s (role %s)', current_setting('application_name', true),
+                            session_user) END
+$$;
+
+
+--
+-- Name: FUNCTION session_actor(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.session_actor() IS 'Who the current session is, for history and reasons: "<application_name> (role <role>)", or the role alone when the session set no application_name. The API and workers set taskrunner-api and taskrunner-worker; psql sets psql.';
+
+
+--
 -- Name: take_stats(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -1481,7 +1502,9 @@ BEGIN
                    NEW.deps_total - NEW.deps_finished));
     END IF;
     IF NEW.status_reason IS NOT DISTINCT FROM OLD.status_reason THEN
-        NEW.status_reason := format('set to %s by %s', NEW.status, session_user);
+        -- say who: the API, a worker, or a DBA's session (psql sets application_name)
+        NEW.status_reason := format('set to %s by %s', initcap(NEW.status::text),
+                                    taskrunner.session_actor());
     END IF;
     IF NEW.status = 'failure' AND NEW.failure_reason IS NULL THEN
         NEW.failure_reason := NEW.status_reason;
@@ -1913,7 +1936,8 @@ CREATE TABLE taskrunner.task_history (
     from_status taskrunner.task_status,
     to_status taskrunner.task_status NOT NULL,
     at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
-    reason text
+    reason text,
+    actor text DEFAULT taskrunner.session_actor()
 );
 
 
@@ -1922,6 +1946,13 @@ CREATE TABLE taskrunner.task_history (
 --
 
 COMMENT ON TABLE taskrunner.task_history IS 'Append-only transition history, written by the statement that makes the transition.';
+
+
+--
+-- Name: COLUMN task_history.actor; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task_history.actor IS 'Who made the transition (taskrunner.session_actor() of the session that made it); NULL for rows written before this column existed.';
 
 
 --
@@ -2236,4 +2267,5 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261127000500'),
     ('20261127000600'),
     ('20261127000700'),
-    ('20261127000800');
+    ('20261127000800'),
+    ('20261127130000');
