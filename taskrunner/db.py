@@ -103,9 +103,18 @@ def connect(url: str, **kwargs) -> psycopg.Connection:
     return psycopg.connect(url, autocommit=True, row_factory=dict_row, **kwargs)
 
 
-def _pool(cls, url: str, min_size: int, max_size: int, timeout: float, name: str):
-    """A pool of ``cls`` (sync or async) with the settings every pool here shares:
-    autocommit dict-row connections, checked on checkout, opened by the caller."""
+def create_pool(
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 8,
+    timeout: float = 5.0,
+    name: str = "taskrunner",
+    cls: type = psycopg_pool.ConnectionPool,
+):
+    """A pool of autocommit, dict-row connections, checked on checkout and opened by the
+    caller (so it never blocks startup); ``cls=psycopg_pool.AsyncConnectionPool`` for the
+    asyncio worker (see ``create_async_pool``)."""
     return cls(
         url,
         min_size=min_size,
@@ -118,25 +127,8 @@ def _pool(cls, url: str, min_size: int, max_size: int, timeout: float, name: str
     )
 
 
-def create_pool(
-    url: str,
-    *,
-    min_size: int = 1,
-    max_size: int = 8,
-    timeout: float = 5.0,
-    name: str = "taskrunner",
-) -> psycopg_pool.ConnectionPool:
-    """A pool of autocommit, dict-row connections (opened lazily, never blocks startup)."""
-    return _pool(psycopg_pool.ConnectionPool, url, min_size, max_size, timeout, name)
-
-
 def create_async_pool(
-    url: str,
-    *,
-    min_size: int = 1,
-    max_size: int = 8,
-    timeout: float = 5.0,
-    name: str = "taskrunner-worker",
+    url: str, *, name: str = "taskrunner-worker", **kwargs
 ) -> psycopg_pool.AsyncConnectionPool:
     """The asyncio twin of ``create_pool`` for workers."""
-    return _pool(psycopg_pool.AsyncConnectionPool, url, min_size, max_size, timeout, name)
+    return create_pool(url, name=name, cls=psycopg_pool.AsyncConnectionPool, **kwargs)
