@@ -1,21 +1,26 @@
-"""The one place that opens database connections, loads named queries and maps errors.
+"""The one place that opens database connections, runs named queries and maps errors.
 
 Queries live in ``queries.sql`` as ``-- name: <query_name>`` blocks; Python code refers to
 them by name (``QUERIES["claim_tasks"]``) and never assembles SQL from strings.
 Database errors raised by the state machine carry our own SQLSTATEs (``TR400``, ``TR404``,
 ``TR409``); ``wrap_exceptions`` turns them, and connection failures, into domain errors.
+A call that may change tasks goes through ``run_with_stats`` (the API) or
+``run_with_stats_async`` (the worker), which feed its counted transitions to metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import psycopg_pool
 from psycopg.rows import dict_row
+
+from taskrunner import metrics
 
 _QUERY_FILE = Path(__file__).with_name("queries.sql")
 
@@ -72,6 +77,67 @@ def is_conflict(exc: BaseException) -> bool:
     """A deadlock (40P01) or serialization failure (40001): SQLSTATE class 40, rolled back.
     (psycopg's DeadlockDetected is not a TransactionRollback subclass, hence the code.)"""
     return (getattr(exc, "sqlstate", None) or "").startswith("40")
+
+
+class StatsCall:
+    """One call that may change tasks, as the API (sync) and the worker (asyncio) run it.
+
+    The named query, then ``take_stats`` in the same transaction (the transitions its
+    triggers counted), handed to metrics after commit. A transaction PostgreSQL rolled
+    back for a conflict (a deadlock between two completions propagating into shared
+    children, say) is run again, ``CONFLICT_ATTEMPTS`` times in all. Only the waiting
+    differs between ``run_with_stats`` and ``run_with_stats_async``.
+    """
+
+    def __init__(self, name: str, params: dict[str, Any]) -> None:
+        self.statements = ((QUERIES[name], params), (QUERIES["take_stats"], None))
+        self.attempt = 0
+        self.results: list[list[dict]] | None = None
+
+    @contextlib.contextmanager
+    def retrying(self) -> Iterator[None]:
+        """Around one attempt: a conflict is swallowed (the caller tries again) unless
+        this was the last attempt."""
+        self.attempt += 1
+        try:
+            yield
+        except TransientConflict:
+            if self.attempt >= CONFLICT_ATTEMPTS:
+                raise
+
+    def rows(self) -> list[dict]:
+        """After commit: record the transitions, return the query's rows."""
+        rows, stats = self.results
+        if stats and stats[0]["stats"]:  # nothing to count when no transition happened
+            metrics.record_stats(stats[0]["stats"])
+        return rows
+
+
+Transaction = Callable[[], contextlib.AbstractContextManager[psycopg.Connection]]
+AsyncTransaction = Callable[[], contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection]]
+
+
+def run_with_stats(transaction: Transaction, name: str, params: dict[str, Any]) -> list[dict]:
+    """Run ``name`` as a ``StatsCall`` in transactions opened by ``transaction()``."""
+    call = StatsCall(name, params)
+    while call.results is None:
+        with call.retrying(), transaction() as conn:
+            call.results = [conn.execute(q, p).fetchall() for q, p in call.statements]
+    return call.rows()
+
+
+async def run_with_stats_async(
+    transaction: AsyncTransaction, name: str, params: dict[str, Any]
+) -> list[dict]:
+    """The asyncio form of ``run_with_stats``."""
+    call = StatsCall(name, params)
+    while call.results is None:
+        with call.retrying():
+            async with transaction() as conn:
+                call.results = [
+                    await (await conn.execute(q, p)).fetchall() for q, p in call.statements
+                ]
+    return call.rows()
 
 
 _BY_SQLSTATE = {"TR400": BadInput, "TR404": TaskNotFound, "TR409": IllegalTransition}

@@ -9,11 +9,11 @@ import httpx
 import pytest
 
 from taskrunner.config import Config
+from taskrunner.worker.retrypolicy import retry_delay_ms
 from taskrunner.worker.webhooks import (
     WorkItem,
     build_request,
     parse_cancel_actions,
-    retry_delay_ms,
     with_handle,
 )
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -228,15 +227,3 @@ def _normalise_action(entry: Any) -> tuple[dict[str, Any], str | None]:
     if not isinstance(headers, dict):
         return {}, "params.headers is not an object"
     return {"url": url, "verb": verb, "body": params.get("body"), "headers": headers}, None
-
-
-def retry_delay_ms(attempt: int, config: Config) -> int | None:
-    """Delay before the next attempt: exponential backoff with full jitter.
-
-    None once ``attempt`` reached ``webhook_max_attempts`` (the SQL then gives up). At
-    least 1 ms, so a retry is always scheduled strictly after the failed attempt.
-    """
-    if attempt >= config.webhook_max_attempts:
-        return None
-    cap = min(config.webhook_backoff_max, config.webhook_backoff_base * 2 ** (attempt - 1))
-    return max(1, int(random.uniform(0, cap) * 1000))
