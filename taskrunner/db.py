@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,17 @@ def wrap_exceptions() -> Iterator[None]:
         raise
     except psycopg_pool.PoolTimeout as exc:
         raise DatabaseUnavailable("database unavailable") from exc
+
+
+@contextlib.asynccontextmanager
+async def async_transaction(
+    pool: psycopg_pool.AsyncConnectionPool,
+) -> AsyncIterator[psycopg.AsyncConnection]:
+    """A transaction on a connection from an asyncio pool, its errors mapped by
+    ``wrap_exceptions`` (the worker's form of the API store's ``_transaction``)."""
+    with wrap_exceptions():
+        async with pool.connection() as conn, conn.transaction():
+            yield conn
 
 
 def connect(url: str, **kwargs) -> psycopg.Connection:

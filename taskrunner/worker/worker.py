@@ -21,7 +21,6 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -33,9 +32,9 @@ from taskrunner.config import Config
 from taskrunner.db import (
     QUERIES,
     DatabaseUnavailable,
+    async_transaction,
     create_async_pool,
     run_with_stats_async,
-    wrap_exceptions,
 )
 from taskrunner.worker import retrypolicy, webhooks
 from taskrunner.worker.outcomes import Outcome, OutcomeRecorder
@@ -191,13 +190,8 @@ class Worker:
 
     async def _call(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """Run a named query in its own transaction, feeding its transitions to metrics."""
-        return await run_with_stats_async(self._transaction, query, params)
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection]:
-        with wrap_exceptions():
-            async with self._pool.connection() as conn, conn.transaction():
-                yield conn
+        transaction = functools.partial(async_transaction, self._pool)
+        return await run_with_stats_async(transaction, query, params)
 
     # --- one webhook ---------------------------------------------------------------------
 
