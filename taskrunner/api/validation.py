@@ -18,6 +18,7 @@ import fastjsonschema
 import httpx
 from jsonschema import Draft202012Validator, ValidationError
 
+from taskrunner import vocabulary as vocab
 from taskrunner.netguard import Policy
 
 # The limits the API enforces (name -> value). Anything above is a 400 (body: 413).
@@ -49,12 +50,11 @@ LIMITS: dict[str, int] = {
     "reported_errors": 100,  # details listed in one 400 response
 }
 
-STATUSES = ("Waiting", "Pending", "Running", "Success", "Failure", "Canceled", "Paused")
-VERBS = ("Get", "Post", "Put", "Patch", "Delete")
 DEFAULT_PER_PAGE = 50
 _RULE_NAMES = {"concurency", "concurrency"}
 _MAX_KEYS = ("max_concurency", "max_concurrency")
-_ACTION_LISTS = {"on_success": "success", "on_failure": "failure", "on_cancel": "cancel"}
+# the task fields that hold a list of actions -> their event
+_ACTION_LISTS = {field: event for event, field in vocab.ACTION_FIELDS.items() if event != "start"}
 
 
 class Invalid(Exception):
@@ -110,7 +110,7 @@ _UUID = {
 _MATCHER = _object(
     {
         "kind": _text(LIMITS["kind_chars"]),
-        "status": _one_of(*STATUSES),
+        "status": _one_of(*vocab.STATUS_LABELS),
         "fields": {
             "type": "array",
             "items": _text(LIMITS["field_chars"]),
@@ -126,11 +126,11 @@ _RULE_BODY = _object(
 )
 
 
-def _action(trigger: str) -> dict:
+def _action(event: str) -> dict:
     params = _object(
         {
             "url": {"type": "string", "maxLength": LIMITS["url_chars"]},
-            "verb": _one_of(*VERBS),
+            "verb": _one_of(*vocab.VERB_LABELS),
             "body": {},
             "headers": {
                 "type": "object",
@@ -150,6 +150,7 @@ def _action(trigger: str) -> dict:
         },
         required=["url", "verb"],
     )
+    trigger = vocab.TRIGGER_LABELS[event]
     return _object(
         {
             "kind": _one_of("Webhook"),
@@ -160,18 +161,20 @@ def _action(trigger: str) -> dict:
     )
 
 
+def _actions_list(event: str) -> dict:
+    return _array(_action(event), LIMITS["actions_per_list"])
+
+
 _TASK = _object(
     {
         "id": _text(LIMITS["local_id_chars"]),
         "name": _text(LIMITS["name_chars"]),
         "kind": _text(LIMITS["kind_chars"]),
-        "timeout": _int(1, 86400),
-        "priority": _int(-1000, 1000),
+        "timeout": _int(*vocab.TIMEOUT_SECONDS),
+        "priority": _int(*vocab.PRIORITY_RANGE),
         "metadata": {"type": "object"},
-        "on_start": _action("Start"),
-        "on_success": _array(_action("End"), LIMITS["actions_per_list"]),
-        "on_failure": _array(_action("End"), LIMITS["actions_per_list"]),
-        "on_cancel": _array(_action("Cancel"), LIMITS["actions_per_list"]),
+        "on_start": _action("start"),
+        **{field: _actions_list(event) for field, event in _ACTION_LISTS.items()},
         "dependencies": {
             "type": "array",
             "maxItems": LIMITS["dependencies"],
@@ -188,7 +191,7 @@ _TASK = _object(
 _BATCH = {"type": "array", "minItems": 1, "maxItems": LIMITS["batch_tasks"], "items": _TASK}
 _PATCH = _object(
     {
-        "status": _one_of("Success", "Failure"),
+        "status": _one_of(*vocab.REPORTED_STATUS_LABELS),
         "new_success": _COUNT,
         "new_failures": _COUNT,
         "metadata": {"type": "object"},
@@ -209,6 +212,8 @@ SCHEMAS: dict[str, dict] = {
     "counters": _COUNTERS,
     "put_item": _PUT_ITEM,
     "put_batch": _PUT_BATCH,
+    # the cancel actions a start webhook's response registers: the same as on_cancel
+    "cancel_actions": _actions_list("cancel"),
 }
 _VALIDATORS = {name: Draft202012Validator(schema) for name, schema in SCHEMAS.items()}
 # The same schemas compiled to Python code: the fast yes/no for valid input (POST /task
@@ -390,6 +395,13 @@ def _actions(task: dict, i: int, policy: Policy | None) -> tuple[list[dict], lis
     placed = [("start", task["on_start"], [i, "on_start"])]
     for key, event in _ACTION_LISTS.items():
         placed += [(event, a, [i, key, j]) for j, a in enumerate(task.get(key, []))]
+    return _normalised_actions(placed, policy)
+
+
+def _normalised_actions(
+    placed: Iterable[tuple[str, dict, list[Any]]], policy: Policy | None
+) -> tuple[list[dict], list[str]]:
+    """Shape-valid ``(event, action, path)`` -> the create_batch form, with URL problems."""
     actions, errors = [], []
     for event, action, path in placed:
         params = _drop_nulls(action["params"])
@@ -404,6 +416,23 @@ def _actions(task: dict, i: int, policy: Policy | None) -> tuple[list[dict], lis
             }
         )
     return actions, errors
+
+
+def cancel_actions_input(entries: Any, policy: Policy | None = None) -> list[dict]:
+    """The cancel actions a start webhook's response registers -> the ``cancel_actions``
+    form of ``finish_deliveries`` (``{url, verb, body, headers}``).
+
+    The same rules as a task's ``on_cancel`` at creation (count, URL, verb, headers), by
+    the same code; raises Invalid (paths are positions in the response).
+    """
+    errors = schema_errors("cancel_actions", entries)
+    if errors:
+        raise Invalid(errors)
+    placed = [("cancel", action, [j]) for j, action in enumerate(entries)]
+    actions, errors = _normalised_actions(placed, policy)
+    if errors:
+        raise Invalid(errors)
+    return [{k: v for k, v in a.items() if k != "event"} for a in actions]
 
 
 def _dependencies(task: dict, i: int, local_ids: Mapping[str, int]) -> tuple[list, list[str]]:
@@ -478,8 +507,8 @@ def _task(
         "local_id": task["id"],
         "name": task["name"],
         "kind": task["kind"],
-        "timeout": int(task.get("timeout", 60)),
-        "priority": int(task.get("priority", 0)),
+        "timeout": int(task.get("timeout", vocab.DEFAULT_TIMEOUT_SECONDS)),
+        "priority": int(task.get("priority", vocab.DEFAULT_PRIORITY)),
         "metadata": metadata,
         "rules": rules,
         "dedupe": dedupe,
@@ -635,8 +664,8 @@ def list_filters(params: Mapping[str, str]) -> dict:
     metadata, metadata_errors = _metadata_filter(params.get("metadata"))
     errors += size_errors + metadata_errors
     status = params.get("status") or None
-    if status is not None and status.capitalize() not in STATUSES:
-        errors.append(f"status: must be one of {', '.join(STATUSES)}")
+    if status is not None and status.lower() not in vocab.TASK_STATUSES:
+        errors.append(f"status: must be one of {', '.join(vocab.STATUS_LABELS)}")
     batch_id = params.get("batch_id") or None
     if batch_id is not None and parse_uuid(batch_id) is None:
         errors.append("batch_id: must be a UUID")
