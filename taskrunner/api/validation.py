@@ -583,12 +583,9 @@ def update_input(body: Any) -> dict:
     if errors:
         raise Invalid(errors)
     status = body.get("status", "").lower() or None
+    # failure_reason iff Failure: update_task owns that rule (a TR400 the API shows as 400)
     reason = body.get("failure_reason")
     errors = _metadata_errors(body.get("metadata"), ["metadata"])
-    if status == "failure" and reason is None:
-        errors.append("failure_reason: is required when status is Failure")
-    if reason is not None and status != "failure":
-        errors.append("failure_reason: only allowed when status is Failure")
     if errors:
         raise Invalid(errors)
     metadata = body.get("metadata")
