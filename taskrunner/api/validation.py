@@ -215,12 +215,97 @@ SCHEMAS: dict[str, dict] = {
     # the cancel actions a start webhook's response registers: the same as on_cancel
     "cancel_actions": _actions_list("cancel"),
 }
-_VALIDATORS = {name: Draft202012Validator(schema) for name, schema in SCHEMAS.items()}
-# The same schemas compiled to Python code: the fast yes/no for valid input (POST /task
-# spent ~80% of its time in jsonschema, docs/performance.md S5). Only a "no" goes on to
-# jsonschema, which words every error. The schemas use only keywords both libraries read
-# alike (tests/test_validation_fast_path.py checks the fast path is never more permissive).
-_FAST_VALIDATORS = {name: fastjsonschema.compile(schema) for name, schema in SCHEMAS.items()}
+# Schemas are checked in two passes. The fast one (fastjsonschema, compiled to Python code)
+# says yes or no: POST /task spent ~80% of its time in jsonschema (docs/performance.md S5).
+# Only a "no" goes on to jsonschema, which words every error, and only where the fast pass
+# points (_Finder). The schemas use only keywords both libraries read alike
+# (tests/test_validation_fast_path.py checks the fast path is never more permissive).
+_FAST: dict[int, tuple[dict, Any]] = {}  # id(schema) -> (schema, compiled check)
+_SLOW: dict[int, tuple[dict, Draft202012Validator]] = {}
+_SHALLOW: dict[int, tuple[dict, dict]] = {}  # id(schema) -> (schema, its shallow form)
+
+
+def _passes(schema: dict, instance: Any) -> bool:
+    """The fast yes/no (compiled on first use; schemas are module constants)."""
+    if id(schema) not in _FAST:
+        _FAST[id(schema)] = (schema, fastjsonschema.compile(schema))
+    try:
+        _FAST[id(schema)][1](instance)
+    except fastjsonschema.JsonSchemaException:
+        return False
+    return True
+
+
+def _slow(schema: dict) -> Draft202012Validator:
+    if id(schema) not in _SLOW:
+        _SLOW[id(schema)] = (schema, Draft202012Validator(schema))
+    return _SLOW[id(schema)][1]
+
+
+def _shallow(schema: dict) -> dict:
+    """The schema without what it says about its children: the container's own rules
+    (type, size, required and unknown keys, key names)."""
+    if id(schema) not in _SHALLOW:
+        out = {k: v for k, v in schema.items() if k != "items"}
+        if "properties" in out:
+            out["properties"] = dict.fromkeys(out["properties"], {})
+        if isinstance(out.get("additionalProperties"), dict):
+            out["additionalProperties"] = True
+        _SHALLOW[id(schema)] = (schema, out)
+    return _SHALLOW[id(schema)][1]
+
+
+def _children(schema: dict, instance: Any) -> list[tuple[dict, Any, Any]] | None:
+    """``(schema, value, key)`` of each child the schema describes; None for a leaf."""
+    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        return [(schema["items"], v, i) for i, v in enumerate(instance)]
+    if isinstance(instance, dict) and "properties" in schema:
+        properties = schema["properties"]
+        return [(properties[k], v, k) for k, v in instance.items() if k in properties]
+    if isinstance(instance, dict) and isinstance(schema.get("additionalProperties"), dict):
+        return [(schema["additionalProperties"], v, k) for k, v in instance.items()]
+    return None
+
+
+class _Finder:
+    """Where an instance breaks a schema, at a cost bounded by the fast pass.
+
+    It descends only into the parts the fast pass refuses, words (with jsonschema) only a
+    container's own rules and the failing leaves, never looks inside a container that is
+    already too big, and once ``budget`` problems are worded it only counts further
+    failing places (``"<path>: invalid"``, beyond what Invalid lists), so a large invalid
+    body costs about what a valid one does (issue 13.11).
+    """
+
+    _SIZE_RULES = frozenset({"maxItems", "maxProperties"})
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.found: dict[str, None] = {}
+
+    def check(self, schema: dict, instance: Any, path: list[Any]) -> None:
+        if _passes(schema, instance):
+            return
+        children = _children(schema, instance)
+        if len(self.found) >= self.budget:
+            self._count(schema, instance, path, children)
+            return
+        own = schema if children is None else _shallow(schema)
+        errors = list(_slow(own).iter_errors(instance))
+        for error in errors:
+            self.found.update(dict.fromkeys(_messages(error, path)))
+        if children is None or any(e.validator in self._SIZE_RULES for e in errors):
+            return
+        for child_schema, value, key in children:
+            self.check(child_schema, value, [*path, key])
+
+    def _count(self, schema: dict, instance: Any, path: list[Any], children: list | None) -> None:
+        if children is None or not _passes(_shallow(schema), instance):
+            self.found[f"{path_text(path)}: invalid"] = None
+            return
+        for child_schema, value, key in children:
+            self.check(child_schema, value, [*path, key])
+
 
 # -- error messages --------------------------------------------------------------------
 
@@ -281,16 +366,11 @@ def _messages(error: ValidationError, base: Sequence[Any]) -> list[str]:
 
 
 def schema_errors(name: str, instance: Any, base: Sequence[Any] = ()) -> list[str]:
-    """Every problem the named schema finds, as details (duplicates removed)."""
-    try:
-        _FAST_VALIDATORS[name](instance)
-        return []
-    except fastjsonschema.JsonSchemaException:
-        pass
-    found: dict[str, None] = {}
-    for error in _VALIDATORS[name].iter_errors(instance):
-        found.update(dict.fromkeys(_messages(error, base)))
-    return list(found)
+    """The problems the named schema finds, as details (duplicates removed): the first
+    ``reported_errors`` worded, the rest only counted (see ``_Finder``)."""
+    finder = _Finder(LIMITS["reported_errors"])
+    finder.check(SCHEMAS[name], instance, list(base))
+    return list(finder.found)
 
 
 # -- small checks shared by the request types --------------------------------------------
