@@ -236,6 +236,11 @@ def _passes(schema: dict, instance: Any) -> bool:
     return True
 
 
+# compiled at import, not on a request (the nested schemas compile when first needed)
+for _schema in SCHEMAS.values():
+    _passes(_schema, None)
+
+
 def _slow(schema: dict) -> Draft202012Validator:
     if id(schema) not in _SLOW:
         _SLOW[id(schema)] = (schema, Draft202012Validator(schema))
