@@ -1,7 +1,9 @@
 """Request validation: the user's JSON -> the normalised input of the SQL functions.
 
-Shapes are checked with JSON Schema (Draft 2020-12, every error collected), cross-field
-rules (local ids, dependencies, cycles, rule fields) in code. Every problem becomes one
+Shapes are checked with JSON Schema (Draft 2020-12; the first 100 problems worded, the
+rest counted, at a cost bounded by the compiled fast check), cross-field rules (local ids,
+dependencies, cycles, rule fields) in code. Enums, ranges and defaults come from
+``taskrunner.vocabulary``. Every problem becomes one
 ``"<path>: <problem>"`` detail, e.g. ``"[2].dependencies[0].id: unknown local id 'x'"``;
 ``Invalid`` carries them all. Enum values are accepted in any letter case. ``null`` for an
 optional field means "absent" (clients that serialise empty options as null work as is).

@@ -6,7 +6,9 @@ its JSON body and headers, plus ``X-Task-Id``, ``X-Task-Trigger`` and an
 ``Idempotency-Key`` (the delivery id, stable across retries). Redirects are never
 followed: a 3xx is a failure like any other non-2xx answer. Every connection goes through
 the SSRF guard (``taskrunner.netguard``); a refused URL is a final failure
-(``blocked: <reason>``), never retried.
+(``blocked: <reason>``), never retried. Cancel actions in a start's response are checked
+by the code that checks ``on_cancel`` at creation; a response that breaks those rules
+fails the start.
 """
 
 from __future__ import annotations
