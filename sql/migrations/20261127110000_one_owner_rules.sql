@@ -7,8 +7,6 @@
 --   on_cancel at creation (taskrunner.api.validation.cancel_actions_input); a missing
 --   verb is no longer filled in with POST here: the action table's NOT NULL refuses it.
 
--- The failure_reason rule, one owner and one wording for update_task and complete_tasks
--- (the API shows the text as the 400's detail): a reason iff the status is failure.
 CREATE FUNCTION taskrunner._failure_reason_problem(p_status taskrunner.task_status,
                                                   p_reason text)
 RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
@@ -19,6 +17,9 @@ RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
             THEN 'failure_reason: only allowed when status is Failure'
     END
 $$;
+COMMENT ON FUNCTION taskrunner._failure_reason_problem(taskrunner.task_status, text) IS
+'The failure_reason rule, one owner and one wording for update_task and complete_tasks (the
+API shows the text as the 400''s detail): a reason iff the status is failure. NULL: no problem.';
 
 CREATE OR REPLACE FUNCTION taskrunner.update_task(p_id uuid,
                                        p_status taskrunner.task_status DEFAULT NULL,
