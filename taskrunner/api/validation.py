@@ -9,6 +9,7 @@ optional field means "absent" (clients that serialise empty options as null work
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -200,6 +201,10 @@ _PUT_ITEM = _object(
     {"task_id": _UUID, "new_success": _COUNT, "new_failures": _COUNT}, required=["task_id"]
 )
 _PUT_BATCH = {"type": "array", "maxItems": LIMITS["batch_tasks"], "items": _PUT_ITEM}
+_BATCH_RULES = _object(
+    {"kind": _text(LIMITS["kind_chars"]), "rules": _array({"type": "object"}, LIMITS["rules"])},
+    required=["kind", "rules"],
+)
 
 # The request schemas by name (the OpenAPI document reuses them, taskrunner/api/openapi.py)
 SCHEMAS: dict[str, dict] = {
@@ -209,6 +214,7 @@ SCHEMAS: dict[str, dict] = {
     "counters": _COUNTERS,
     "put_item": _PUT_ITEM,
     "put_batch": _PUT_BATCH,
+    "batch_rules": _BATCH_RULES,
 }
 _VALIDATORS = {name: Draft202012Validator(schema) for name, schema in SCHEMAS.items()}
 # The same schemas compiled to Python code: the fast yes/no for valid input (POST /task
@@ -627,33 +633,107 @@ def _metadata_filter(raw: str | None) -> tuple[str | None, list[str]]:
     return json.dumps(value), []
 
 
-def list_filters(params: Mapping[str, str]) -> dict:
-    """GET /task query string -> the parameters of the ``list_tasks`` query."""
+def _pagination(params: Mapping[str, str]) -> tuple[dict, list[str]]:
+    """``page`` (0-based) and ``per_page`` (alias ``page_size``) -> ``limit``/``offset``."""
     page, errors = _query_int(params, "page", 0, 0, LIMITS["page"])
     size_name = "per_page" if "per_page" in params else "page_size"
     per_page, size_errors = _query_int(params, size_name, DEFAULT_PER_PAGE, 1, LIMITS["per_page"])
-    metadata, metadata_errors = _metadata_filter(params.get("metadata"))
-    errors += size_errors + metadata_errors
-    status = params.get("status") or None
-    if status is not None and status.capitalize() not in STATUSES:
-        errors.append(f"status: must be one of {', '.join(STATUSES)}")
-    batch_id = params.get("batch_id") or None
-    if batch_id is not None and parse_uuid(batch_id) is None:
-        errors.append("batch_id: must be a UUID")
-    for name in ("kind", "name"):
+    return {"limit": per_page, "offset": page * per_page}, errors + size_errors
+
+
+def _text_filter_errors(params: Mapping[str, str], names: Iterable[str]) -> list[str]:
+    errors = []
+    for name in names:
         value = params.get(name) or ""
         if len(value) > LIMITS["filter_chars"]:
             errors.append(f"{name}: must be at most {LIMITS['filter_chars']} characters")
         elif "\x00" in value:
             errors.append(f"{name}: must not contain NUL characters")
+    return errors
+
+
+def _status_filter(
+    params: Mapping[str, str], allowed: Sequence[str]
+) -> tuple[str | None, list[str]]:
+    status = params.get("status") or None
+    if status is not None and status.capitalize() not in allowed:
+        return None, [f"status: must be one of {', '.join(allowed)}"]
+    return (status.lower() if status else None), []
+
+
+def list_filters(params: Mapping[str, str]) -> dict:
+    """GET /task query string -> the parameters of the ``list_tasks`` query."""
+    paging, errors = _pagination(params)
+    metadata, metadata_errors = _metadata_filter(params.get("metadata"))
+    status, status_errors = _status_filter(params, STATUSES)
+    errors += metadata_errors + status_errors
+    batch_id = params.get("batch_id") or None
+    if batch_id is not None and parse_uuid(batch_id) is None:
+        errors.append("batch_id: must be a UUID")
+    errors += _text_filter_errors(params, ("kind", "name"))
     if errors:
         raise Invalid(errors)
     return {
-        "status": status.lower() if status else None,
+        "status": status,
         "kind": params.get("kind") or None,
         "name": params.get("name") or None,
         "batch_id": batch_id,
         "metadata": metadata,
-        "limit": per_page,
-        "offset": page * per_page,
+        **paging,
     }
+
+
+# -- the batch routes (taskrunner/api/batches.py) ----------------------------------------
+
+# GET /batches?status=: a task status, or Claimed (running, start not yet acknowledged)
+BATCH_STATUSES = (*STATUSES, "Claimed")
+
+
+def _time_filter(params: Mapping[str, str], name: str) -> tuple[dt.datetime | None, list[str]]:
+    raw = params.get(name) or None
+    if raw is None:
+        return None, []
+    try:
+        value = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        return None, [f"{name}: must be an ISO 8601 date-time, e.g. 2026-11-27T14:00:00Z"]
+    # a time without an offset is UTC (never the server's time zone)
+    return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)), []
+
+
+def batch_list_filters(params: Mapping[str, str]) -> dict:
+    """GET /batches query string -> the parameters of the ``list_batches`` query."""
+    paging, errors = _pagination(params)
+    status, status_errors = _status_filter(params, BATCH_STATUSES)
+    after, after_errors = _time_filter(params, "created_after")
+    before, before_errors = _time_filter(params, "created_before")
+    errors += status_errors + after_errors + before_errors
+    errors += _text_filter_errors(params, ("kind", "name"))
+    if errors:
+        raise Invalid(errors)
+    return {
+        "status": status,
+        "kind": params.get("kind") or None,
+        "name": params.get("name") or None,
+        "created_after": after,
+        "created_before": before,
+        **paging,
+    }
+
+
+def batch_rules_input(body: Any) -> dict:
+    """PATCH /batch/{id}/rules body -> ``{kind, rules}`` with the rules normalised as at
+    creation (either rule form; the metadata fields are checked by ``set_batch_rules``,
+    which sees each task's metadata)."""
+    body = _drop_nulls(body)
+    errors = schema_errors("batch_rules", body)
+    if errors:
+        raise Invalid(errors)
+    rules = []
+    for j, raw in enumerate(body["rules"]):
+        rule, _, rule_errors = _rule(raw, ["rules", j])
+        errors += rule_errors
+        rules.append(rule)
+    if errors:
+        raise Invalid(errors)
+    return {"kind": body["kind"], "rules": rules}
