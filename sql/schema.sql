@@ -1381,6 +1381,19 @@ END $$;
 
 
 --
+-- Name: tg_task__batch_truncate(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.tg_task__batch_truncate() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    TRUNCATE taskrunner.batch, taskrunner.batch_delta;
+    RETURN NULL;
+END $$;
+
+
+--
 -- Name: tg_task__batch_update(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -2174,6 +2187,13 @@ CREATE TRIGGER _500_batch_counts_delete AFTER DELETE ON taskrunner.task REFERENC
 --
 
 CREATE TRIGGER _500_batch_counts_insert AFTER INSERT ON taskrunner.task REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION taskrunner.tg_task__batch_insert();
+
+
+--
+-- Name: task _500_batch_counts_truncate; Type: TRIGGER; Schema: taskrunner; Owner: -
+--
+
+CREATE TRIGGER _500_batch_counts_truncate AFTER TRUNCATE ON taskrunner.task FOR EACH STATEMENT EXECUTE FUNCTION taskrunner.tg_task__batch_truncate();
 
 
 --

@@ -183,6 +183,17 @@ def test_deleted_tasks_leave_the_counts_and_an_emptied_batch_disappears(conn):
     assert summaries(conn) == {}
 
 
+def test_truncating_the_tasks_empties_the_counts(conn):
+    create_batch(conn, [task_spec("a")])
+    claim(conn)
+    conn.execute(
+        "TRUNCATE taskrunner.task, taskrunner.dependency, taskrunner.action, "
+        "taskrunner.delivery, taskrunner.delivery_attempt, taskrunner.task_history"
+    )
+    assert summaries(conn) == {}
+    assert conn.execute("SELECT count(*) AS n FROM taskrunner.batch").fetchone()["n"] == 0
+
+
 def test_a_fold_leaves_deltas_of_open_transactions_for_later(conn, other):
     batch = batch_of(create_batch(conn, [task_spec("a"), task_spec("b")]))
     claim(other, 1)  # open: its delta is not visible yet
