@@ -633,54 +633,43 @@ def _metadata_filter(raw: str | None) -> tuple[str | None, list[str]]:
     return json.dumps(value), []
 
 
-def _pagination(params: Mapping[str, str]) -> tuple[dict, list[str]]:
-    """``page`` (0-based) and ``per_page`` (alias ``page_size``) -> ``limit``/``offset``."""
+def _common_filters(params: Mapping[str, str], statuses: Sequence[str]) -> tuple[dict, list[str]]:
+    """What GET /task and GET /batches share: ``page`` (0-based), ``per_page`` (alias
+    ``page_size``) -> ``limit``/``offset``; ``status``; the ``kind`` and ``name`` texts."""
     page, errors = _query_int(params, "page", 0, 0, LIMITS["page"])
     size_name = "per_page" if "per_page" in params else "page_size"
     per_page, size_errors = _query_int(params, size_name, DEFAULT_PER_PAGE, 1, LIMITS["per_page"])
-    return {"limit": per_page, "offset": page * per_page}, errors + size_errors
-
-
-def _text_filter_errors(params: Mapping[str, str], names: Iterable[str]) -> list[str]:
-    errors = []
-    for name in names:
+    errors += size_errors
+    status = params.get("status") or None
+    if status is not None and status.capitalize() not in statuses:
+        errors.append(f"status: must be one of {', '.join(statuses)}")
+    for name in ("kind", "name"):
         value = params.get(name) or ""
         if len(value) > LIMITS["filter_chars"]:
             errors.append(f"{name}: must be at most {LIMITS['filter_chars']} characters")
         elif "\x00" in value:
             errors.append(f"{name}: must not contain NUL characters")
-    return errors
-
-
-def _status_filter(
-    params: Mapping[str, str], allowed: Sequence[str]
-) -> tuple[str | None, list[str]]:
-    status = params.get("status") or None
-    if status is not None and status.capitalize() not in allowed:
-        return None, [f"status: must be one of {', '.join(allowed)}"]
-    return (status.lower() if status else None), []
+    filters = {
+        "status": status.lower() if status else None,
+        "kind": params.get("kind") or None,
+        "name": params.get("name") or None,
+        "limit": per_page,
+        "offset": page * per_page,
+    }
+    return filters, errors
 
 
 def list_filters(params: Mapping[str, str]) -> dict:
     """GET /task query string -> the parameters of the ``list_tasks`` query."""
-    paging, errors = _pagination(params)
+    filters, errors = _common_filters(params, STATUSES)
     metadata, metadata_errors = _metadata_filter(params.get("metadata"))
-    status, status_errors = _status_filter(params, STATUSES)
-    errors += metadata_errors + status_errors
+    errors += metadata_errors
     batch_id = params.get("batch_id") or None
     if batch_id is not None and parse_uuid(batch_id) is None:
         errors.append("batch_id: must be a UUID")
-    errors += _text_filter_errors(params, ("kind", "name"))
     if errors:
         raise Invalid(errors)
-    return {
-        "status": status,
-        "kind": params.get("kind") or None,
-        "name": params.get("name") or None,
-        "batch_id": batch_id,
-        "metadata": metadata,
-        **paging,
-    }
+    return {**filters, "batch_id": batch_id, "metadata": metadata}
 
 
 # -- the batch routes (taskrunner/api/batches.py) ----------------------------------------
@@ -703,22 +692,13 @@ def _time_filter(params: Mapping[str, str], name: str) -> tuple[dt.datetime | No
 
 def batch_list_filters(params: Mapping[str, str]) -> dict:
     """GET /batches query string -> the parameters of the ``list_batches`` query."""
-    paging, errors = _pagination(params)
-    status, status_errors = _status_filter(params, BATCH_STATUSES)
+    filters, errors = _common_filters(params, BATCH_STATUSES)
     after, after_errors = _time_filter(params, "created_after")
     before, before_errors = _time_filter(params, "created_before")
-    errors += status_errors + after_errors + before_errors
-    errors += _text_filter_errors(params, ("kind", "name"))
+    errors += after_errors + before_errors
     if errors:
         raise Invalid(errors)
-    return {
-        "status": status,
-        "kind": params.get("kind") or None,
-        "name": params.get("name") or None,
-        "created_after": after,
-        "created_before": before,
-        **paging,
-    }
+    return {**filters, "created_after": after, "created_before": before}
 
 
 def batch_rules_input(body: Any) -> dict:
