@@ -225,3 +225,21 @@ def why_not_running(value: dict | None) -> dict | None:
     if "rules" in out:
         out["rules"] = [{**r, "rule": rule(r["rule"])} for r in out["rules"]]
     return out
+
+
+def problem_delivery(row: dict) -> dict:
+    """One ``delivery_problems`` row with its task's name and batch (``GET /problems``)."""
+    return {
+        "id": row["id"],
+        "task_id": row["task_id"],
+        "task_name": row["task_name"],
+        "batch_id": row["batch_id"],
+        "trigger": TRIGGER_LABELS[row["event"]],
+        "status": delivery_status_label(row["status"]),
+        "attempt_count": row["attempts"],
+        "next_attempt_at": row["next_attempt_at"],
+        "last_status_code": row["last_status_code"],
+        "last_error": row["last_error"],
+        "url": row["url"],
+        "verb": verb_label(row["verb"]),
+    }
