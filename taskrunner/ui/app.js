@@ -22,7 +22,8 @@ function h(spec, attrs, ...children) {
   const [tag, ...classes] = spec.split(".");
   const el = document.createElement(tag);
   if (classes.length) el.className = classes.join(" ");
-  if (attrs && (typeof attrs !== "object" || attrs instanceof Node || Array.isArray(attrs))) {
+  const plain = attrs !== null && typeof attrs === "object" && !(attrs instanceof Node) && !Array.isArray(attrs);
+  if (!plain) {
     children.unshift(attrs);
     attrs = null;
   }
@@ -398,7 +399,7 @@ async function showPanel(taskId, groupId) {
     buttons.push(h("button", { id: "task-resume", onclick: () => act(`Resume task "${task.name}"?`, "PATCH", `/task/resume/${task.id}`, undefined, () => "Task resumed") }, "Resume"));
   }
   const field = (k, v) => [h("dt", k), h("dd", v ?? "—")];
-  panel.replaceChildren(
+  panel.replaceChildren(h("div",
     h("button.close", { onclick: hidePanel, title: "Close" }, "✕"),
     h("h2.task-title", { "data-task-id": task.id }, `${statusOf(task.status).icon} ${task.name}`),
     h("div", badge(task.status), " ", h("span.actions", { style: "display:inline-flex" }, buttons)),
@@ -425,7 +426,7 @@ async function showPanel(taskId, groupId) {
     h("h3", "History"),
     h("table.history", h("thead", h("tr", ["At", "From", "To", "Reason", "By"].map((c) => h("th", c)))),
       h("tbody", history.map((x) => h("tr", h("td", time(x.at)), h("td", x.from ? badge(x.from) : "—"),
-        h("td", badge(x.to)), h("td", x.reason ?? ""), h("td.muted", x.actor ?? ""))))));
+        h("td", badge(x.to)), h("td", x.reason ?? ""), h("td.muted", x.actor ?? "")))))));
   panel.hidden = false;
 }
 
@@ -457,7 +458,7 @@ function actionsBlock(task) {
       h("div", "delivery ", badge(d.status), ` ${d.attempt_count} attempt(s)`,
         d.last_status_code ? `, last HTTP ${d.last_status_code}` : "",
         d.last_error ? h("span.error", ` ${d.last_error}`) : "",
-        d.status === "Failed" ? h("button", { class: "retry", style: "margin-left:6px", onclick: () => act("Retry this webhook delivery?", "POST", `/delivery/${d.id}/retry`, undefined, () => "Delivery queued again") }, "Retry") : ""),
+        d.status === "Failed" && a.trigger !== "Start" ? h("button", { class: "retry", style: "margin-left:6px", onclick: () => act("Retry this webhook delivery?", "POST", `/delivery/${d.id}/retry`, undefined, () => "Delivery queued again") }, "Retry") : ""),
       d.attempts.length ? h("table.attempts", h("thead", h("tr", ["#", "Worker", "Started", "Finished", "HTTP", "Error"].map((c) => h("th", c)))),
         h("tbody", d.attempts.map((x) => h("tr", h("td", x.attempt), h("td.mono", x.worker ?? ""), h("td", time(x.started_at)),
           h("td", time(x.finished_at)), h("td", x.status_code ?? ""), h("td.error", x.error ?? ""))))) : null))
@@ -468,13 +469,13 @@ function showGroup(groupId) {
   const node = state.dagView && state.dagView.graph.nodes.find((n) => n.id === groupId);
   if (!node || !node.tasks) return;
   const counts = groupCounts(node.tasks);
-  panel.replaceChildren(
+  panel.replaceChildren(h("div",
     h("button.close", { onclick: hidePanel }, "✕"),
     h("h2", `${node.kind} · ${node.label}`),
     h("p", `${node.tasks.length} tasks: `, Object.entries(counts).map(([s, c]) => [badge(s), ` ${c} `])),
     h("table", h("tbody", node.tasks.slice(0, TABLE_ROWS).map((t) =>
       h("tr.clickable", { "data-task-id": t.id, onclick: () => openTask(t.id) }, h("td", t.name), h("td", badge(t.status)))))),
-    node.tasks.length > TABLE_ROWS ? h("p.muted", `first ${TABLE_ROWS} shown; the Table view filters all`) : null);
+    node.tasks.length > TABLE_ROWS ? h("p.muted", `first ${TABLE_ROWS} shown; the Table view filters all`) : null));
   panel.hidden = false;
 }
 
@@ -484,7 +485,7 @@ async function showProblems() {
   const batch = route.params.get("batch_id");
   state = { view: "problems" };
   const p = await get(`/problems${batch ? `?batch_id=${encodeURIComponent(batch)}` : ""}`);
-  main.replaceChildren(
+  main.replaceChildren(h("div",
     h("h1", "Problems", batch ? h("span.muted", ` in batch ${short(batch)} `) : "",
       batch ? h("a", { href: "#/problems", style: "font-size:13px" }, "(all batches)") : ""),
     h("h2", "Failing webhook deliveries"),
@@ -494,7 +495,7 @@ async function showProblems() {
         h("td", h("a", { href: `#/task/${d.task_id}` }, d.task_name)), h("td", d.trigger), h("td", badge(d.status)),
         h("td.num", d.attempt_count), h("td", d.last_status_code ?? ""), h("td.error", d.last_error ?? ""),
         h("td.mono", `${d.verb} ${d.url}`),
-        h("td", d.status === "Failed" ? h("button", { class: "retry", onclick: () => act("Retry this webhook delivery?", "POST", `/delivery/${d.id}/retry`, undefined, () => "Delivery queued again") }, "Retry") : "")))))
+        h("td", d.status === "Failed" && d.trigger !== "Start" ? h("button", { class: "retry", onclick: () => act("Retry this webhook delivery?", "POST", `/delivery/${d.id}/retry`, undefined, () => "Delivery queued again") }, "Retry") : "")))))
       : h("p.muted", "None."),
     h("h2", "Running longest"),
     p.running.length ? h("table.problem-running",
@@ -503,8 +504,8 @@ async function showProblems() {
         h("td", h("a", { href: `#/task/${t.id}` }, t.name)), h("td", t.kind),
         h("td.mono", h("a", { href: `#/batch/${t.batch_id}/dag` }, short(t.batch_id))),
         h("td.mono", t.claimed_by ?? ""), h("td", time(t.started_at || t.claimed_at)),
-        h("td.num", duration(t.started_at || t.claimed_at)), h("td", time(t.timeout_at)))))))
-      : h("p.muted", "No task is running."));
+        h("td.num", duration(t.started_at || t.claimed_at)), h("td", time(t.timeout_at))))))
+      : h("p.muted", "No task is running.")));
 }
 
 // -- refresh --------------------------------------------------------------------------------
