@@ -12,6 +12,7 @@ import { STATUS, TERMINAL, statusOf } from "./status.js";
 const REFRESH_MS = 2000;
 const TABLE_ROWS = 500; // rows drawn at once in the table; the filter narrows the rest
 const TIMELINE_ROWS = 300;
+const PER_PAGE = 50; // batches per page of the list
 const main = document.getElementById("main");
 const panel = document.getElementById("panel");
 
@@ -40,7 +41,7 @@ function h(spec, attrs, ...children) {
   return el;
 }
 
-const badge = (status) => h(`span.badge.st-${status}`, `${statusOf(status).icon ?? ""} ${status}`.trim());
+const badge = (status) => h(`span.badge.st-${status}`, STATUS[status] ? `${STATUS[status].icon} ${status}` : status);
 const time = (v) => (v ? new Date(v).toLocaleString() : "—");
 const short = (id) => String(id).slice(0, 8);
 
@@ -181,7 +182,7 @@ async function showBatches(params) {
 }
 
 async function fillBatches(body, params) {
-  const q = new URLSearchParams({ per_page: 50, page: params.get("page") || 0 });
+  const q = new URLSearchParams({ per_page: PER_PAGE, page: params.get("page") || 0 });
   for (const k of ["status", "kind", "name", "created_after"]) {
     if (params.get(k)) q.set(k, k === "created_after" ? new Date(params.get(k)).toISOString() : params.get(k));
   }
@@ -199,6 +200,8 @@ async function fillBatches(body, params) {
       h("td", countChips(b.status_counts)));
   }));
   if (!rows.length) body.append(h("tr", h("td", { colspan: 7 }, h("span.muted", "No batches"))));
+  const older = document.getElementById("older");
+  if (older) older.hidden = rows.length < PER_PAGE;
 }
 
 // -- batch page -----------------------------------------------------------------------------

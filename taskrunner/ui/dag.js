@@ -10,7 +10,7 @@ import dagre from "./vendor/dagre.esm.js";
 import { STATUS, statusOf } from "./status.js";
 
 export const FULL_LIMIT = 500;
-const MAX_BANDS = 40;
+const MAX_BANDS = 12; // depth bands of the aggregated view: a screen wide at a readable zoom
 const NODE = { w: 190, h: 40 };
 const GROUP = { w: 220, h: 56 };
 
@@ -79,9 +79,9 @@ function groupedGraph(tasks, links) {
   return { nodes: [...groups.values()], edges: [...seen.values()], grouped: true };
 }
 
-function layout(graph) {
+function layout(graph, rankdir = "LR") {
   const g = new dagre.graphlib.Graph({ multigraph: false });
-  g.setGraph({ rankdir: "LR", nodesep: 12, ranksep: 48, marginx: 20, marginy: 20 });
+  g.setGraph({ rankdir, nodesep: 12, ranksep: 48, marginx: 20, marginy: 20 });
   g.setDefaultEdgeLabel(() => ({}));
   for (const n of graph.nodes) g.setNode(n.id, { width: n.w, height: n.h });
   for (const e of graph.edges) g.setEdge(e.from, e.to);
@@ -160,6 +160,16 @@ export class DagView {
       this.signature = signature;
       this.graph = tasks.length > FULL_LIMIT ? groupedGraph(tasks, links) : fullGraph(tasks, links);
       this.size = layout(this.graph);
+      if (this.graph.grouped) {
+        // a few dozen groups lay out in milliseconds: keep the direction that fits the
+        // screen at the larger (more readable) zoom
+        const r = this.host.getBoundingClientRect();
+        const scale = (z) => Math.min(r.width / z.width, r.height / z.height);
+        const across = this.size;
+        const down = layout(this.graph, "TB");
+        if (scale(down) <= scale(across)) this.size = layout(this.graph, "LR");
+        else this.size = down;
+      }
       this.resize();
       this.fit();
     }
@@ -300,7 +310,7 @@ export class DagView {
       ctx.fillStyle = "#9aa4b1";
       ctx.fill();
     }
-    const detail = k > 0.35; // text is unreadable below this zoom: colours only
+    const detail = k > 0.3; // text is unreadable below this zoom: colours only
     for (const n of this.graph.nodes) {
       if (!visible(n)) continue;
       if (n.task) this.paintTask(ctx, n, detail);
