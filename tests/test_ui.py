@@ -9,6 +9,7 @@ screenshot of each view there (``bin/ui-screenshots`` writes docs/ui/).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -309,15 +310,16 @@ def test_actions_change_the_database(ui, api_only, conn):
     # edit rules of kind etl: the unfinished etl tasks get them, mail keeps none
     page.locator("#edit-rules").click()
     page.select_option("#rules-kind", "etl")
-    rule = '[{"Concurency": {"matcher": {"kind": "etl", "status": "Running", "fields": []}, "max_concurency": 2}}]'
-    page.locator("#rules-text").fill(rule)
+    matcher = {"kind": "etl", "status": "Running", "fields": []}
+    rules = [{"Concurency": {"matcher": matcher, "max_concurency": 2}}]
+    page.locator("#rules-text").fill(json.dumps(rules))
     ui.shot("rules-editor")
     page.locator("#rules-save").click()
     ui.confirm()
-    rules = "SELECT name, jsonb_array_length(rules) AS n FROM taskrunner.task WHERE batch_id = %s"
+    rule_counts = "SELECT name, jsonb_array_length(rules) AS n FROM taskrunner.task WHERE batch_id = %s"
     wait_for(
         lambda: (
-            {r["name"]: r["n"] for r in conn.execute(rules, (batch,))}
+            {r["name"]: r["n"] for r in conn.execute(rule_counts, (batch,))}
             == {"a": 1, "b": 1, "c": 0, "d": 0}
         ),
         10,
