@@ -316,7 +316,9 @@ def test_actions_change_the_database(ui, api_only, conn):
     ui.shot("rules-editor")
     page.locator("#rules-save").click()
     ui.confirm()
-    rule_counts = "SELECT name, jsonb_array_length(rules) AS n FROM taskrunner.task WHERE batch_id = %s"
+    rule_counts = (
+        "SELECT name, jsonb_array_length(rules) AS n FROM taskrunner.task WHERE batch_id = %s"
+    )
     wait_for(
         lambda: (
             {r["name"]: r["n"] for r in conn.execute(rule_counts, (batch,))}
