@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from procs import Reply, Sink, free_port, hook, running, service_env, wait_for, wait_healthy
 
@@ -77,7 +78,20 @@ class Ui:
 @pytest.fixture
 def service(db_url, tmp_path) -> Iterator[dict]:
     """API + one worker + a sink: /start/* completes, /fail/* answers 500."""
-    sink = Sink(respond=lambda req: Reply(500) if req["path"].startswith("/fail") else Reply())
+
+    def complete_once_started(req: dict) -> None:
+        # report the outcome only after the worker recorded the start (started_at), so the
+        # timeline has every task's start: otherwise which one comes first is luck
+        task_id = req["query"]["handle"][0].rsplit("/", 1)[1]
+        with psycopg.connect(db_url) as c:
+            started = "SELECT started_at FROM taskrunner.task WHERE id = %s"
+            wait_for(lambda: c.execute(started, (task_id,)).fetchone()[0], 30, message="start")
+        sink.complete(req)
+
+    sink = Sink(
+        on_start=complete_once_started,
+        respond=lambda req: Reply(500) if req["path"].startswith("/fail") else Reply(),
+    )
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = service_env(
@@ -242,6 +256,7 @@ def test_views_show_the_database_and_retry_a_failed_delivery(ui, service, conn):
         "SELECT count(*) AS n FROM taskrunner.task WHERE batch_id = %s AND started_at IS NOT NULL",
         (batch,),
     ).fetchone()["n"]
+    assert started == 4  # all but broken, whose start webhook failed
     assert page.locator(".tl-row").count() == started
     ui.shot("timeline")
 
@@ -284,6 +299,13 @@ def test_actions_change_the_database(ui, api_only, conn):
         return _statuses(conn, batch)[name]
 
     ui.open(f"#/batch/{batch}/table?task={ids['a']}")
+    # a change made elsewhere shows up by itself (the page polls the batch's fingerprint)
+    badge = page.locator(f"tr[data-task-id='{ids['d']}'] .badge")
+    assert badge.inner_text().endswith("Pending")
+    assert httpx.patch(f"{base}/task/pause/{ids['d']}").status_code == 200
+    page.locator(f"tr[data-task-id='{ids['d']}'] .badge", has_text="Paused").wait_for(
+        timeout=10_000
+    )
     page.locator("#task-pause").click()
     ui.confirm()
     wait_for(lambda: status("a") == "Paused", 10, message="a paused")
@@ -397,6 +419,18 @@ def test_ten_thousand_tasks_open(ui, api_only, conn):
     total = sum(int(re.search(r": (\d+) tasks", t).group(1)) for t in groups.all_inner_texts())
     assert total == 10_000
     ui.shot("dag-10000")
+    # a group opens the list of its tasks
+    first = conn.execute(
+        "SELECT id FROM taskrunner.task WHERE batch_id = %s AND name = 'c0s0'", (batch,)
+    ).fetchone()["id"]
+    ui.click_dag_node(str(first))
+    listed = page.locator("#panel tr[data-task-id]")
+    listed.first.wait_for()
+    assert page.locator(f"#panel tr[data-task-id='{first}']").count() == 1
+    heading = page.locator("#panel h2").inner_text()
+    assert heading.startswith("k0 · depth 0")
+    group_size = re.search(r"(\d+) tasks", page.locator("#panel p").first.inner_text()).group(1)
+    assert listed.count() == min(500, int(group_size))
     # the table shows the first rows and counts them all
     page.locator("[data-tab=table]").click()
     page.get_by_text("10000 tasks, first 500 shown").wait_for()
