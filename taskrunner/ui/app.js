@@ -276,6 +276,7 @@ function pickNode(node) {
 // -- rules editor ---------------------------------------------------------------------------
 
 async function editRules() {
+  if (route.params.get("task") || route.params.get("group")) go(route.parts); // the editor replaces the task
   const kinds = state.stats.kinds;
   const kind = h("select", { id: "rules-kind" }, kinds.map((k) => h("option", { value: k }, k)));
   const text = h("textarea.rules", { id: "rules-text", spellcheck: "false" });
@@ -513,7 +514,15 @@ async function showProblems() {
 
 // -- refresh --------------------------------------------------------------------------------
 
-async function refresh(force = false) {
+let refreshing = Promise.resolve();
+
+/** Refresh what is on screen; calls run one after the other, never interleaved. */
+function refresh(force = false) {
+  refreshing = refreshing.then(() => refreshNow(force));
+  return refreshing;
+}
+
+async function refreshNow(force) {
   if (document.hidden && !force) return;
   try {
     if (state.view === "batch") {
