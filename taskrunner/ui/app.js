@@ -280,10 +280,17 @@ async function editRules() {
   const kinds = state.stats.kinds;
   const kind = h("select", { id: "rules-kind" }, kinds.map((k) => h("option", { value: k }, k)));
   const text = h("textarea.rules", { id: "rules-text", spellcheck: "false" });
-  const current = () => {
+  // start from the rules an unfinished task of the kind has now; the text is read-only
+  // until they are loaded, so nothing typed is overwritten
+  const current = async () => {
     const t = state.tasks.find((x) => x.kind === kind.value && !TERMINAL.has(x.status));
+    text.disabled = true;
     text.value = "[]";
-    if (t) get(`/task/${t.id}`).then((d) => { text.value = JSON.stringify(d.rules, null, 2); });
+    try {
+      if (t) text.value = JSON.stringify((await get(`/task/${t.id}`)).rules, null, 2);
+    } finally {
+      text.disabled = false;
+    }
   };
   kind.addEventListener("change", current);
   current();
