@@ -151,12 +151,6 @@ def test_postgres_restart_mid_run(cluster, tmp_path):
 # -- PUT /task while the database is down ---------------------------------------------------
 
 
-def _tasks(url: str, n: int) -> list[str]:
-    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        tasks = create_batch(conn, [task_spec(f"t{i}") for i in range(n)])
-    return [str(t["id"]) for t in tasks.values()]
-
-
 def _put(base: str, task_id: str, success: int = 1) -> httpx.Response:
     body = {"task_id": task_id, "new_success": success}
     return httpx.put(f"{base}/task", json=body, timeout=30)
@@ -167,21 +161,25 @@ def _assert_written(url: str, accepted: dict[str, int]) -> int:
         return assert_counters(conn, {t: (s, 0) for t, s in accepted.items()})
 
 
-def test_put_task_buffer_is_bounded_while_postgres_is_down(cluster, tmp_path):
+def _counters_setup(
+    cluster: EmbeddedPostgres, tmp_path: Path, tasks: int, **extra: str
+) -> tuple[str, list[str], str, dict[str, str]]:
+    """A migrated cluster with ``tasks`` tasks and the env of a one-process API on it:
+    (database URL, task ids, API base URL, env)."""
     url = cluster.start()
     migrate.migrate(url)
-    ids = _tasks(url, 25)
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        created = create_batch(conn, [task_spec(f"t{i}") for i in range(tasks)])
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    env = service_env(url, port, tmp_path, API_PROCESSES="1", **extra)
+    return url, [str(t["id"]) for t in created.values()], f"http://127.0.0.1:{port}", env
+
+
+def test_put_task_buffer_is_bounded_while_postgres_is_down(cluster, tmp_path):
     # the flush timer never fires, so the buffer never learns the database is down: only
     # the bound stands between an outage and unbounded memory
-    env = service_env(
-        url,
-        port,
-        tmp_path,
-        API_PROCESSES="1",
-        COUNTER_FLUSH_INTERVAL="3600",
-        COUNTER_BUFFER_MAX="10",
+    url, ids, base, env = _counters_setup(
+        cluster, tmp_path, 25, COUNTER_FLUSH_INTERVAL="3600", COUNTER_BUFFER_MAX="10"
     )
     accepted: dict[str, int] = {}
     refused = []
@@ -218,18 +216,8 @@ def test_put_task_buffer_is_bounded_while_postgres_is_down(cluster, tmp_path):
 
 
 def test_put_task_is_503_once_the_buffer_knows_postgres_is_down(cluster, tmp_path):
-    url = cluster.start()
-    migrate.migrate(url)
-    ids = _tasks(url, 5)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = service_env(
-        url,
-        port,
-        tmp_path,
-        API_PROCESSES="1",
-        COUNTER_FLUSH_INTERVAL="0.1",
-        COUNTER_BUFFER_MAX="100",
+    url, ids, base, env = _counters_setup(
+        cluster, tmp_path, 5, COUNTER_FLUSH_INTERVAL="0.1", COUNTER_BUFFER_MAX="100"
     )
     accepted = dict.fromkeys(ids, 0)
     with running(["api"], env) as api:
