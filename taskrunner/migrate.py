@@ -69,7 +69,12 @@ def _pg_bin_path() -> str:
 
 
 def _run_dbmate(
-    url: str, command: str, *, dump_schema: bool = False, schema_file: Path = SCHEMA_FILE
+    url: str,
+    command: str,
+    *,
+    dump_schema: bool = False,
+    schema_file: Path = SCHEMA_FILE,
+    migrations_dir: Path = MIGRATIONS_DIR,
 ) -> None:
     if not url:
         raise MigrationError("no database URL given (set DATABASE_URL)")
@@ -78,7 +83,7 @@ def _run_dbmate(
         "--url",
         with_sslmode(url),
         "--migrations-dir",
-        str(MIGRATIONS_DIR),
+        str(migrations_dir),
         "--schema-file",
         str(schema_file),
         "--migrations-table",
@@ -96,9 +101,13 @@ def _run_dbmate(
         raise MigrationError(f"dbmate {command} failed (exit code {result.returncode})")
 
 
-def migrate(url: str, *, dump_schema: bool = False) -> None:
-    """Apply every pending migration (``dbmate up``: creates the database if missing)."""
-    _run_dbmate(url, "up", dump_schema=dump_schema)
+def migrate(url: str, *, dump_schema: bool = False, migrations_dir: Path = MIGRATIONS_DIR) -> None:
+    """Apply every pending migration (``dbmate up``: creates the database if missing).
+
+    ``migrations_dir``: another directory of migration files (tests build a database at an
+    older release from a directory holding only that release's files).
+    """
+    _run_dbmate(url, "up", dump_schema=dump_schema, migrations_dir=migrations_dir)
 
 
 def rollback(url: str, *, dump_schema: bool = False) -> None:
