@@ -160,6 +160,30 @@ COMMENT ON FUNCTION taskrunner._admission_key(p_kind text, p_priority integer, p
 
 
 --
+-- Name: _failure_reason_problem(taskrunner.task_status, text); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._failure_reason_problem(p_status taskrunner.task_status, p_reason text) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT CASE
+        WHEN p_status = 'failure' AND p_reason IS NULL
+            THEN 'failure_reason: is required when status is Failure'
+        WHEN p_reason IS NOT NULL AND p_status IS DISTINCT FROM 'failure'
+            THEN 'failure_reason: only allowed when status is Failure'
+    END
+$$;
+
+
+--
+-- Name: FUNCTION _failure_reason_problem(p_status taskrunner.task_status, p_reason text); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._failure_reason_problem(p_status taskrunner.task_status, p_reason text) IS 'The failure_reason rule, one owner and one wording for update_task and complete_tasks (the
+API shows the text as the 400''s detail): a reason iff the status is failure. NULL: no problem.';
+
+
+--
 -- Name: _group_slots(text, jsonb, jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -785,13 +809,13 @@ CREATE FUNCTION taskrunner.complete_tasks(p_results jsonb) RETURNS TABLE(task_id
 DECLARE
     v_bad text;
 BEGIN
-    SELECT string_agg(format('[%s]: %s', ord - 1, problem), E'\n') INTO v_bad
+    SELECT string_agg(format('[%s].%s', ord - 1, problem), E'\n') INTO v_bad
     FROM (SELECT ord, CASE
                  WHEN r ->> 'task_id' IS NULL THEN 'task_id: required'
                  WHEN coalesce(r ->> 'status', '') NOT IN ('success', 'failure')
                      THEN 'status: must be success or failure'
-                 WHEN r ->> 'status' = 'failure' AND r ->> 'failure_reason' IS NULL
-                     THEN 'failure_reason: required when status is failure'
+                 ELSE taskrunner._failure_reason_problem((r ->> 'status')::taskrunner.task_status,
+                                                        r ->> 'failure_reason')
                  END AS problem
           FROM jsonb_array_elements(p_results) WITH ORDINALITY x(r, ord)) p
     WHERE problem IS NOT NULL;
@@ -1059,7 +1083,7 @@ BEGIN
         -- Started. Register the cancel actions the targets answered with.
         INSERT INTO taskrunner.action (task_id, event, url, verb, body, headers)
         SELECT (s ->> 'task_id')::uuid, 'cancel', a ->> 'url',
-               upper(coalesce(a ->> 'verb', 'POST')), a -> 'body', coalesce(a -> 'headers', '{}')
+               upper(a ->> 'verb'), a -> 'body', coalesce(a -> 'headers', '{}')
         FROM jsonb_array_elements(v_started) s
         CROSS JOIN LATERAL jsonb_array_elements(
             CASE WHEN jsonb_typeof(s -> 'cancel_actions') = 'array'
@@ -1303,6 +1327,27 @@ COMMENT ON FUNCTION taskrunner.retry_delivery(p_id uuid) IS 'Queue again a deliv
 
 
 --
+-- Name: session_actor(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.session_actor() RETURNS text
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT CASE WHEN coalesce(current_setting('application_name', true), '') = ''
+                THEN session_user::text
+                ELSE format('%s (role %s)', current_setting('application_name', true),
+                            session_user) END
+$$;
+
+
+--
+-- Name: FUNCTION session_actor(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.session_actor() IS 'Who the current session is, for history and reasons: "<application_name> (role <role>)", or the role alone when the session set no application_name. The API and workers set taskrunner-api and taskrunner-worker; psql sets psql.';
+
+
+--
 -- Name: take_stats(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -1481,7 +1526,9 @@ BEGIN
                    NEW.deps_total - NEW.deps_finished));
     END IF;
     IF NEW.status_reason IS NOT DISTINCT FROM OLD.status_reason THEN
-        NEW.status_reason := format('set to %s by %s', NEW.status, session_user);
+        -- say who: the API, a worker, or a DBA's session (psql sets application_name)
+        NEW.status_reason := format('set to %s by %s', initcap(NEW.status::text),
+                                    taskrunner.session_actor());
     END IF;
     IF NEW.status = 'failure' AND NEW.failure_reason IS NULL THEN
         NEW.failure_reason := NEW.status_reason;
@@ -1609,18 +1656,15 @@ CREATE FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_statu
 DECLARE
     v_status taskrunner.task_status;
     v_task taskrunner.task;
+    v_problem text;
 BEGIN
     IF p_status IS NOT NULL AND p_status NOT IN ('success', 'failure') THEN
         PERFORM taskrunner._raise('TR400', 'invalid status',
                                   'status: must be Success or Failure');
     END IF;
-    IF p_status = 'failure' AND p_failure_reason IS NULL THEN
-        PERFORM taskrunner._raise('TR400', 'missing failure_reason',
-                                  'failure_reason: required when status is Failure');
-    END IF;
-    IF p_failure_reason IS NOT NULL AND p_status IS DISTINCT FROM 'failure' THEN
-        PERFORM taskrunner._raise('TR400', 'unexpected failure_reason',
-                                  'failure_reason: only allowed when status is Failure');
+    v_problem := taskrunner._failure_reason_problem(p_status, p_failure_reason);
+    IF v_problem IS NOT NULL THEN
+        PERFORM taskrunner._raise('TR400', 'invalid failure_reason', v_problem);
     END IF;
     SELECT status INTO v_status FROM taskrunner.task WHERE id = p_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
@@ -1913,7 +1957,8 @@ CREATE TABLE taskrunner.task_history (
     from_status taskrunner.task_status,
     to_status taskrunner.task_status NOT NULL,
     at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
-    reason text
+    reason text,
+    actor text DEFAULT taskrunner.session_actor()
 );
 
 
@@ -1922,6 +1967,13 @@ CREATE TABLE taskrunner.task_history (
 --
 
 COMMENT ON TABLE taskrunner.task_history IS 'Append-only transition history, written by the statement that makes the transition.';
+
+
+--
+-- Name: COLUMN task_history.actor; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task_history.actor IS 'Who made the transition (taskrunner.session_actor() of the session that made it); NULL for rows written before this column existed.';
 
 
 --
@@ -2236,4 +2288,6 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261127000500'),
     ('20261127000600'),
     ('20261127000700'),
-    ('20261127000800');
+    ('20261127000800'),
+    ('20261127110000'),
+    ('20261127130000');

@@ -58,12 +58,12 @@ def with_sslmode(url: str) -> str:
 
 def _pg_bin_path() -> str:
     """PATH with the local PostgreSQL bindir first, so ``dbmate dump`` finds a real pg_dump."""
-    from taskrunner.embedded import find_pg_bindir
+    from taskrunner.pgtools import PgToolsNotFound, find_pg_bindir
 
     path = os.environ.get("PATH", "")
     try:
         bindir = find_pg_bindir()
-    except RuntimeError:
+    except PgToolsNotFound:
         return path
     return f"{bindir}{os.pathsep}{path}" if path else str(bindir)
 
@@ -113,6 +113,34 @@ def migrate(url: str, *, dump_schema: bool = False, migrations_dir: Path = MIGRA
 def rollback(url: str, *, dump_schema: bool = False) -> None:
     """Roll back the most recent migration."""
     _run_dbmate(url, "rollback", dump_schema=dump_schema)
+
+
+def applied_versions(url: str) -> list[str]:
+    """The migration versions recorded in the database, oldest first; empty when the
+    database or its migrations table does not exist yet."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            if conn.execute("SELECT to_regclass(%s)", (MIGRATIONS_TABLE,)).fetchone()[0] is None:
+                return []
+            # the same table as MIGRATIONS_TABLE
+            rows = conn.execute("SELECT version FROM public.schema_migrations ORDER BY 1")
+    except psycopg.OperationalError:  # no such database (yet): dbmate up creates it
+        return []
+    return [r[0] for r in rows.fetchall()]
+
+
+def summary(before: list[str], after: list[str]) -> str:
+    """One line saying what a migrate or rollback changed, naming the version."""
+    now = after[-1] if after else "none (no migration applied)"
+    added = [v for v in after if v not in before]
+    removed = [v for v in before if v not in after]
+    if added:
+        return f"applied {len(added)} migration(s): the database is at version {now}"
+    if removed:
+        return f"rolled back {', '.join(removed)}: the database is at version {now}"
+    return f"nothing to migrate: the database is already at version {now}"
 
 
 def dump_schema(url: str, schema_file: Path = SCHEMA_FILE) -> None:

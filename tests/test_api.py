@@ -386,7 +386,8 @@ def test_patch_success_once_then_409(client, conn):
     again = client.simulate_patch(
         f"/task/{task['id']}", json={"status": "Failure", "failure_reason": "late"}
     )
-    assert_error(again, 409, "status: task is success")
+    body = assert_error(again, 409, "status: task is Success")
+    assert "success" not in body["error"] + " ".join(body["details"])  # the JSON spelling
     row = task_row(conn, task["id"])
     assert row["status"] == "success" and row["failure_reason"] is None
     history = conn.execute(
@@ -648,6 +649,63 @@ def test_unknown_route_is_404_and_wrong_method_405(client):
     assert "GET" in result.headers["allow"]
 
 
+def test_unknown_route_and_wrong_method_name_the_route_and_method(client):
+    missing = assert_error(client.simulate_get("/nope/x"), 404)
+    assert missing["details"] == ["path: no route GET /nope/x"]
+    result = client.simulate_delete("/task")
+    wrong = assert_error(result, 405)
+    assert wrong["details"] == [f"method: DELETE /task allows only {result.headers['allow']}"]
+    assert "GET" in result.headers["allow"]
+
+
+def test_delivery_errors_name_the_delivery_and_its_state(client, conn):
+    unknown = uuid.uuid4()
+    assert_error(
+        client.simulate_post(f"/delivery/{unknown}/retry"), 404, f"id: no delivery {unknown}"
+    )
+    task = running_task(client, conn, on_success=[hook("http://x.test/ok")])
+    client.simulate_patch(f"/task/{task['id']}", json={"status": "Success"})
+    (queued,) = conn.execute(
+        "SELECT id FROM taskrunner.delivery WHERE event = 'success'"
+    ).fetchall()
+    body = assert_error(
+        client.simulate_post(f"/delivery/{queued['id']}/retry"), 409, "status: delivery is Queued"
+    )
+    assert "queued" not in body["error"]  # the JSON spelling: Queued
+    assert "Failed" in body["error"]  # what it would have to be
+
+
+def test_start_delivery_retry_409_names_why(client, conn):
+    task = running_task(client, conn)
+    conn.execute(
+        "UPDATE taskrunner.delivery SET status = 'failed' WHERE task_id = %s AND event = 'start'",
+        (task["id"],),
+    )
+    (start,) = conn.execute("SELECT id FROM taskrunner.delivery").fetchall()
+    assert_error(client.simulate_post(f"/delivery/{start['id']}/retry"), 409, "is a start")
+
+
+@pytest.mark.parametrize("verb", ["patch", "delete"])
+def test_task_errors_name_the_task_and_use_json_statuses(client, conn, verb):
+    unknown = uuid.uuid4()
+    path = f"/task/{unknown}"
+    not_found = client.simulate_request(verb.upper(), path, json={})
+    assert_error(not_found, 404, f"id: no task {unknown}")
+    task = create(client, spec("a"))["a"]
+    client.simulate_delete(f"/task/{task['id']}")
+    ended = assert_error(client.simulate_request(verb.upper(), f"/task/{task['id']}", json={}), 409)
+    assert ended["details"] == ["status: task is Canceled"]
+    assert "Canceled" in ended["error"] and "canceled" not in ended["error"]
+
+
+def test_pause_errors_use_json_statuses(client, conn):
+    task = create(client, spec("a"))["a"]
+    client.simulate_patch(f"/task/pause/{task['id']}")
+    again = assert_error(client.simulate_patch(f"/task/pause/{task['id']}"), 409)
+    assert again["details"] == ["status: task is Paused"]
+    assert again["error"] == f"cannot pause task {task['id']}: it is Paused"
+
+
 def test_string_postgres_refuses_is_400_not_500(client, conn):
     result = client.simulate_post("/task", json=[spec("a", metadata={"x": "nul\u0000"})])
     assert_error(result, 400)
@@ -754,3 +812,28 @@ def test_observe_worker_loop():
     before = _sample("worker_loop_duration_seconds_count")
     metrics.observe_worker_loop(0.25)
     assert _sample("worker_loop_duration_seconds_count") == before + 1
+
+
+@pytest.mark.parametrize("value", ["caf\u00e9", "\u20ac5", " padded", "line\n", "tab\t", "\x01"])
+def test_a_header_value_the_worker_cannot_send_is_refused_at_creation(client, conn, value):
+    """httpx sends header values as ASCII and h11 refuses control characters and
+    whitespace at either end: such a value would fail every attempt, so it is a 400
+    naming the header, and nothing is created."""
+    result = client.simulate_post(
+        "/task", json=[spec("a", on_success=[hook(headers={"X-Note": value})])]
+    )
+
+    assert result.status_code == 400, result.text
+    assert result.json["details"] == [
+        "[0].on_success[0].params.headers.X-Note: must be a header value of printable ASCII "
+        "characters (spaces and tabs only between them)"
+    ]
+    assert count_tasks(conn) == 0
+
+
+def test_header_values_the_worker_can_send_are_accepted(client):
+    values = {"X-A": "Bearer abc.def=", "X-B": "two  words\tand a tab", "X-C": ""}
+    created = create(client, spec("a", on_start=hook(headers=values)))
+    detail = client.simulate_get(f"/task/{created['a']['id']}").json
+
+    assert detail["on_start"]["params"]["headers"] == values

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +17,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from taskrunner import embedded
+from taskrunner import pgtools
 from taskrunner.embedded import EmbeddedError, EmbeddedPostgres
 
 try:
-    embedded.find_pg_bindir()
-except EmbeddedError as exc:
+    pgtools.find_pg_bindir()
+except pgtools.PgToolsNotFound as exc:
     pytest.skip(f"no PostgreSQL server binaries: {exc}", allow_module_level=True)
 
 pytestmark = pytest.mark.slow
@@ -48,7 +50,7 @@ def cluster(base_dir: Path) -> Iterator[EmbeddedPostgres]:
 
 
 def test_find_pg_bindir_has_the_server_tools() -> None:
-    bindir = embedded.find_pg_bindir()
+    bindir = pgtools.find_pg_bindir()
     assert (bindir / "initdb").is_file()
     assert (bindir / "pg_ctl").is_file()
 
@@ -111,3 +113,29 @@ def test_root_gets_a_clear_error_when_postgres_cannot_reach_the_dir(base_dir: Pa
 
     with pytest.raises(EmbeddedError, match="'postgres', which cannot reach"):
         pg.start()
+
+
+def _psql(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "taskrunner.cli", "psql", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_psql_opens_the_embedded_cluster_and_says_when_it_is_down(
+    cluster: EmbeddedPostgres,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["TASKRUNNER_STATE_DIR"] = str(cluster.base_dir)
+
+    down = _psql("-c", "SELECT 1", env=env)
+    assert down.returncode == 1
+    assert "is not running: start `taskrunner up` first" in down.stderr
+
+    cluster.start()
+    result = _psql("-At", "-c", "SELECT current_database(), current_user", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "taskrunner|taskrunner"
