@@ -37,7 +37,9 @@ def create_app(
 ) -> falcon.App:
     """The API on ``pool``; ``counters`` is the PUT /task buffer (one per process)."""
     store = Store(pool)
-    counters = counters or CounterBuffer(pool, config.counter_flush_interval)
+    counters = counters or CounterBuffer(
+        pool, config.counter_flush_interval, config.counter_buffer_max
+    )
     middleware = [BearerAuth(config.api_token)] if config.api_token else []
     app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
