@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Run everything on this machine: apply migrations, start the API (gunicorn) and "
             "WORKER_PROCESSES worker processes, wait until GET /health answers and print the "
             "URL. Without DATABASE_URL a private PostgreSQL cluster is started in "
-            ".taskrunner/ (kept between runs). Webhooks to private addresses are allowed "
+            "./.taskrunner/ of the current directory, or in TASKRUNNER_STATE_DIR (kept "
+            "between runs). Webhooks to private addresses are allowed "
             "unless WEBHOOK_ALLOW_PRIVATE is set. Ctrl-C or SIGTERM stops everything."
         ),
     )
@@ -456,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="apply database migrations (dbmate)",
         description=(
-            "Apply every pending migration in sql/migrations with dbmate (creating the "
-            "database if it does not exist). Needs DATABASE_URL."
+            "Apply every pending migration shipped with the package (sql/migrations in the "
+            "checkout) with dbmate, creating the database if it does not exist. Needs "
+            "DATABASE_URL."
         ),
     )
     p.add_argument(
@@ -466,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dump",
         action="store_true",
-        help="also write the resulting schema to sql/schema.sql (needs pg_dump)",
+        help="also write the resulting schema to sql/schema.sql (in a checkout; needs pg_dump)",
     )
     p.set_defaults(func=cmd_migrate)
     return parser

@@ -3,10 +3,16 @@ webhook sink (a real HTTP server) that completes tasks through their ``handle`` 
 
 The sink can also misbehave on purpose (``Reply``: a status code, a delay, or closing the
 connection without an answer), which the fault and retry tests use.
+
+The bench (``bench/env.py``) imports this module too, as ``tests.procs``: the database URL
+builder, ``free_port``, ``wait_for`` and ``stop`` have one copy for both. So it imports
+nothing from ``tests/`` (conftest is pytest's, not the bench's), only the standard library,
+httpx and taskrunner's dependencies.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -26,6 +32,18 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 TASKRUNNER = [sys.executable, "-m", "taskrunner.cli"]
+
+# The PostgreSQL server: the one the libpq PG* variables name, else CI's 127.0.0.1:5432.
+PG_HOST = os.environ.get("PGHOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("PGPORT", "5432"))
+PG_USER = os.environ.get("PGUSER") or getpass.getuser()
+PG_PASSWORD = os.environ.get("PGPASSWORD")
+
+
+def pg_url(dbname: str) -> str:
+    """The URL of database ``dbname`` on that server."""
+    auth = PG_USER if not PG_PASSWORD else f"{PG_USER}:{PG_PASSWORD}"
+    return f"postgresql://{auth}@{PG_HOST}:{PG_PORT}/{dbname}"
 
 
 def free_port() -> int:
@@ -194,9 +212,12 @@ def service_env(db_url: str, port: int, metrics_dir: Path, **extra: str) -> dict
 
 
 @contextmanager
-def running(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    """Run a taskrunner subcommand; SIGTERM it (then SIGKILL) when the block ends."""
-    proc = subprocess.Popen(TASKRUNNER + args, env=env, start_new_session=True)
+def running(
+    args: list[str], env: dict[str, str], command: list[str] = TASKRUNNER, **popen: object
+) -> Iterator[subprocess.Popen]:
+    """Run a taskrunner subcommand (of ``command``: this checkout's by default); SIGTERM it
+    (then SIGKILL) when the block ends."""
+    proc = subprocess.Popen(command + args, env=env, start_new_session=True, **popen)
     try:
         yield proc
     finally:
