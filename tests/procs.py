@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -209,6 +209,47 @@ def service_env(db_url: str, port: int, metrics_dir: Path, **extra: str) -> dict
     )
     env.update(extra)
     return env
+
+
+@dataclass(frozen=True)
+class Service:
+    """A running API (``base`` is its URL) and its workers, as ``service()`` started them."""
+
+    base: str
+    env: dict[str, str]
+    api: subprocess.Popen
+
+    def post(self, tasks: list[dict], **kwargs: object) -> httpx.Response:
+        """POST /task, which must accept the batch (201); the response."""
+        resp = httpx.post(f"{self.base}/task", json=tasks, **kwargs)
+        assert resp.status_code == 201, resp.text
+        return resp
+
+
+def local_ids(resp: httpx.Response) -> dict[str, str]:
+    """``{local_id: task id}`` of a POST /task response."""
+    return {t["local_id"]: t["id"] for t in resp.json()}
+
+
+@contextmanager
+def service(
+    db_url: str,
+    metrics_dir: Path,
+    *,
+    worker_processes: int = 2,
+    port: int | None = None,
+    **settings: str,
+) -> Iterator[Service]:
+    """The API and ``worker --processes N`` (none for 0) on ``db_url`` with ``service_env``
+    plus ``settings``; yields once /health answers, stops both when the block ends."""
+    port = port or free_port()
+    env = service_env(db_url, port, metrics_dir, **settings)
+    base = f"http://127.0.0.1:{port}"
+    with running(["api"], env) as api, ExitStack() as workers:
+        if worker_processes:
+            workers.enter_context(running(["worker", "--processes", str(worker_processes)], env))
+        wait_healthy(base)
+        yield Service(base, env, api)
 
 
 @contextmanager
