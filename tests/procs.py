@@ -5,9 +5,9 @@ The sink can also misbehave on purpose (``Reply``: a status code, a delay, or cl
 connection without an answer), which the fault and retry tests use.
 
 The bench (``bench/env.py``) imports this module too, as ``tests.procs``: the database URL
-builder, ``free_port``, ``wait_for`` and ``stop`` have one copy for both. So it imports
-nothing from ``tests/`` (conftest is pytest's, not the bench's), only the standard library,
-httpx and taskrunner's dependencies.
+builder, ``free_port`` (``taskrunner.ports``' picker), ``wait_for``, ``wait_healthy`` and
+``stop`` have one copy for both. So it imports nothing from ``tests/`` (conftest is
+pytest's, not the bench's), only the standard library, httpx and taskrunner.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
+# The package's own free-port picker (``up`` uses it for the embedded cluster), under the
+# name tests and the bench use.
+from taskrunner.ports import pick_free_port as free_port
+
 TASKRUNNER = [sys.executable, "-m", "taskrunner.cli"]
 
 # The PostgreSQL server: the one the libpq PG* variables name, else CI's 127.0.0.1:5432.
@@ -44,12 +48,6 @@ def pg_url(dbname: str) -> str:
     """The URL of database ``dbname`` on that server."""
     auth = PG_USER if not PG_PASSWORD else f"{PG_USER}:{PG_PASSWORD}"
     return f"postgresql://{auth}@{PG_HOST}:{PG_PORT}/{dbname}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(
@@ -74,13 +72,15 @@ class Reply:
     """How the sink answers one request: ``status`` after ``delay`` seconds, or, with
     ``close``, drop the connection without any answer. ``report=False``: a 2xx to a start
     does not go on to report the outcome (a target too slow to count as started).
-    ``body``: a JSON body (e.g. the cancel action a start answers with)."""
+    ``body``: a JSON body (e.g. the cancel action a start answers with); ``raw``: a body
+    sent as it is (e.g. JSON that Python's own encoder would refuse to write)."""
 
     status: int = 200
     delay: float = 0.0
     close: bool = False
     report: bool = True
     body: object = None
+    raw: bytes | None = None
 
 
 class Sink:
@@ -128,6 +128,7 @@ class Sink:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 payload = b"" if reply.body is None else json.dumps(reply.body).encode()
+                payload = payload if reply.raw is None else reply.raw
                 try:
                     self.send_response(reply.status)
                     self.send_header("Content-Type", "application/json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -9,11 +10,12 @@ import httpx
 import pytest
 
 from taskrunner.config import Config
+from taskrunner.worker import webhooks
+from taskrunner.worker.retrypolicy import retry_delay_ms
 from taskrunner.worker.webhooks import (
     WorkItem,
     build_request,
     parse_cancel_actions,
-    retry_delay_ms,
     with_handle,
 )
 
@@ -125,3 +127,28 @@ def test_retry_delay_grows_with_full_jitter_and_stops_at_max_attempts():
         assert min(delays) < cap_ms * 0.2
     assert retry_delay_ms(5, config) is None
     assert retry_delay_ms(6, config) is None
+
+
+def test_a_header_value_httpx_cannot_encode_fails_the_attempt_for_good():
+    """A stored header the worker cannot send (the API refuses them now; older rows may
+    hold one): the attempt fails with the reason and is not retried -- nothing escapes
+    the webhook call."""
+
+    async def attempt() -> webhooks.WebhookResult:
+        async with httpx.AsyncClient() as client:
+            return await webhooks.call(client, item(headers={"X-A": "caf\u00e9"}), Config())
+
+    result = asyncio.run(attempt())
+
+    assert result.ok is False and result.retryable is False
+    assert result.error.startswith("invalid request: UnicodeEncodeError: "), result.error
+
+
+def test_cancel_actions_holding_nul_are_refused():
+    body = json.dumps(
+        {"kind": "Webhook", "params": {"url": "http://r.test/\u0000", "verb": "Post"}}
+    )
+
+    with pytest.raises(ValueError, match="NUL"):
+        webhooks.start_response_actions(body.encode(), TASK_ID)
+    assert webhooks.describe_exception(ValueError("a\x00b\nsecond line")) == "ValueError: a\\u0000b"

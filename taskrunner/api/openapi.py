@@ -47,12 +47,38 @@ _UUID_OUT = {"type": "string", "format": "uuid"}
 
 
 def _object(properties: dict, optional: tuple[str, ...] = ()) -> dict:
+    """A response object: exactly these properties (an undocumented one is a schema
+    violation, which the schemathesis run in tests/test_openapi.py catches)."""
     return {
         "type": "object",
         "properties": properties,
         "required": [k for k in properties if k not in optional],
+        "additionalProperties": False,
     }
 
+
+# the properties of a task in every response that carries one
+_TASK = {
+    "id": _UUID_OUT,
+    "local_id": _nullable(_STRING),
+    "batch_id": _UUID_OUT,
+    "requester": _nullable(_STRING),
+    "name": _STRING,
+    "kind": _STRING,
+    "status": {"type": "string", "enum": list(STATUSES)},
+    "status_reason": _nullable(_STRING),
+    "priority": _INT,
+    "timeout": _INT,
+    "metadata": {"type": "object"},
+    "rules": {"type": "array", "items": {"type": "object"}},
+    "success": _INT,
+    "failures": _INT,
+    "failure_reason": _nullable(_STRING),
+    "created_at": _TIME,
+    "started_at": _nullable(_TIME),
+    "ended_at": _nullable(_TIME),
+    "last_updated": _TIME,
+}
 
 _SCHEMAS: dict[str, dict] = {
     "Error": _object(
@@ -66,29 +92,7 @@ _SCHEMAS: dict[str, dict] = {
             '"max_concurency": N}; the spellings Concurrency/max_concurrency are accepted.'
         ),
     },
-    "Task": _object(
-        {
-            "id": _UUID_OUT,
-            "local_id": _nullable(_STRING),
-            "batch_id": _UUID_OUT,
-            "requester": _nullable(_STRING),
-            "name": _STRING,
-            "kind": _STRING,
-            "status": {"type": "string", "enum": list(STATUSES)},
-            "status_reason": _nullable(_STRING),
-            "priority": _INT,
-            "timeout": _INT,
-            "metadata": {"type": "object"},
-            "rules": {"type": "array", "items": {"type": "object"}},
-            "success": _INT,
-            "failures": _INT,
-            "failure_reason": _nullable(_STRING),
-            "created_at": _TIME,
-            "started_at": _nullable(_TIME),
-            "ended_at": _nullable(_TIME),
-            "last_updated": _TIME,
-        }
-    ),
+    "Task": _object(_TASK),
     "Attempt": _object(
         {
             "attempt": _INT,
@@ -133,25 +137,21 @@ _SCHEMAS: dict[str, dict] = {
             "deliveries": {"type": "array", "items": _ref("Delivery")},
         }
     ),
-    "TaskDetail": {
-        "allOf": [
-            _ref("Task"),
-            _object(
-                {
-                    "dependencies": {
-                        "type": "array",
-                        "items": _object(
-                            {"id": _UUID_OUT, "requires_success": {"type": "boolean"}}
-                        ),
-                    },
-                    "on_start": _nullable(_ref("Action")),
-                    "on_success": {"type": "array", "items": _ref("Action")},
-                    "on_failure": {"type": "array", "items": _ref("Action")},
-                    "on_cancel": {"type": "array", "items": _ref("Action")},
-                }
-            ),
-        ]
-    },
+    # Task's properties and these (one object: with allOf, each part's
+    # additionalProperties: false would refuse the other part's properties)
+    "TaskDetail": _object(
+        {
+            **_TASK,
+            "dependencies": {
+                "type": "array",
+                "items": _object({"id": _UUID_OUT, "requires_success": {"type": "boolean"}}),
+            },
+            "on_start": _nullable(_ref("Action")),
+            "on_success": {"type": "array", "items": _ref("Action")},
+            "on_failure": {"type": "array", "items": _ref("Action")},
+            "on_cancel": {"type": "array", "items": _ref("Action")},
+        }
+    ),
     "Accepted": _object({"accepted": _INT}),
     "TaskBatch": _for_document(SCHEMAS["batch"]),
     "TaskUpdate": _for_document(SCHEMAS["patch"]),

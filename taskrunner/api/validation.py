@@ -136,15 +136,21 @@ def _action(trigger: str) -> dict:
                 "type": "object",
                 "maxProperties": LIMITS["headers_entries"],
                 "propertyNames": {
-                    "pattern": "^[!#\\$%&'*+.^_`|~0-9A-Za-z-]+$",
+                    "pattern": "^[!#\\$%&'*+.^_`|~0-9A-Za-z-]+$(?!\\n)",
                     "maxLength": LIMITS["header_name_chars"],
                     "x-expected": "an HTTP header name",
                 },
                 "additionalProperties": {
                     "type": "string",
                     "maxLength": LIMITS["header_value_chars"],
-                    "pattern": "^[^\\r\\n\\x00]*$",
-                    "x-expected": "a header value without line breaks or NUL",
+                    # what the worker can send (httpx encodes ASCII, h11 refuses control
+                    # characters and whitespace at either end); "(?!\n)": Python's $ also
+                    # matches before a final line break
+                    "pattern": "^(?:[!-~]+(?:[ \\t]+[!-~]+)*)?$(?!\\n)",
+                    "x-expected": (
+                        "a header value of printable ASCII characters (spaces and tabs "
+                        "only between them)"
+                    ),
                 },
             },
         },

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -111,15 +110,33 @@ def build_request(client: httpx.AsyncClient, item: WorkItem, host_url: str) -> h
 
 
 async def call(client: httpx.AsyncClient, item: WorkItem, config: Config) -> WebhookResult:
-    """Make one attempt; never raises for anything the remote side does."""
+    """Make one attempt; never raises (but for cancellation): whatever the target, the
+    URL or the answer throws becomes this attempt's failed outcome, so one hostile target
+    can fail only its own delivery."""
     started_at = datetime.now(UTC)
+    try:
+        return await _attempt(client, item, config, started_at)
+    except Exception as exc:  # a case none of the handlers below foresaw; retry it
+        log.warning("delivery %s: unexpected error", item.delivery_id, exc_info=True)
+        return _failed(started_at, f"unexpected error: {describe_exception(exc)}")
+
+
+def _failed(started_at: datetime, error: str, *, retryable: bool = True, **fields) -> WebhookResult:
+    return WebhookResult(
+        ok=False, started_at=started_at, error=error, retryable=retryable, **fields
+    )
+
+
+async def _attempt(
+    client: httpx.AsyncClient, item: WorkItem, config: Config, started_at: datetime
+) -> WebhookResult:
     try:
         request = build_request(client, item, config.host_url)
     except httpx.InvalidURL as exc:
         # never sent, and no later attempt can fix it
-        return WebhookResult(
-            ok=False, started_at=started_at, error=f"invalid URL: {exc}", retryable=False
-        )
+        return _failed(started_at, f"invalid URL: {exc}", retryable=False)
+    except Exception as exc:  # e.g. a header value httpx cannot encode; never sent either
+        return _failed(started_at, f"invalid request: {describe_exception(exc)}", retryable=False)
     try:
         # httpx's timeout is per phase; this bounds the whole exchange, so the claim's
         # lease (2 * webhook_timeout + 10 s) always outlives an attempt.
@@ -130,25 +147,23 @@ async def call(client: httpx.AsyncClient, item: WorkItem, config: Config) -> Web
             finally:
                 await response.aclose()
     except netguard.Blocked as exc:
-        return WebhookResult(
-            ok=False, started_at=started_at, error=f"blocked: {exc.reason}", retryable=False
-        )
+        return _failed(started_at, f"blocked: {exc.reason}", retryable=False)
     except (TimeoutError, httpx.TimeoutException):
-        return WebhookResult(ok=False, started_at=started_at, error="timeout")
+        return _failed(started_at, "timeout")
     except httpx.HTTPError as exc:
-        return WebhookResult(ok=False, started_at=started_at, error=describe_error(exc))
+        return _failed(started_at, describe_error(exc))
     if not response.is_success:
-        return WebhookResult(
-            ok=False,
-            started_at=started_at,
-            status_code=response.status_code,
-            error=f"HTTP {response.status_code}",
-        )
+        status = response.status_code
+        return _failed(started_at, f"HTTP {status}", status_code=status)
+    try:
+        actions = start_response_actions(body, item.task_id) if body else None
+    except Exception as exc:
+        # the target answered, but with something we cannot use or store: another attempt
+        # would get the same answer
+        error = f"bad response: {describe_exception(exc)}"
+        return _failed(started_at, error, retryable=False, status_code=response.status_code)
     return WebhookResult(
-        ok=True,
-        started_at=started_at,
-        status_code=response.status_code,
-        cancel_actions=parse_cancel_actions(body, item.task_id) if body else None,
+        ok=True, started_at=started_at, status_code=response.status_code, cancel_actions=actions
     )
 
 
@@ -173,7 +188,19 @@ def describe_error(exc: httpx.HTTPError) -> str:
         if isinstance(cause, ConnectionRefusedError):
             return "connection refused"
         return f"connection failed: {cause or exc}"
-    return f"{type(exc).__name__}: {exc}".rstrip(": ")
+    return describe_exception(exc)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``Type: first line of the message``, at most 500 characters, storable (no NUL)."""
+    lines = str(exc).splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return storable(text[:500])
+
+
+def storable(text: str) -> str:
+    """``text`` without NUL characters, which PostgreSQL cannot store in text or jsonb."""
+    return text.replace("\x00", "\\u0000")
 
 
 def _root_os_error(exc: BaseException) -> OSError | None:
@@ -185,6 +212,27 @@ def _root_os_error(exc: BaseException) -> OSError | None:
             found = seen
         seen = seen.__cause__ or seen.__context__
     return found
+
+
+def start_response_actions(body: bytes, task_id: uuid.UUID | str) -> list[dict] | None:
+    """``parse_cancel_actions``, refusing actions PostgreSQL could not store (a NUL
+    character anywhere in them): ValueError, so the start fails with the reason."""
+    actions = parse_cancel_actions(body, task_id)
+    if actions and _holds_nul(actions):
+        raise ValueError(
+            "the cancel actions hold a NUL character (\\u0000), which cannot be stored"
+        )
+    return actions
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 def parse_cancel_actions(body: bytes, task_id: uuid.UUID | str) -> list[dict[str, Any]] | None:
@@ -228,15 +276,3 @@ def _normalise_action(entry: Any) -> tuple[dict[str, Any], str | None]:
     if not isinstance(headers, dict):
         return {}, "params.headers is not an object"
     return {"url": url, "verb": verb, "body": params.get("body"), "headers": headers}, None
-
-
-def retry_delay_ms(attempt: int, config: Config) -> int | None:
-    """Delay before the next attempt: exponential backoff with full jitter.
-
-    None once ``attempt`` reached ``webhook_max_attempts`` (the SQL then gives up). At
-    least 1 ms, so a retry is always scheduled strictly after the failed attempt.
-    """
-    if attempt >= config.webhook_max_attempts:
-        return None
-    cap = min(config.webhook_backoff_max, config.webhook_backoff_base * 2 ** (attempt - 1))
-    return max(1, int(random.uniform(0, cap) * 1000))
