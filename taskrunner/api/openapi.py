@@ -12,7 +12,8 @@ import copy
 import re
 from typing import Any
 
-from taskrunner.api.validation import DEFAULT_PER_PAGE, LIMITS, SCHEMAS, STATUSES
+from taskrunner import vocabulary as vocab
+from taskrunner.api.validation import DEFAULT_PER_PAGE, LIMITS, SCHEMAS
 
 _ENUM_PATTERN = re.compile(r"^\^\(\?i:(.*)\)\$$")
 
@@ -65,7 +66,7 @@ _TASK = {
     "requester": _nullable(_STRING),
     "name": _STRING,
     "kind": _STRING,
-    "status": {"type": "string", "enum": list(STATUSES)},
+    "status": {"type": "string", "enum": list(vocab.STATUS_LABELS)},
     "status_reason": _nullable(_STRING),
     "priority": _INT,
     "timeout": _INT,
@@ -106,10 +107,7 @@ _SCHEMAS: dict[str, dict] = {
     "Delivery": _object(
         {
             "id": _UUID_OUT,
-            "status": {
-                "type": "string",
-                "enum": ["Queued", "InFlight", "Delivered", "Failed", "Canceled", "Expired"],
-            },
+            "status": {"type": "string", "enum": list(vocab.DELIVERY_STATUS_LABELS)},
             "attempt_count": _INT,
             "next_attempt_at": _TIME,
             "last_status_code": _nullable(_INT),
@@ -124,11 +122,11 @@ _SCHEMAS: dict[str, dict] = {
         {
             "id": _INT,
             "kind": {"type": "string", "enum": ["Webhook"]},
-            "trigger": {"type": "string", "enum": ["Start", "End", "Cancel"]},
+            "trigger": {"type": "string", "enum": list(vocab.TRIGGERS)},
             "params": _object(
                 {
                     "url": _STRING,
-                    "verb": {"type": "string", "enum": ["Get", "Post", "Put", "Patch", "Delete"]},
+                    "verb": {"type": "string", "enum": list(vocab.VERB_LABELS)},
                     "body": {},
                     "headers": {"type": "object", "additionalProperties": _STRING},
                 },
@@ -160,6 +158,9 @@ _SCHEMAS: dict[str, dict] = {
     "CounterBatch": _for_document(SCHEMAS["put_batch"]),
 }
 _SCHEMAS["TaskBatch"]["items"]["properties"]["rules"]["items"] = _ref("Rule")
+_TASK_FIELDS = _SCHEMAS["TaskBatch"]["items"]["properties"]
+_TASK_FIELDS["timeout"]["default"] = vocab.DEFAULT_TIMEOUT_SECONDS
+_TASK_FIELDS["priority"]["default"] = vocab.DEFAULT_PRIORITY
 _BATCH_EXAMPLE = [
     {
         "id": "ingest",
@@ -292,7 +293,11 @@ _PATHS: dict[str, dict] = {
                     {"type": "integer", "minimum": 1, "maximum": LIMITS["per_page"]},
                     "alias of per_page",
                 ),
-                _query("status", {"type": "string", "enum": list(STATUSES)}, "any letter case"),
+                _query(
+                    "status",
+                    {"type": "string", "enum": list(vocab.STATUS_LABELS)},
+                    "any letter case",
+                ),
                 _query("kind", {"type": "string", "maxLength": LIMITS["filter_chars"]}, "exact"),
                 _query(
                     "name", {"type": "string", "maxLength": LIMITS["filter_chars"]}, "substring"
