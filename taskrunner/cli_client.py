@@ -560,10 +560,10 @@ COMMANDS = [
         _GROUP_EPILOG.format(
             name="batch",
             url=DEFAULT_URL,
-            examples="  BATCH=$(taskrunner task create dag.json --json | "
-            "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"batch_id\"])')\n"
-            "  taskrunner batch watch $BATCH\n"
-            "  taskrunner batch stop $BATCH",
+            examples="  taskrunner batch watch $BATCH\n"
+            "  taskrunner batch stop $BATCH\n"
+            "  BATCH=$(taskrunner task create dag.json --json | "
+            "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"batch_id\"])')",
         ),
     ),
     (
