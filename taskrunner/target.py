@@ -199,21 +199,22 @@ def _read(request: Any, read_body: bool) -> _Raw:
     return _from_object(request, read_body)
 
 
-def _from_wsgi(environ: dict[str, Any], read_body: bool) -> _Raw:
+def _from_wsgi(cgi: dict[str, Any], read_body: bool) -> _Raw:
+    """From a WSGI environ (``cgi``: its CGI-style variables)."""
     headers = {
         key[5:].replace("_", "-").lower(): value
-        for key, value in environ.items()
+        for key, value in cgi.items()
         if key.startswith("HTTP_")
     }
     for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-        if environ.get(key):
-            headers[key.replace("_", "-").lower()] = environ[key]
+        if cgi.get(key):
+            headers[key.replace("_", "-").lower()] = cgi[key]
     body = b""
     if read_body:
-        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-        environ["wsgi.input"] = io.BytesIO(body)  # the application can read it again
-    query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-    return _Raw(environ["REQUEST_METHOD"], request_uri(environ), headers, query, body)
+        body = cgi["wsgi.input"].read(int(cgi.get("CONTENT_LENGTH") or 0))
+        cgi["wsgi.input"] = io.BytesIO(body)  # the application can read it again
+    query = parse_qs(cgi.get("QUERY_STRING", ""), keep_blank_values=True)
+    return _Raw(cgi["REQUEST_METHOD"], request_uri(cgi), headers, query, body)
 
 
 def _from_asgi(scope: dict[str, Any]) -> _Raw:
