@@ -1,4 +1,5 @@
-"""The ``taskrunner`` command: ``up``, ``api``, ``worker``, ``migrate`` and ``psql``.
+"""The ``taskrunner`` command: ``up``, ``api``, ``worker``, ``migrate`` and ``psql``; the
+``task``, ``batch`` and ``delivery`` groups (API clients) live in ``cli_client.py``.
 
 Settings come from the environment (``Config.from_env``); command-line flags override them.
 ``api`` and ``worker`` run one part of the service; ``up`` runs all of it on one machine
@@ -19,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
+from taskrunner.cli_client import COMMANDS as CLIENT_COMMANDS
 from taskrunner.config import Config
 from taskrunner.ports import port_is_free
 from taskrunner.supervisor import Supervisor
@@ -452,6 +454,7 @@ SUBCOMMANDS = [
         "psql as they are. README.md's 'For DBAs' section is a quick start.",
         PSQL_EPILOG,
     ),
+    *CLIENT_COMMANDS,  # task, batch, delivery: the API through taskrunner.client
 ]
 
 

@@ -173,3 +173,6 @@ def test_the_walkthrough_works_when_pasted(db_url: str, conn, tmp_path: Path) ->
     # the target got the start of ingest-1 and of cluster (/hold), and cluster's on_success
     for path in ("/start", "/hold", "/done"):
         assert f"target: POST {path} " in result.stdout, transcript
+    # the Python quick start: built with taskrunner.client, watched to its end
+    assert tasks["extract"]["status"] == tasks["load"]["status"] == "success"
+    assert "every task succeeded" in result.stdout, transcript
