@@ -1,18 +1,15 @@
 """The web UI's server side without a browser: the page and its files are served (also
 with API_TOKEN set, since they hold no data), /view redirects, GET /problems answers from
-the delivery_problems and running_tasks views, the wheel ships the UI's files, and the
-vendored JavaScript matches the npm lockfile (bin/build-ui)."""
+the delivery_problems and running_tasks views, and the vendored JavaScript matches the
+npm lockfile (bin/build-ui). tests/test_install.py checks that the wheel ships the UI."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
-import shutil
 import subprocess
-import sys
 import uuid
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -170,21 +167,3 @@ def test_vendored_javascript_is_what_npm_ci_gives(tmp_path):
                 continue
             packaged = tmp_path / "package" / "dist" / name
             assert packaged.read_bytes() == (VENDOR / name).read_bytes(), name
-
-
-@pytest.mark.slow
-def test_wheel_ships_the_ui(tmp_path):
-    """A non-editable install has the UI: the wheel holds every file of taskrunner/ui/."""
-    src = tmp_path / "src"
-    skip = shutil.ignore_patterns(".venv", ".git", "node_modules", "build", "*.egg-info")
-    shutil.copytree(ROOT, src, ignore=skip)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = tmp_path.glob("taskrunner-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    for path in (ROOT / "taskrunner" / "ui").rglob("*"):
-        if path.is_file():
-            assert str(path.relative_to(ROOT)) in names, path
