@@ -17,7 +17,6 @@ from falcon import testing
 from test_api import assert_error, claim, create, hook, spec
 from test_api import buffer as buffer  # noqa: F401 (fixtures, by their fixture names)
 from test_api import client as client  # noqa: F401
-from test_api import pool as pool  # noqa: F401
 
 from taskrunner.api.app import create_app
 from taskrunner.config import Config
@@ -28,7 +27,7 @@ VENDOR = ROOT / "taskrunner" / "ui" / "vendor"
 
 
 @pytest.fixture
-def guarded(pool, buffer) -> testing.TestClient:  # noqa: F811
+def guarded(pool, buffer) -> testing.TestClient:  # noqa: F811 (fixtures)
     return testing.TestClient(create_app(Config(api_token="tok"), pool, buffer))
 
 
