@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 from falcon import testing
-from test_api import assert_error, claim, create, hook, spec
+from test_api import assert_error, claim, create, give_up_end_delivery, hook, running_task, spec
 from test_api import buffer as buffer  # noqa: F401 (fixtures, by their fixture names)
 from test_api import client as client  # noqa: F401
 
 from taskrunner.api.app import create_app
 from taskrunner.config import Config
-from taskrunner.db import QUERIES
 
 ROOT = Path(__file__).resolve().parent.parent
 VENDOR = ROOT / "taskrunner" / "ui" / "vendor"
@@ -54,32 +53,9 @@ def test_view_redirects_to_ui(client):  # noqa: F811
     assert result.headers["location"].endswith("/ui")
 
 
-def _failed_end_delivery(client, conn) -> tuple[dict, str]:  # noqa: F811
-    """A task whose end webhook gave up after one HTTP 500 (as a worker records it)."""
-    task = create(client, spec("r", on_success=[hook("http://x.test/ok")]))["r"]
-    claim(conn)
-    client.simulate_patch(f"/task/{task['id']}", json={"status": "Success"})
-    (item,) = conn.execute(
-        QUERIES["claim_deliveries"], {"worker": "w", "max": 10, "lease_seconds": 60}
-    ).fetchall()
-    conn.execute(
-        QUERIES["finish_delivery"],
-        {
-            "delivery_id": item["delivery_id"],
-            "worker": "w",
-            "ok": False,
-            "status_code": 500,
-            "error": "HTTP 500",
-            "retry_delay_ms": None,
-            "cancel_actions": None,
-            "started_at": None,
-        },
-    )
-    return task, str(item["delivery_id"])
-
-
 def test_problems_lists_failed_deliveries_and_running_tasks(client, conn):  # noqa: F811
-    task, delivery_id = _failed_end_delivery(client, conn)
+    task = running_task(client, conn, on_success=[hook("http://x.test/ok")])
+    delivery_id = give_up_end_delivery(client, conn, task)
     running = create(client, spec("s"))["s"]
     claim(conn)
 
