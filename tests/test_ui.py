@@ -23,6 +23,8 @@ import psycopg
 import pytest
 from procs import Reply, Sink, free_port, hook, running, service_env, wait_for, wait_healthy
 
+from taskrunner.client import Client
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing")
 
@@ -260,7 +262,11 @@ def test_views_show_the_database_and_retry_a_failed_delivery(ui, service, conn):
     assert page.locator(".tl-row").count() == started
     ui.shot("timeline")
 
-    # problems: the failed deliveries; retrying the end one queues it again
+    # problems: the failed deliveries (also through taskrunner.client); retrying the end
+    # one queues it again
+    with Client(base) as client:
+        found = client.list_problems(batch_id=batch)
+    assert sorted(d.task_name for d in found.deliveries) == ["broken", "report"]
     ui.open("#/problems")
     problems = page.locator("table.problem-deliveries tbody tr")
     problems.first.wait_for()
