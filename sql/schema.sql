@@ -708,15 +708,19 @@ BEGIN
            (SELECT array_agg(DISTINCT e.parent_id) FROM edges e WHERE e.external)
     INTO v_created, v_existing;
 
-    -- Links to existing tasks: lock those (FOR SHARE, after our links exist) and read
-    -- their status. One that ends concurrently either committed before the lock (we see
-    -- it ended) or waits for our commit (its propagation then sees our links). Links to
-    -- tasks that had already ended count at once; a failed required parent fails the
-    -- child, which cascades through the batch.
+    -- Links to existing tasks (by id or through a dedupe hit): lock those (FOR SHARE,
+    -- after our links exist), then read their status. One that ends concurrently either
+    -- committed before the lock (we see it ended) or waits for our commit (its
+    -- propagation then sees our links). Links to tasks that had already ended count at
+    -- once; a failed required parent fails the child, which cascades through the batch.
+    -- Two statements on purpose: with the status test in the locking query, the planner
+    -- applies it below the lock, to the row as it was before a concurrent end committed,
+    -- so an ending parent was neither locked nor counted and the child waited forever.
+    -- The second statement takes a new snapshot, after every lock was granted.
+    PERFORM 1 FROM taskrunner.task WHERE id = ANY (v_existing) ORDER BY id FOR SHARE;
     SELECT array_agg(id) INTO v_ended
-    FROM (SELECT id, status FROM taskrunner.task WHERE id = ANY (v_existing)
-          ORDER BY id FOR SHARE) p
-    WHERE taskrunner.is_terminal(p.status);
+    FROM taskrunner.task
+    WHERE id = ANY (v_existing) AND taskrunner.is_terminal(status);
     IF v_ended IS NOT NULL THEN
         PERFORM taskrunner._propagate(v_ended, v_created);
     END IF;
@@ -1717,4 +1721,5 @@ ALTER TABLE ONLY taskrunner.dependency
 --
 
 INSERT INTO public.schema_migrations (version) VALUES
-    ('20261126000000');
+    ('20261126000000'),
+    ('20261127120000');

@@ -1,0 +1,144 @@
+"""Promises of the SQL state machine under races and abuse (issue 13, items 1, 3-7).
+
+Each test reproduces a defect that was seen on real PostgreSQL; races are forced with a
+second connection holding a transaction open (a lock the other session must wait for),
+never by timing luck. docs/reliability.md lists each promise with its test.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import psycopg
+import pytest
+from conftest import create_batch, status_of, task_spec, webhook
+from invariants import assert_rule_respected
+from psycopg.rows import dict_row
+
+from taskrunner.db import QUERIES
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def claim(conn, worker="w1", n=100, lease=60):
+    return conn.execute(
+        "SELECT * FROM taskrunner.claim_tasks(%s, %s, %s)", (worker, n, lease)
+    ).fetchall()
+
+
+def report(conn, task_id, status=None, reason=None, metadata=None, new_success=None):
+    """What PATCH /task/{id} runs."""
+    return conn.execute(
+        QUERIES["update_task"],
+        {
+            "id": task_id,
+            "status": status,
+            "new_success": new_success,
+            "new_failures": None,
+            "metadata": json.dumps(metadata) if metadata is not None else None,
+            "failure_reason": reason,
+        },
+    ).fetchone()
+
+
+def delivery(conn, delivery_id):
+    return conn.execute(
+        "SELECT status::text, attempts, last_status_code, last_error"
+        " FROM taskrunner.delivery WHERE id = %s",
+        (delivery_id,),
+    ).fetchone()
+
+
+def attempt_errors(conn, delivery_id):
+    rows = conn.execute(
+        "SELECT attempt, status_code, error FROM taskrunner.delivery_attempt"
+        " WHERE delivery_id = %s ORDER BY attempt",
+        (delivery_id,),
+    ).fetchall()
+    return [(r["attempt"], r["status_code"], r["error"]) for r in rows]
+
+
+def run_in_thread(db_url, sql, params):
+    """Run one statement on its own autocommit connection in a thread; returns the thread,
+    the backend pid (once connected) and a dict receiving the rows or the error."""
+    out: dict = {}
+    connected = threading.Event()
+
+    def body():
+        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
+            out["pid"] = c.info.backend_pid
+            connected.set()
+            try:
+                out["rows"] = c.execute(sql, params).fetchall()
+            except psycopg.Error as exc:
+                out["error"] = exc
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    assert connected.wait(10), "the second session did not connect"
+    return thread, out
+
+
+def wait_blocked_or_done(conn, thread, pid, timeout=20.0):
+    """Until the other session waits for a lock, or has finished (the unfixed code does not
+    wait at all). Returns True when it is blocked."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not thread.is_alive():
+            return False
+        row = conn.execute(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+        ).fetchone()
+        if row and row["wait_event_type"] == "Lock":
+            return True
+        time.sleep(0.02)
+    raise AssertionError("the second session neither finished nor waited for a lock")
+
+
+# --- 1. a new task linked to a parent that is ending concurrently --------------------------
+
+
+def _child_specs(parent_id, via):
+    if via == "uuid":
+        return [task_spec("c", deps=[parent_id])]
+    # a dedupe hit on the running parent: "c" depends on it through the skipped "dup"
+    dup = task_spec("dup", dedupe=[{"kind": "k", "status": "running", "fields": []}])
+    return [dup, task_spec("c", deps=["dup"])]
+
+
+@pytest.mark.parametrize("via", ["uuid", "dedupe"])
+@pytest.mark.parametrize(
+    ("outcome", "reason", "child_status"),
+    [("success", None, "pending"), ("failure", "boom", "failure")],
+)
+def test_child_linked_to_a_parent_ending_concurrently_is_not_stranded(
+    conn, db_url, via, outcome, reason, child_status
+):
+    parent = create_batch(conn, [task_spec("p")])["p"]
+    claim(conn)
+    ender = psycopg.connect(db_url, row_factory=dict_row)  # session A: ends P, commits later
+    try:
+        report(ender, parent["id"], outcome, reason)  # P's row is now locked, not committed
+        # session B links a new child to P while A's end is uncommitted
+        thread, out = run_in_thread(
+            db_url,
+            "SELECT * FROM taskrunner.create_batch(%s::jsonb, 'b')",
+            (json.dumps(_child_specs(str(parent["id"]), via)),),
+        )
+        wait_blocked_or_done(conn, thread, out["pid"])
+        ender.commit()
+    finally:
+        ender.close()
+    thread.join(20)
+    assert "error" not in out, out.get("error")
+    child = conn.execute(
+        "SELECT status::text, deps_finished, failure_reason FROM taskrunner.task"
+        " WHERE local_id = 'c'"
+    ).fetchone()
+    if child_status == "pending":
+        assert child == {"status": "pending", "deps_finished": 1, "failure_reason": None}
+    else:  # a failed required parent fails the child (which then counts nothing)
+        assert child["status"] == "failure"
+        assert child["failure_reason"] == f"dependency {parent['id']} failed"
