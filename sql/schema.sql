@@ -1165,15 +1165,16 @@ END $$;
 
 
 --
--- Name: tick(); Type: FUNCTION; Schema: taskrunner; Owner: -
+-- Name: tick(integer); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
-CREATE FUNCTION taskrunner.tick() RETURNS jsonb
+CREATE FUNCTION taskrunner.tick(p_max_attempts integer DEFAULT 5) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
 DECLARE
     v_timed_out int;
     v_expired int;
+    v_gave_up int;
 BEGIN
     IF NOT pg_try_advisory_xact_lock(hashtextextended('taskrunner.tick', 0)) THEN
         RETURN NULL;
@@ -1195,14 +1196,18 @@ BEGIN
         FROM taskrunner.delivery d JOIN expired e ON e.id = d.id
         ON CONFLICT DO NOTHING
     ), moved AS (
+        -- an expired lease was an attempt (its row is written above): a delivery that
+        -- used up p_max_attempts in this round gives up like one whose target failed
         UPDATE taskrunner.delivery d
         SET status = CASE WHEN d.event = 'start' THEN 'expired'::taskrunner.delivery_status
+                          WHEN d.attempts - d.round_base >= p_max_attempts THEN 'failed'
                           ELSE 'queued' END,
             lease_until = NULL, next_attempt_at = now(),
             last_error = 'lease expired (worker gone?)',
-            finished_at = CASE WHEN d.event = 'start' THEN now() END
+            finished_at = CASE WHEN d.event = 'start'
+                                 OR d.attempts - d.round_base >= p_max_attempts THEN now() END
         FROM expired e WHERE d.id = e.id
-        RETURNING d.task_id, d.event
+        RETURNING d.task_id, d.event, d.status
     ), requeued AS (
         UPDATE taskrunner.task t
         SET status = 'pending', status_reason = 'start lease expired'
@@ -1210,12 +1215,14 @@ BEGIN
         WHERE m.event = 'start' AND t.id = m.task_id AND t.status = 'running'
           AND t.started_at IS NULL
     )
-    SELECT count(*) INTO v_expired FROM moved;
-    IF v_expired > 0 THEN
+    SELECT count(*), count(*) FILTER (WHERE status = 'failed') INTO v_expired, v_gave_up
+    FROM moved;
+    IF v_expired > v_gave_up THEN
         PERFORM pg_notify('taskrunner_delivery', '');
     END IF;
 
-    RETURN jsonb_build_object('timed_out', v_timed_out, 'expired_leases', v_expired);
+    RETURN jsonb_build_object('timed_out', v_timed_out, 'expired_leases', v_expired,
+                              'gave_up', v_gave_up);
 END $$;
 
 
@@ -1722,4 +1729,5 @@ ALTER TABLE ONLY taskrunner.dependency
 
 INSERT INTO public.schema_migrations (version) VALUES
     ('20261126000000'),
-    ('20261127120000');
+    ('20261127120000'),
+    ('20261127120100');

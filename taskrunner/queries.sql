@@ -75,7 +75,8 @@ SELECT taskrunner.release_deliveries(%(worker)s::text, %(ids)s::uuid[]) AS relea
 SELECT * FROM taskrunner.retry_delivery(%(delivery_id)s::uuid);
 
 -- name: tick
-SELECT taskrunner.tick() AS result;
+-- Timeouts and expired leases; a lease that expired is an attempt (gives up at max_attempts).
+SELECT taskrunner.tick(%(max_attempts)s::int) AS result;
 
 -- name: take_stats
 SELECT taskrunner.take_stats() AS stats;

@@ -142,3 +142,48 @@ def test_child_linked_to_a_parent_ending_concurrently_is_not_stranded(
     else:  # a failed required parent fails the child (which then counts nothing)
         assert child["status"] == "failure"
         assert child["failure_reason"] == f"dependency {parent['id']} failed"
+
+
+# --- 3. an expired lease is an attempt -----------------------------------------------------
+
+
+def test_expired_leases_count_as_attempts_and_the_delivery_gives_up(conn):
+    t = create_batch(conn, [task_spec("a", actions=[webhook(), webhook("success")])])["a"]
+    claim(conn)
+    report(conn, t["id"], "success")
+    seen = []
+    for _ in range(3):  # a worker leases the on_success, then vanishes: lease of 0 s
+        items = conn.execute("SELECT * FROM taskrunner.claim_deliveries('w1', 10, 0)").fetchall()
+        seen += [i["attempt"] for i in items]
+        conn.execute(QUERIES["tick"], {"max_attempts": 2})  # what the worker runs
+    (d,) = conn.execute("SELECT id FROM taskrunner.delivery WHERE event = 'success'").fetchall()
+    assert seen == [1, 2]
+    assert delivery(conn, d["id"]) == {
+        "status": "failed",
+        "attempts": 2,
+        "last_status_code": None,
+        "last_error": "lease expired (worker gone?)",
+    }
+    assert attempt_errors(conn, d["id"]) == [
+        (1, None, "lease expired (worker gone?)"),
+        (2, None, "lease expired (worker gone?)"),
+    ]
+    # like any delivery that gave up: listed as a problem, and a retry starts a new round
+    problem = conn.execute("SELECT status::text FROM taskrunner.delivery_problems").fetchone()
+    assert problem == {"status": "failed"}
+    conn.execute("SELECT taskrunner.retry_delivery(%s)", (d["id"],))
+    again = conn.execute("SELECT * FROM taskrunner.claim_deliveries('w1', 10, 0)").fetchall()
+    assert [i["attempt"] for i in again] == [1]
+
+
+def test_tick_without_argument_gives_up_at_the_default_five_attempts(conn):
+    t = create_batch(conn, [task_spec("a", actions=[webhook(), webhook("success")])])["a"]
+    claim(conn)
+    report(conn, t["id"], "success")
+    for _ in range(6):
+        conn.execute("SELECT * FROM taskrunner.claim_deliveries('w1', 10, 0)")
+        conn.execute("SELECT taskrunner.tick()")
+    row = conn.execute(
+        "SELECT status::text, attempts FROM taskrunner.delivery WHERE event = 'success'"
+    ).fetchone()
+    assert row == {"status": "failed", "attempts": 5}
