@@ -746,6 +746,21 @@ DECLARE
     v_failed jsonb;   -- starts that gave up: [{task_id, error}]
     v_queued int;
 BEGIN
+    -- Locks first, each in id order (as add_counters does), so concurrent callers cannot
+    -- deadlock: the deliveries, then the tasks of starts, whose status decides what a
+    -- start's outcome means. The statements below see those rows as locked.
+    PERFORM 1 FROM taskrunner.delivery d
+    WHERE d.id IN (SELECT (r ->> 'delivery_id')::uuid FROM jsonb_array_elements(p_results) r)
+    ORDER BY d.id
+    FOR NO KEY UPDATE;
+    PERFORM 1 FROM taskrunner.task t
+    WHERE t.id IN (SELECT d.task_id FROM taskrunner.delivery d
+                   WHERE d.id IN (SELECT (r ->> 'delivery_id')::uuid
+                                  FROM jsonb_array_elements(p_results) r)
+                     AND d.event = 'start')
+    ORDER BY t.id
+    FOR NO KEY UPDATE;
+
     WITH input AS MATERIALIZED (
         SELECT DISTINCT ON (id) * FROM (
             SELECT (r ->> 'delivery_id')::uuid AS id,
@@ -759,21 +774,38 @@ BEGIN
             FROM jsonb_array_elements(p_results) WITH ORDINALITY x(r, ord)) i
         ORDER BY id, ord
     ), locked AS MATERIALIZED (
-        SELECT d.id, d.task_id, d.event, d.attempts, d.status, d.worker
+        SELECT d.id, d.task_id, d.event, d.attempts, d.status, d.worker,
+               t.status AS task_status, t.started_at
         FROM taskrunner.delivery d
+        LEFT JOIN taskrunner.task t ON t.id = d.task_id AND d.event = 'start'
         WHERE d.id IN (SELECT id FROM input)
-        ORDER BY d.id
-        FOR NO KEY UPDATE
     ), outcome AS MATERIALIZED (
-        -- a delivery that is no longer in flight for us: the lease ran out and it moved
-        -- on without us (tick() recorded our attempt as expired; another worker may own
-        -- the current one), so nothing changes
+        -- 'stale': a delivery that is no longer in flight for us: the lease ran out and
+        -- it moved on without us (tick() recorded our attempt as expired; another worker
+        -- may own the current one), so nothing changes.
+        -- 'canceled' (dropped): a start whose answer no longer matters. Its task left
+        -- running (canceled, timed out) before a 2xx came back; or the attempt failed
+        -- but the task ended, or its target already reported through the handle (it has
+        -- the start). Re-sending it would start an ended task, or start it twice.
         SELECT i.*, l.task_id, l.event, l.attempts,
                CASE WHEN l.id IS NULL THEN 'unknown'
                     WHEN l.status <> 'in_flight' OR l.worker IS DISTINCT FROM p_worker THEN 'stale'
+                    WHEN l.event = 'start' AND i.ok AND l.started_at IS NULL
+                         AND l.task_status IN ('canceled', 'failure') THEN 'canceled'
+                    WHEN l.event = 'start' AND NOT i.ok
+                         AND (l.task_status <> 'running' OR l.started_at IS NOT NULL)
+                         THEN 'canceled'
                     WHEN i.ok THEN 'delivered'
                     WHEN i.retry_delay_ms IS NOT NULL THEN 'queued'
-                    ELSE 'failed' END AS result
+                    ELSE 'failed' END AS result,
+               CASE WHEN l.task_status <> 'running' AND i.ok
+                        THEN format('dropped: task is %s (answered after the task ended)',
+                                    l.task_status)
+                    WHEN l.task_status <> 'running'
+                        THEN format('%s; dropped: task is %s', coalesce(i.error, 'failed'),
+                                    l.task_status)
+                    ELSE format('%s; dropped: the target already reported on the task',
+                                coalesce(i.error, 'failed')) END AS dropped_error
         FROM input i LEFT JOIN locked l ON l.id = i.id
     ), new_attempts AS (
         INSERT INTO taskrunner.delivery_attempt (delivery_id, attempt, worker, started_at,
@@ -786,7 +818,8 @@ BEGIN
         SET status = o.result::taskrunner.delivery_status,
             lease_until = NULL,
             last_status_code = o.status_code,
-            last_error = CASE WHEN o.ok THEN NULL ELSE coalesce(o.error, 'failed') END,
+            last_error = CASE WHEN o.result = 'canceled' THEN o.dropped_error
+                              WHEN o.ok THEN NULL ELSE coalesce(o.error, 'failed') END,
             next_attempt_at = CASE WHEN o.result = 'queued'
                                    THEN now() + make_interval(secs => o.retry_delay_ms / 1000.0)
                                    ELSE d.next_attempt_at END,
@@ -796,20 +829,13 @@ BEGIN
     )
     SELECT jsonb_agg(jsonb_build_object('delivery_id', o.id, 'status', o.result) ORDER BY o.ord),
            jsonb_agg(jsonb_build_object('task_id', o.task_id, 'cancel_actions', o.cancel_actions))
-               FILTER (WHERE o.event = 'start' AND o.result = 'delivered'),
+               FILTER (WHERE o.event = 'start' AND o.ok
+                              AND o.result IN ('delivered', 'canceled')),
            jsonb_agg(jsonb_build_object('task_id', o.task_id,
                                         'error', coalesce(o.error, 'failed')))
                FILTER (WHERE o.event = 'start' AND o.result = 'failed')
     INTO v_out, v_started, v_failed
     FROM outcome o;
-
-    IF v_started IS NOT NULL OR v_failed IS NOT NULL THEN
-        PERFORM 1 FROM taskrunner.task
-        WHERE id IN (SELECT (e ->> 'task_id')::uuid
-                     FROM jsonb_array_elements(coalesce(v_started, '[]') || coalesce(v_failed, '[]')) e)
-        ORDER BY id
-        FOR NO KEY UPDATE;
-    END IF;
 
     IF v_failed IS NOT NULL THEN
         -- a start that gave up fails its task (never overriding an end reached meanwhile)
@@ -1730,4 +1756,5 @@ ALTER TABLE ONLY taskrunner.dependency
 INSERT INTO public.schema_migrations (version) VALUES
     ('20261126000000'),
     ('20261127120000'),
-    ('20261127120100');
+    ('20261127120100'),
+    ('20261127120200');

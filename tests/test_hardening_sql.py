@@ -187,3 +187,80 @@ def test_tick_without_argument_gives_up_at_the_default_five_attempts(conn):
         "SELECT status::text, attempts FROM taskrunner.delivery WHERE event = 'success'"
     ).fetchone()
     assert row == {"status": "failed", "attempts": 5}
+
+
+# --- 4. a start whose task left running is dropped -----------------------------------------
+
+FINISH = "SELECT taskrunner.finish_delivery(%s, 'w1', %s, %s, %s, %s) AS s"
+
+
+def _timed_out(conn, task_id):
+    """Make the claimed task miss its heartbeat and let tick() fail it (reason Timeout)."""
+    conn.execute(
+        "UPDATE taskrunner.task SET last_updated = now() - interval '1 hour' WHERE id = %s",
+        (task_id,),
+    )
+    conn.execute("SELECT taskrunner.tick()")
+    assert status_of(conn, task_id) == "failure"
+
+
+@pytest.mark.parametrize("end", ["canceled", "timed out"])
+def test_failed_start_of_a_task_no_longer_running_is_dropped_not_resent(conn, end):
+    t = create_batch(conn, [task_spec("a")])["a"]
+    (item,) = claim(conn)
+    if end == "canceled":
+        conn.execute("SELECT taskrunner.cancel_task(%s)", (t["id"],))
+    else:
+        _timed_out(conn, t["id"])
+    ended = status_of(conn, t["id"])
+    status = conn.execute(FINISH, (item["delivery_id"], False, 503, "HTTP 503", 0)).fetchone()
+    assert status["s"] == "canceled"
+    assert delivery(conn, item["delivery_id"]) == {
+        "status": "canceled",
+        "attempts": 1,
+        "last_status_code": 503,
+        "last_error": f"HTTP 503; dropped: task is {ended}",
+    }
+    assert attempt_errors(conn, item["delivery_id"]) == [(1, 503, "HTTP 503")]
+    time.sleep(0.01)  # the retry would have been due
+    assert conn.execute("SELECT * FROM taskrunner.claim_deliveries('w1', 10, 60)").fetchall() == []
+    assert status_of(conn, t["id"]) == ended
+
+
+@pytest.mark.parametrize("end", ["canceled", "timed out"])
+def test_late_start_success_of_an_ended_task_is_recorded_as_dropped(conn, end):
+    t = create_batch(conn, [task_spec("a")])["a"]
+    (item,) = claim(conn)
+    if end == "canceled":
+        conn.execute("SELECT taskrunner.cancel_task(%s)", (t["id"],))
+    else:
+        _timed_out(conn, t["id"])
+    ended = status_of(conn, t["id"])
+    status = conn.execute(FINISH, (item["delivery_id"], True, 200, None, None)).fetchone()
+    assert status["s"] == "canceled"
+    assert delivery(conn, item["delivery_id"]) == {
+        "status": "canceled",
+        "attempts": 1,
+        "last_status_code": 200,
+        "last_error": f"dropped: task is {ended} (answered after the task ended)",
+    }
+    assert attempt_errors(conn, item["delivery_id"]) == [(1, 200, None)]  # what happened
+    row = conn.execute(
+        "SELECT status::text, started_at FROM taskrunner.task WHERE id = %s", (t["id"],)
+    ).fetchone()
+    assert row == {"status": ended, "started_at": None}
+
+
+def test_failed_start_after_the_target_reported_is_not_resent(conn):
+    """The target reported through its handle (so it has the start), then its answer to
+    the start failed: re-sending would start it twice."""
+    t = create_batch(conn, [task_spec("a")])["a"]
+    (item,) = claim(conn)
+    report(conn, t["id"], new_success=1)
+    status = conn.execute(FINISH, (item["delivery_id"], False, None, "timeout", 0)).fetchone()
+    assert status["s"] == "canceled"
+    assert delivery(conn, item["delivery_id"])["last_error"] == (
+        "timeout; dropped: the target already reported on the task"
+    )
+    assert conn.execute("SELECT * FROM taskrunner.claim_deliveries('w1', 10, 60)").fetchall() == []
+    assert status_of(conn, t["id"]) == "running"
