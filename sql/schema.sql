@@ -411,7 +411,10 @@ BEGIN
     ), upd AS (
         UPDATE taskrunner.task t
         SET success = t.success + u.s, failures = t.failures + u.f,
-            last_updated = CASE WHEN t.status = 'running' THEN now() ELSE t.last_updated END
+            last_updated = CASE WHEN t.status = 'running' THEN now() ELSE t.last_updated END,
+            -- a report acknowledges the start (see update_task)
+            started_at = CASE WHEN t.status = 'running' THEN coalesce(t.started_at, now())
+                              ELSE t.started_at END
         FROM u, locked l
         WHERE t.id = u.id AND l.id = u.id
         RETURNING 1
@@ -1309,6 +1312,9 @@ BEGIN
         failure_reason = CASE WHEN p_status = 'failure' THEN p_failure_reason ELSE failure_reason END,
         status_reason = CASE WHEN p_status IS NULL THEN status_reason
                              ELSE format('reported %s', p_status) END,
+        -- a report through the handle proves the target got the start: acknowledged,
+        -- so an expired start lease no longer puts the task back to pending (tick())
+        started_at = coalesce(started_at, now()),
         last_updated = now()
     WHERE id = p_id
     RETURNING * INTO v_task;
@@ -1757,4 +1763,5 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261126000000'),
     ('20261127120000'),
     ('20261127120100'),
-    ('20261127120200');
+    ('20261127120200'),
+    ('20261127120300');

@@ -264,3 +264,40 @@ def test_failed_start_after_the_target_reported_is_not_resent(conn):
     )
     assert conn.execute("SELECT * FROM taskrunner.claim_deliveries('w1', 10, 60)").fetchall() == []
     assert status_of(conn, t["id"]) == "running"
+
+
+# --- 6. a report through the handle acknowledges the start -------------------------------
+
+
+def _progress(conn, task_id, how):
+    if how == "PATCH":
+        report(conn, task_id, new_success=1)
+    else:  # PUT /task, as the API's counter buffer flushes it
+        conn.execute(
+            QUERIES["add_counters"],
+            {"updates": json.dumps([{"task_id": str(task_id), "new_success": 1}])},
+        )
+
+
+@pytest.mark.parametrize("how", ["PATCH", "PUT"])
+def test_a_task_whose_target_reported_is_not_restarted_when_the_start_lease_expires(conn, how):
+    t = create_batch(conn, [task_spec("a")])["a"]
+    (item,) = claim(conn)
+    _progress(conn, t["id"], how)  # the target got the start and reports progress
+    conn.execute("UPDATE taskrunner.delivery SET lease_until = now() - interval '1 s'")
+    result = conn.execute("SELECT taskrunner.tick() AS r").fetchone()["r"]
+    assert result["expired_leases"] == 1  # the worker that sent the start is gone...
+    assert status_of(conn, t["id"]) == "running"  # ...but the task keeps its run
+    assert claim(conn, "w2") == []
+    report(conn, t["id"], "success")  # the (only) run completes it
+    runs = conn.execute(
+        "SELECT count(*) AS n FROM taskrunner.task_history WHERE task_id = %s"
+        " AND to_status = 'running'",
+        (t["id"],),
+    ).fetchone()
+    assert runs["n"] == 1
+    assert delivery(conn, item["delivery_id"])["status"] == "expired"
+    # the worker that sent the start comes back late: its lease is gone, nothing changes
+    late = conn.execute(FINISH, (item["delivery_id"], True, 200, None, None)).fetchone()
+    assert late["s"] == "stale"
+    assert status_of(conn, t["id"]) == "success"
