@@ -1131,6 +1131,33 @@ END $$;
 
 
 --
+-- Name: tg_task__freeze_rule_fields(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.tg_task__freeze_rule_fields() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_field text;
+BEGIN
+    IF taskrunner.is_terminal(OLD.status) THEN
+        RETURN NEW;
+    END IF;
+    SELECT f INTO v_field
+    FROM jsonb_array_elements(OLD.rules) r, jsonb_array_elements_text(r -> 'fields') f
+    WHERE OLD.metadata -> f IS DISTINCT FROM NEW.metadata -> f
+    ORDER BY f LIMIT 1;
+    IF v_field IS NOT NULL THEN
+        PERFORM taskrunner._raise('TR409',
+            format('cannot change metadata field %s of task %s', v_field, OLD.id),
+            format('metadata.%s: read by a concurrency rule of this task; cannot change '
+                   'until the task ends (is %s)', v_field, OLD.status));
+    END IF;
+    RETURN NEW;
+END $$;
+
+
+--
 -- Name: tg_task__guard_insert(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -1687,6 +1714,13 @@ CREATE TRIGGER _100_guard_transition BEFORE UPDATE ON taskrunner.task FOR EACH R
 
 
 --
+-- Name: task _110_freeze_rule_fields; Type: TRIGGER; Schema: taskrunner; Owner: -
+--
+
+CREATE TRIGGER _110_freeze_rule_fields BEFORE UPDATE OF metadata ON taskrunner.task FOR EACH ROW WHEN (((old.metadata IS DISTINCT FROM new.metadata) AND (old.rules <> '[]'::jsonb))) EXECUTE FUNCTION taskrunner.tg_task__freeze_rule_fields();
+
+
+--
 -- Name: task _900_after_insert; Type: TRIGGER; Schema: taskrunner; Owner: -
 --
 
@@ -1764,4 +1798,5 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261127120000'),
     ('20261127120100'),
     ('20261127120200'),
-    ('20261127120300');
+    ('20261127120300'),
+    ('20261127120400');

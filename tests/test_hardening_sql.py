@@ -7,6 +7,7 @@ never by timing luck. docs/reliability.md lists each promise with its test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -14,9 +15,14 @@ import time
 import psycopg
 import pytest
 from conftest import create_batch, status_of, task_spec, webhook
+from falcon import testing
 from invariants import assert_rule_respected
 from psycopg.rows import dict_row
 
+from taskrunner import db
+from taskrunner.api.app import create_app
+from taskrunner.api.counters import CounterBuffer
+from taskrunner.config import Config
 from taskrunner.db import QUERIES
 
 # --- helpers -----------------------------------------------------------------------------
@@ -79,6 +85,19 @@ def run_in_thread(db_url, sql, params):
     thread.start()
     assert connected.wait(10), "the second session did not connect"
     return thread, out
+
+
+@contextlib.contextmanager
+def api_client(db_url, config=None):
+    """The Falcon app on its own pool (what gunicorn serves), through the test client."""
+    pool = db.create_pool(db_url, max_size=2, timeout=5)
+    pool.open(wait=True)
+    counters = CounterBuffer(pool, interval=3600)
+    try:
+        yield testing.TestClient(create_app(config or Config(), pool, counters))
+    finally:
+        counters.close()
+        pool.close()
 
 
 def wait_blocked_or_done(conn, thread, pid, timeout=20.0):
@@ -301,3 +320,72 @@ def test_a_task_whose_target_reported_is_not_restarted_when_the_start_lease_expi
     late = conn.execute(FINISH, (item["delivery_id"], True, 200, None, None)).fetchone()
     assert late["s"] == "stale"
     assert status_of(conn, t["id"]) == "success"
+
+
+# --- 5. a metadata change cannot move a task out of (or into) a rule's count --------------
+
+TENANT_RULE = {"kind": "k", "status": "running", "fields": ["tenant"], "max": 2}
+
+
+def test_rule_never_exceeded_when_patch_tries_to_change_a_rule_field(conn):
+    """The issue's history: max 2 per tenant, A..D of t1; claim A; PATCH A to t2; claim;
+    A's start released; claim again. A rule field cannot change while the task can still
+    run, so A stays counted as t1 and no instant has 3 t1 tasks running."""
+    specs = [task_spec(x, rules=[TENANT_RULE], metadata={"tenant": "t1"}) for x in "ABCD"]
+    t = create_batch(conn, specs)
+    (a,) = claim(conn, n=1)
+    with pytest.raises(psycopg.Error) as err:
+        report(conn, t["A"]["id"], metadata={"tenant": "t2"})
+    assert err.value.sqlstate == "TR409"
+    assert err.value.diag.message_detail.startswith("metadata.tenant: read by a concurrency rule")
+    # other fields may change; the rule's own field may be sent unchanged
+    report(conn, t["A"]["id"], metadata={"tenant": "t1", "note": "halfway"})
+    claim(conn)  # B only: A and B fill the tenant's 2 slots
+    conn.execute("SELECT taskrunner.release_deliveries('w1', %s::uuid[])", ([a["delivery_id"]],))
+    claim(conn)
+    claim(conn)
+    peaks = assert_rule_respected(conn, "k", ["tenant"], 2)  # replayed from the history
+    assert peaks == {("t1",): 2}
+    running = conn.execute(
+        "SELECT local_id FROM taskrunner.task WHERE status = 'running' ORDER BY local_id"
+    ).fetchall()
+    assert [r["local_id"] for r in running] == ["A", "B"]
+
+
+def test_rule_fields_are_frozen_for_a_dba_update_too_until_the_task_ends(conn):
+    t = create_batch(conn, [task_spec("a", rules=[TENANT_RULE], metadata={"tenant": "t1"})])
+    task_id = t["a"]["id"]
+    change = "UPDATE taskrunner.task SET metadata = %s::jsonb WHERE id = %s"
+    for removed_or_changed in ({"tenant": "t2"}, {}):
+        with pytest.raises(psycopg.Error) as err:
+            conn.execute(change, (json.dumps(removed_or_changed), task_id))
+        assert err.value.sqlstate == "TR409"
+    conn.execute("SELECT taskrunner.cancel_task(%s)", (task_id,))
+    conn.execute(change, (json.dumps({"tenant": "t2"}), task_id))  # ended: never runs again
+    # a task without rules keeps its metadata free
+    free = create_batch(conn, [task_spec("b", metadata={"tenant": "t1"})])["b"]
+    conn.execute(change, (json.dumps({"tenant": "t2"}), free["id"]))
+
+
+def test_patch_changing_a_rule_field_is_a_409_naming_the_field(conn, db_url):
+    matcher = {"kind": "k", "status": "Running", "fields": ["tenant"]}
+    rule = {"Concurency": {"matcher": matcher, "max_concurency": 2}}
+    task = {
+        "id": "a",
+        "name": "a",
+        "kind": "k",
+        "metadata": {"tenant": "t1"},
+        "rules": [rule],
+        "on_start": {"kind": "Webhook", "params": {"url": "http://example.com/h", "verb": "Post"}},
+    }
+    with api_client(db_url) as client:
+        created = client.simulate_post("/task", json=[task])
+        assert created.status_code == 201, created.text
+        task_id = created.json[0]["id"]
+        claim(conn)
+        result = client.simulate_patch(f"/task/{task_id}", json={"metadata": {"tenant": "t2"}})
+        assert result.status_code == 409, result.text
+        assert any(d.startswith("metadata.tenant: ") for d in result.json["details"])
+        kept = {"tenant": "t1", "progress": "half"}
+        result = client.simulate_patch(f"/task/{task_id}", json={"metadata": kept})
+        assert result.status_code == 200, result.text
