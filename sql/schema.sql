@@ -108,6 +108,30 @@ $$;
 
 
 --
+-- Name: _dedupe_match(text, taskrunner.task_status, jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._dedupe_match(p_kind text, p_status taskrunner.task_status, p_pattern jsonb) RETURNS TABLE(id uuid, seq bigint)
+    LANGUAGE plpgsql STABLE
+    SET enable_seqscan TO 'off'
+    SET enable_indexscan TO 'off'
+    AS $$
+BEGIN
+    IF p_pattern = '{}'::jsonb THEN
+        RETURN QUERY
+        SELECT x.id, x.seq FROM taskrunner.task x
+        WHERE x.kind = p_kind AND x.status = p_status
+        ORDER BY x.seq DESC LIMIT 1;
+    ELSE
+        RETURN QUERY
+        SELECT x.id, x.seq FROM taskrunner.task x
+        WHERE x.metadata @> p_pattern AND x.kind = p_kind AND x.status = p_status
+        ORDER BY x.seq DESC LIMIT 1;
+    END IF;
+END $$;
+
+
+--
 -- Name: _group_slots(text, jsonb, jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -651,14 +675,12 @@ BEGIN
         SELECT t, ord FROM jsonb_array_elements(p_tasks) WITH ORDINALITY x(t, ord)
     ), dedupe AS MATERIALIZED (
         -- the newest existing task that any dedupe matcher of the input task finds
+        -- (one probe per matcher, its pattern computed once: see _dedupe_match)
         SELECT i.ord, (
             SELECT e.id FROM jsonb_array_elements(i.t -> 'dedupe') m
-            CROSS JOIN LATERAL (
-                SELECT x.id, x.seq FROM taskrunner.task x
-                WHERE x.kind = m ->> 'kind'
-                  AND x.status = (m ->> 'status')::taskrunner.task_status
-                  AND x.metadata @> taskrunner._rule_pattern(m, i.t -> 'metadata')
-                ORDER BY x.seq DESC LIMIT 1) e
+            CROSS JOIN LATERAL taskrunner._dedupe_match(
+                m ->> 'kind', (m ->> 'status')::taskrunner.task_status,
+                taskrunner._rule_pattern(m, i.t -> 'metadata')) e
             ORDER BY e.seq DESC LIMIT 1) AS existing_id
         FROM input i
         WHERE jsonb_array_length(coalesce(i.t -> 'dedupe', '[]')) > 0
@@ -1799,4 +1821,5 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261127120100'),
     ('20261127120200'),
     ('20261127120300'),
-    ('20261127120400');
+    ('20261127120400'),
+    ('20261127120500');

@@ -56,6 +56,7 @@ class Config:
     shutdown_grace: float = 10.0
     counter_flush_interval: float = 0.1
     pool_max_size: int = 8
+    statement_timeout: float = 30.0
     api_token: str | None = None
 
     def __post_init__(self) -> None:
@@ -89,5 +90,6 @@ class Config:
             shutdown_grace=_float(env, "SHUTDOWN_GRACE", 10.0),
             counter_flush_interval=_float(env, "COUNTER_FLUSH_INTERVAL", 0.1),
             pool_max_size=_int(env, "POOL_MAX_SIZE", 8),
+            statement_timeout=_float(env, "STATEMENT_TIMEOUT", 30.0),
             api_token=env.get("API_TOKEN") or None,
         )

@@ -75,6 +75,7 @@ def is_conflict(exc: BaseException) -> bool:
 
 
 _BY_SQLSTATE = {"TR400": BadInput, "TR404": TaskNotFound, "TR409": IllegalTransition}
+QUERY_CANCELED = "57014"  # statement_timeout (or a DBA's pg_cancel_backend)
 
 
 @contextlib.contextmanager
@@ -91,6 +92,8 @@ def wrap_exceptions() -> Iterator[None]:
             raise cls(diag.message_primary or str(exc), details) from exc
         if is_conflict(exc):
             raise TransientConflict("database conflict; retry") from exc
+        if sqlstate == QUERY_CANCELED:
+            raise DatabaseUnavailable("statement timeout (STATEMENT_TIMEOUT)") from exc
         if isinstance(exc, psycopg.OperationalError) or (sqlstate or "").startswith(("08", "57P")):
             raise DatabaseUnavailable("database unavailable") from exc
         raise
@@ -103,7 +106,7 @@ def connect(url: str, **kwargs) -> psycopg.Connection:
     return psycopg.connect(url, autocommit=True, row_factory=dict_row, **kwargs)
 
 
-def _pool(cls, url: str, min_size: int, max_size: int, timeout: float, name: str):
+def _pool(cls, url: str, min_size: int, max_size: int, timeout: float, name: str, **connect):
     """A pool of ``cls`` (sync or async) with the settings every pool here shares:
     autocommit dict-row connections, checked on checkout, opened by the caller."""
     return cls(
@@ -113,7 +116,7 @@ def _pool(cls, url: str, min_size: int, max_size: int, timeout: float, name: str
         timeout=timeout,
         name=name,
         open=False,
-        kwargs={"autocommit": True, "row_factory": dict_row},
+        kwargs={"autocommit": True, "row_factory": dict_row, **connect},
         check=cls.check_connection,
     )
 
@@ -125,9 +128,13 @@ def create_pool(
     max_size: int = 8,
     timeout: float = 5.0,
     name: str = "taskrunner",
+    statement_timeout: float = 0,
 ) -> psycopg_pool.ConnectionPool:
-    """A pool of autocommit, dict-row connections (opened lazily, never blocks startup)."""
-    return _pool(psycopg_pool.ConnectionPool, url, min_size, max_size, timeout, name)
+    """A pool of autocommit, dict-row connections (opened lazily, never blocks startup).
+    ``statement_timeout`` (s, 0 = none) bounds every statement on its connections."""
+    ms = round(statement_timeout * 1000)
+    connect = {"options": f"-c statement_timeout={ms}"} if ms > 0 else {}
+    return _pool(psycopg_pool.ConnectionPool, url, min_size, max_size, timeout, name, **connect)
 
 
 def create_async_pool(

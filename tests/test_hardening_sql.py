@@ -389,3 +389,126 @@ def test_patch_changing_a_rule_field_is_a_409_naming_the_field(conn, db_url):
         kept = {"tenant": "t1", "progress": "half"}
         result = client.simulate_patch(f"/task/{task_id}", json={"metadata": kept})
         assert result.status_code == 200, result.text
+
+
+# --- 7. dedupe probes use an index; API statements have a timeout ------------------------
+
+# The metadata probe of taskrunner._dedupe_match (keep in step with the migration).
+DEDUPE_PROBE = """
+        SELECT x.id, x.seq FROM taskrunner.task x
+        WHERE x.metadata @> p_pattern AND x.kind = p_kind AND x.status = p_status
+        ORDER BY x.seq DESC LIMIT 1
+"""
+
+
+def _existing_tasks(conn, n=20_000):
+    specs = [task_spec(f"e{i}", metadata={"tenant": f"t{i}"}, actions=[]) for i in range(n)]
+    create_batch(conn, specs)
+    conn.execute("VACUUM ANALYZE taskrunner.task")
+
+
+def _rows_read(conn):
+    """Task rows this transaction read so far (sequential and index scans)."""
+    row = conn.execute(
+        "SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) AS n FROM pg_stat_xact_user_tables"
+        " WHERE relid = 'taskrunner.task'::regclass"
+    ).fetchone()
+    return row["n"] if row else 0
+
+
+def test_dedupe_probes_read_only_matching_rows_not_the_table(conn):
+    _existing_tasks(conn)
+    misses = [{"kind": "k", "status": "pending", "fields": ["tenant"]}] * 2
+    hit = {"kind": "k", "status": "pending", "fields": ["tenant"]}
+    with conn.transaction():
+        before = _rows_read(conn)
+        new = create_batch(
+            conn,
+            [
+                task_spec("new", metadata={"tenant": "nobody"}, dedupe=misses),
+                task_spec("dup", metadata={"tenant": "t7"}, dedupe=[hit]),
+                task_spec("child", deps=["dup"]),
+            ],
+        )
+        read = _rows_read(conn) - before
+    assert set(new) == {"new", "child"}  # "dup" found e7
+    parent = conn.execute("SELECT parent_id FROM taskrunner.dependency").fetchone()
+    assert status_of(conn, parent["parent_id"]) == "pending"
+    assert read < 50, f"the dedupe probes read {read} task rows of 20,000"
+
+
+def _plan_nodes(plan):
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+@pytest.mark.parametrize("mode", ["force_custom_plan", "force_generic_plan"])
+def test_dedupe_probe_plan_uses_the_metadata_index(conn, mode):
+    """The probe's own text, planned under the function's own settings, both ways
+    PL/pgSQL may plan it: a bitmap of the metadata GIN index, never a scan in seq order
+    (which reads the whole table when nothing matches)."""
+    _existing_tasks(conn)
+    fn = conn.execute(
+        "SELECT prosrc, proconfig FROM pg_proc WHERE proname = '_dedupe_match'"
+    ).fetchone()
+    assert fn is not None, "taskrunner._dedupe_match is missing"
+    squash = lambda text: " ".join(text.split())  # noqa: E731
+    assert squash(DEDUPE_PROBE) in squash(fn["prosrc"])
+    with conn.transaction():
+        for setting in fn["proconfig"] or []:
+            name, value = setting.split("=", 1)
+            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+        conn.execute("SELECT set_config('plan_cache_mode', %s, true)", (mode,))
+        query = DEDUPE_PROBE.replace("p_pattern", "$3").replace("p_kind", "$1")
+        conn.execute(
+            "PREPARE probe(text, taskrunner.task_status, jsonb) AS "
+            + query.replace("p_status", "$2")
+        )
+        # a utility statement takes no bind parameters: the value goes in as a literal
+        (row,) = conn.execute(
+            "EXPLAIN (FORMAT JSON, ANALYZE, BUFFERS)"
+            """ EXECUTE probe('k', 'pending', '{"tenant": "nobody"}')"""
+        ).fetchall()
+        conn.execute("DEALLOCATE probe")
+    plan = row["QUERY PLAN"]
+    plan = (json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]
+    nodes = list(_plan_nodes(plan))
+    index_scans = [n.get("Index Name") for n in nodes if n["Node Type"] == "Bitmap Index Scan"]
+    assert "task_metadata_idx" in index_scans, nodes
+    assert not [n for n in nodes if n["Node Type"] in ("Seq Scan", "Index Scan")], nodes
+    assert (
+        sum(n.get("Shared Hit Blocks", 0) + n.get("Shared Read Blocks", 0) for n in nodes[:1]) < 20
+    )
+
+
+def test_api_statements_stop_at_statement_timeout_with_a_503(conn, db_url, monkeypatch):
+    """A request cannot hold the database: the pool gunicorn serves (get_app) sets
+    STATEMENT_TIMEOUT on its connections. Forced with a row lock held by a DBA session."""
+    from taskrunner.api.app import get_app
+
+    t = create_batch(conn, [task_spec("a")])["a"]
+    claim(conn)
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("STATEMENT_TIMEOUT", "0.5")
+    client = testing.TestClient(get_app())
+    out = {}
+    with psycopg.connect(db_url) as holder:
+        holder.execute("SELECT 1 FROM taskrunner.task WHERE id = %s FOR UPDATE", (t["id"],))
+        patch = threading.Thread(
+            target=lambda: out.update(
+                result=client.simulate_patch(f"/task/{t['id']}", json={"new_success": 1})
+            )
+        )
+        patch.start()
+        patch.join(20)
+        stuck = patch.is_alive()
+        holder.rollback()  # let an unfixed server finish
+    patch.join(20)
+    assert not stuck, "PATCH waited on the lock past STATEMENT_TIMEOUT"
+    result = out["result"]
+    assert result.status_code == 503, result.text
+    assert result.json["error"] == "statement timeout (STATEMENT_TIMEOUT)"
+    assert result.json["details"] == []
+    again = client.simulate_patch(f"/task/{t['id']}", json={"new_success": 1})
+    assert again.status_code == 200, again.text
