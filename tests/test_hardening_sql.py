@@ -223,15 +223,21 @@ def _timed_out(conn, task_id):
     assert status_of(conn, task_id) == "failure"
 
 
-@pytest.mark.parametrize("end", ["canceled", "timed out"])
-def test_failed_start_of_a_task_no_longer_running_is_dropped_not_resent(conn, end):
+def _start_in_flight_then(conn, end):
+    """A claimed task whose start is in flight ends ("canceled" or "timed out");
+    returns the task, its start's work item and the status it ended in."""
     t = create_batch(conn, [task_spec("a")])["a"]
     (item,) = claim(conn)
     if end == "canceled":
         conn.execute("SELECT taskrunner.cancel_task(%s)", (t["id"],))
     else:
         _timed_out(conn, t["id"])
-    ended = status_of(conn, t["id"])
+    return t, item, status_of(conn, t["id"])
+
+
+@pytest.mark.parametrize("end", ["canceled", "timed out"])
+def test_failed_start_of_a_task_no_longer_running_is_dropped_not_resent(conn, end):
+    t, item, ended = _start_in_flight_then(conn, end)
     status = conn.execute(FINISH, (item["delivery_id"], False, 503, "HTTP 503", 0)).fetchone()
     assert status["s"] == "canceled"
     assert delivery(conn, item["delivery_id"]) == {
@@ -248,13 +254,7 @@ def test_failed_start_of_a_task_no_longer_running_is_dropped_not_resent(conn, en
 
 @pytest.mark.parametrize("end", ["canceled", "timed out"])
 def test_late_start_success_of_an_ended_task_is_recorded_as_dropped(conn, end):
-    t = create_batch(conn, [task_spec("a")])["a"]
-    (item,) = claim(conn)
-    if end == "canceled":
-        conn.execute("SELECT taskrunner.cancel_task(%s)", (t["id"],))
-    else:
-        _timed_out(conn, t["id"])
-    ended = status_of(conn, t["id"])
+    t, item, ended = _start_in_flight_then(conn, end)
     status = conn.execute(FINISH, (item["delivery_id"], True, 200, None, None)).fetchone()
     assert status["s"] == "canceled"
     assert delivery(conn, item["delivery_id"]) == {
