@@ -22,6 +22,14 @@ CREATE SCHEMA taskrunner;
 
 
 --
+-- Name: SCHEMA taskrunner; Type: COMMENT; Schema: -; Owner: -
+--
+
+COMMENT ON SCHEMA taskrunner IS 'taskrunner''s state machine: tables, triggers and functions. docs/sql.md documents the
+public part for DBAs.';
+
+
+--
 -- Name: action_event; Type: TYPE; Schema: taskrunner; Owner: -
 --
 
@@ -31,6 +39,13 @@ CREATE TYPE taskrunner.action_event AS ENUM (
     'failure',
     'cancel'
 );
+
+
+--
+-- Name: TYPE action_event; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TYPE taskrunner.action_event IS 'When an action fires. The API shows success/failure as trigger "End".';
 
 
 --
@@ -48,6 +63,15 @@ CREATE TYPE taskrunner.delivery_status AS ENUM (
 
 
 --
+-- Name: TYPE delivery_status; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TYPE taskrunner.delivery_status IS 'Where a delivery (one webhook call) stands: queued, in_flight (leased to a worker),
+delivered, failed (retries exhausted), canceled (no longer needed) or expired (a start
+whose lease ran out; its task went back to pending).';
+
+
+--
 -- Name: task_status; Type: TYPE; Schema: taskrunner; Owner: -
 --
 
@@ -60,6 +84,13 @@ CREATE TYPE taskrunner.task_status AS ENUM (
     'canceled',
     'paused'
 );
+
+
+--
+-- Name: TYPE task_status; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TYPE taskrunner.task_status IS 'The status of a task. Legal moves: transition_allowed(); terminal ones: is_terminal().';
 
 
 --
@@ -81,6 +112,13 @@ CREATE TYPE taskrunner.work_item AS (
 
 
 --
+-- Name: TYPE work_item; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TYPE taskrunner.work_item IS 'What a worker gets back from a claim: one webhook call to make.';
+
+
+--
 -- Name: _add_stats(text); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -90,6 +128,13 @@ CREATE FUNCTION taskrunner._add_stats(p_lines text) RETURNS void
     SELECT set_config('taskrunner.stats',
         coalesce(nullif(current_setting('taskrunner.stats', true), ''), '') || p_lines, true)
 $$;
+
+
+--
+-- Name: FUNCTION _add_stats(p_lines text); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._add_stats(p_lines text) IS 'Transitions counted in this transaction, for Prometheus (see take_stats()).';
 
 
 --
@@ -105,6 +150,13 @@ CREATE FUNCTION taskrunner._admission_key(p_kind text, p_priority integer, p_rul
          FROM jsonb_array_elements(p_rules) WITH ORDINALITY r(rule, ord),
               jsonb_array_elements_text(r.rule -> 'fields') WITH ORDINALITY f(f, ord))))::uuid
 $$;
+
+
+--
+-- Name: FUNCTION _admission_key(p_kind text, p_priority integer, p_rules jsonb, p_metadata jsonb); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._admission_key(p_kind text, p_priority integer, p_rules jsonb, p_metadata jsonb) IS 'The admission key: equal for tasks that any claim would treat alike.';
 
 
 --
@@ -132,6 +184,15 @@ END $$;
 
 
 --
+-- Name: FUNCTION _dedupe_match(p_kind text, p_status taskrunner.task_status, p_pattern jsonb); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._dedupe_match(p_kind text, p_status taskrunner.task_status, p_pattern jsonb) IS 'A dedupe probe of create_batch: the newest task of p_kind in p_status whose metadata
+contains p_pattern. Bitmap scans only, so it reads the tasks that carry the pattern''s
+values, never the table.';
+
+
+--
 -- Name: _group_slots(text, jsonb, jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -154,6 +215,15 @@ BEGIN
     END LOOP;
     RETURN v_slots;
 END $$;
+
+
+--
+-- Name: FUNCTION _group_slots(p_kind text, p_rules jsonb, p_metadata jsonb); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._group_slots(p_kind text, p_rules jsonb, p_metadata jsonb) IS 'How many tasks of a group may start now (0 = blocked). A rule allows a start iff fewer
+than max tasks match it; a rule that counts running tasks of the group''s own kind loses
+one slot per start, any other rule is unchanged by the start.';
 
 
 --
@@ -187,6 +257,17 @@ BEGIN
     END LOOP;
     RETURN true;
 END $$;
+
+
+--
+-- Name: FUNCTION _lock_group(p_kind text, p_rules jsonb, p_wait boolean); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._lock_group(p_kind text, p_rules jsonb, p_wait boolean) IS 'Take the advisory locks that make a claim of this group exact (see claim_tasks).
+Kinds that a rule counts are locked exclusively; the task''s own kind (when no rule
+counts it) in shared mode, so rule-less claims of one kind run in parallel but wait
+for, and are waited on by, every rule-checking claim of that kind. Keys are taken in
+ascending order. With p_wait = false nothing waits and false means "skip this group".';
 
 
 SET default_tablespace = '';
@@ -236,6 +317,79 @@ CREATE TABLE taskrunner.task (
 
 
 --
+-- Name: TABLE task; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TABLE taskrunner.task IS 'One row per task. A status change is checked, recorded and propagated by the triggers,
+whoever makes it (API, worker or a DBA''s UPDATE).';
+
+
+--
+-- Name: COLUMN task.seq; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.seq IS 'Creation order (input order within a batch): "oldest first" and "newest first".';
+
+
+--
+-- Name: COLUMN task.previous_status; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.previous_status IS 'The status before the latest UPDATE of the row (set by a trigger): lets the
+statement-level trigger see what changed without joining OLD and NEW tables.';
+
+
+--
+-- Name: COLUMN task.timeout; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.timeout IS 'Seconds a running task may go without a heartbeat (last_updated) before tick() fails it.';
+
+
+--
+-- Name: COLUMN task.rules; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.rules IS 'Normalised concurrency rules: [{"kind","status","fields":[...],"max"}].';
+
+
+--
+-- Name: COLUMN task.admission_key; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.admission_key IS 'Tasks with the same key (kind, priority, rules, rule field values) are interchangeable
+for admission: claims look at one head per key.';
+
+
+--
+-- Name: COLUMN task.status_reason; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.status_reason IS 'Why the latest transition happened.';
+
+
+--
+-- Name: COLUMN task.claimed_at; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.claimed_at IS 'When the task entered running.';
+
+
+--
+-- Name: COLUMN task.started_at; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.started_at IS 'When the target acknowledged the start webhook (NULL while the start is in flight).';
+
+
+--
+-- Name: COLUMN task.last_updated; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.last_updated IS 'Heartbeat: drives timeouts.';
+
+
+--
 -- Name: _move_task(uuid, taskrunner.task_status[], taskrunner.task_status, text, text); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -262,6 +416,13 @@ BEGIN
     RETURNING * INTO v_task;
     RETURN v_task;
 END $$;
+
+
+--
+-- Name: FUNCTION _move_task(p_id uuid, p_allowed taskrunner.task_status[], p_to taskrunner.task_status, p_reason text, p_verb text); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._move_task(p_id uuid, p_allowed taskrunner.task_status[], p_to taskrunner.task_status, p_reason text, p_verb text) IS 'The common shape of cancel/pause/resume: lock, check the current status, move.';
 
 
 --
@@ -367,6 +528,20 @@ END $$;
 
 
 --
+-- Name: FUNCTION _propagate(p_parents uuid[], p_children uuid[]); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._propagate(p_parents uuid[], p_children uuid[]) IS 'Propagate the end of p_parents to their children (only to p_children when given, as
+when a new batch depends on tasks that had already ended). Set-based: the whole
+failure cascade is computed with one recursive query and applied with one UPDATE, so
+a 10,000-deep chain costs no trigger recursion.
+
+Every join here follows an index from a small set of ended tasks; the planner cannot
+know the sizes of the recursive work table and would pick hash joins over whole tables
+at each recursion step, so sequential scans are discouraged for this function.';
+
+
+--
 -- Name: _raise(text, text, text); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -376,6 +551,14 @@ CREATE FUNCTION taskrunner._raise(p_code text, p_message text, p_detail text DEF
 BEGIN
     RAISE EXCEPTION USING ERRCODE = p_code, MESSAGE = p_message, DETAIL = coalesce(p_detail, '');
 END $$;
+
+
+--
+-- Name: FUNCTION _raise(p_code text, p_message text, p_detail text); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._raise(p_code text, p_message text, p_detail text) IS 'Raise an error with a taskrunner SQLSTATE (TR400, TR404, TR409: the API maps them to
+HTTP 400, 404, 409) and a detail ("field: problem" lines).';
 
 
 --
@@ -404,6 +587,17 @@ END $$;
 
 
 --
+-- Name: FUNCTION _rule_count(p_rule jsonb, p_metadata jsonb); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._rule_count(p_rule jsonb, p_metadata jsonb) IS 'How many tasks a rule counts right now for a task with this metadata. Rules nearly
+always count running tasks: that case has its own query, with the status spelled out so
+the planner can use task_running_metadata_idx, which holds running tasks only; the
+metadata GIN index over all tasks would read every blocked pending task of the group,
+and a count would grow with the backlog.';
+
+
+--
 -- Name: _rule_pattern(jsonb, jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -413,6 +607,13 @@ CREATE FUNCTION taskrunner._rule_pattern(p_rule jsonb, p_metadata jsonb) RETURNS
     SELECT coalesce(jsonb_object_agg(f, p_metadata -> f), '{}'::jsonb)
     FROM jsonb_array_elements_text(p_rule -> 'fields') f
 $$;
+
+
+--
+-- Name: FUNCTION _rule_pattern(p_rule jsonb, p_metadata jsonb); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._rule_pattern(p_rule jsonb, p_metadata jsonb) IS 'The metadata values a rule compares, as a containment pattern: {"field": value, ...}.';
 
 
 --
@@ -449,6 +650,15 @@ END $$;
 
 
 --
+-- Name: FUNCTION add_counters(p_updates jsonb); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.add_counters(p_updates jsonb) IS 'PUT /task: add progress counters to many tasks at once (rows locked in id order, so
+concurrent flushes cannot deadlock). Running tasks also get a heartbeat, and their
+start is acknowledged (started_at), as by update_task.';
+
+
+--
 -- Name: cancel_task(uuid); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -458,6 +668,14 @@ CREATE FUNCTION taskrunner.cancel_task(p_id uuid) RETURNS taskrunner.task
     SELECT taskrunner._move_task(p_id, '{waiting,pending,paused,running}', 'canceled',
                                  'canceled', 'cancel')
 $$;
+
+
+--
+-- Name: FUNCTION cancel_task(p_id uuid); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.cancel_task(p_id uuid) IS 'Cancel a waiting, pending, paused or running task (a running one fires its cancel
+webhooks).';
 
 
 --
@@ -489,6 +707,14 @@ $$;
 
 
 --
+-- Name: FUNCTION claim_deliveries(p_worker text, p_max integer, p_lease_seconds integer); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.claim_deliveries(p_worker text, p_max integer, p_lease_seconds integer) IS 'Lease up to p_max queued deliveries that are due (end and cancel webhooks, and starts
+waiting for a retry).';
+
+
+--
 -- Name: claim_tasks(text, integer, integer); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -508,23 +734,7 @@ BEGIN
         RETURN;
     END IF;
     FOR g IN
-        WITH RECURSIVE keys(k) AS (
-            (SELECT admission_key FROM taskrunner.task WHERE status = 'pending'
-             ORDER BY admission_key LIMIT 1)
-            UNION ALL
-            SELECT (SELECT t.admission_key FROM taskrunner.task t
-                    WHERE t.status = 'pending' AND t.admission_key > keys.k
-                    ORDER BY t.admission_key LIMIT 1)
-            FROM keys WHERE keys.k IS NOT NULL
-        )
-        SELECT h.* FROM keys
-        CROSS JOIN LATERAL (
-            SELECT t.admission_key, t.kind, t.rules, t.metadata, t.priority, t.seq
-            FROM taskrunner.task t
-            WHERE t.status = 'pending' AND t.admission_key = keys.k
-            ORDER BY t.priority DESC, t.seq LIMIT 1) h
-        WHERE keys.k IS NOT NULL
-        ORDER BY h.priority DESC, h.seq
+        SELECT * FROM taskrunner._claim_groups
     LOOP
         IF NOT v_waited THEN
             PERFORM taskrunner._lock_group(g.kind, g.rules, true);
@@ -584,6 +794,24 @@ END $$;
 
 
 --
+-- Name: FUNCTION claim_tasks(p_worker text, p_max integer, p_lease_seconds integer); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.claim_tasks(p_worker text, p_max integer, p_lease_seconds integer) IS 'Claim up to p_max ready tasks for p_worker: move them to running and return their
+start deliveries, leased to the worker for p_lease_seconds.
+
+Exactness: each admission group is claimed under advisory locks on the kinds its rules
+count (see _lock_group), and its free slots are counted after the locks are held; under
+READ COMMITTED every statement of the claim sees the commits of the claims that held the locks
+before us. So when a task with a rule starts, that rule''s count (itself included when
+it matches) is at most max_concurency, whatever the number of claimers.
+
+Cost: groups are found with a skip scan over task_pending_claim_idx (one probe per
+group with pending tasks, see _claim_groups), so pending tasks blocked behind a
+saturated rule cost one check per group, not one per task.';
+
+
+--
 -- Name: complete_tasks(jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -634,6 +862,17 @@ BEGIN
     LEFT JOIN taskrunner.task t ON t.id = i.id
     ORDER BY i.ord;
 END $$;
+
+
+--
+-- Name: FUNCTION complete_tasks(p_results jsonb); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.complete_tasks(p_results jsonb) IS 'The outcome of many running tasks at once: the batch form of PATCH /task/{id} with a
+status. Each element of p_results: {"task_id", "status": "success"|"failure",
+"failure_reason"} (required for failure). A task that is not running is left alone
+(completed = false). Rows are locked in id order; one UPDATE moves them all, so the
+history, outbox, propagation and wake-up run once for the batch.';
 
 
 --
@@ -755,6 +994,17 @@ BEGIN
     JOIN taskrunner.task t ON t.id = c.id
     ORDER BY c.ord;
 END $$;
+
+
+--
+-- Name: FUNCTION create_batch(p_tasks jsonb, p_requester text); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.create_batch(p_tasks jsonb, p_requester text) IS 'Create a batch of tasks atomically. Input: a JSON array already validated and
+normalised by the API (format in docs/sql.md). Dependencies name a local_id of the
+batch or the task_id of an existing task. A task whose dedupe matcher finds an existing
+task is skipped, and dependencies on it point at that existing task instead. Returns
+the created tasks in input order.';
 
 
 --
@@ -908,6 +1158,21 @@ END $$;
 
 
 --
+-- Name: FUNCTION finish_deliveries(p_worker text, p_results jsonb); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.finish_deliveries(p_worker text, p_results jsonb) IS 'Record the outcomes of webhook attempts, many in one call (see docs/sql.md). Each
+element of p_results: {"delivery_id", "ok", "status_code", "error", "retry_delay_ms",
+"cancel_actions", "started_at"}. Returns each delivery''s new status, ''stale'' when our
+lease was lost, or ''unknown''. A start whose task is no longer running is dropped
+(''canceled'', the reason in last_error): never requeued, never recorded as delivered. Set-based: a worker records a whole round of webhook
+results with a few statements, so the per-statement trigger work is paid once.
+
+Locks: deliveries, then the tasks of starts, each in id order (as add_counters does),
+so concurrent callers cannot deadlock.';
+
+
+--
 -- Name: finish_delivery(uuid, text, boolean, integer, text, integer, jsonb, timestamp with time zone); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -922,6 +1187,13 @@ $$;
 
 
 --
+-- Name: FUNCTION finish_delivery(p_id uuid, p_worker text, p_ok boolean, p_status_code integer, p_error text, p_retry_delay_ms integer, p_cancel_actions jsonb, p_started_at timestamp with time zone); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.finish_delivery(p_id uuid, p_worker text, p_ok boolean, p_status_code integer, p_error text, p_retry_delay_ms integer, p_cancel_actions jsonb, p_started_at timestamp with time zone) IS 'Record the outcome of one webhook attempt: finish_deliveries for a single result.';
+
+
+--
 -- Name: is_terminal(taskrunner.task_status); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -933,6 +1205,13 @@ $$;
 
 
 --
+-- Name: FUNCTION is_terminal(p_status taskrunner.task_status); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.is_terminal(p_status taskrunner.task_status) IS 'True for the statuses a task ends in: success, failure, canceled.';
+
+
+--
 -- Name: pause_task(uuid); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -941,6 +1220,13 @@ CREATE FUNCTION taskrunner.pause_task(p_id uuid) RETURNS taskrunner.task
     AS $$
     SELECT taskrunner._move_task(p_id, '{waiting,pending}', 'paused', 'paused', 'pause')
 $$;
+
+
+--
+-- Name: FUNCTION pause_task(p_id uuid); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.pause_task(p_id uuid) IS 'Pause a waiting or pending task: claims skip it until resume_task().';
 
 
 --
@@ -980,6 +1266,14 @@ END $$;
 
 
 --
+-- Name: FUNCTION release_deliveries(p_worker text, p_ids uuid[]); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.release_deliveries(p_worker text, p_ids uuid[]) IS 'Put leased deliveries back (a worker shutting down): the task of a start goes back to
+pending for another worker; other deliveries are queued again, the attempt not counted.';
+
+
+--
 -- Name: resume_task(uuid); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -988,6 +1282,13 @@ CREATE FUNCTION taskrunner.resume_task(p_id uuid) RETURNS taskrunner.task
     AS $$
     SELECT taskrunner._move_task(p_id, '{paused}', NULL, 'resumed', 'resume')
 $$;
+
+
+--
+-- Name: FUNCTION resume_task(p_id uuid); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.resume_task(p_id uuid) IS 'Resume a paused task: back to waiting or pending, per its dependency counters.';
 
 
 --
@@ -1010,6 +1311,22 @@ CREATE TABLE taskrunner.delivery (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     finished_at timestamp with time zone
 );
+
+
+--
+-- Name: TABLE delivery; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TABLE taskrunner.delivery IS 'The transactional outbox: every webhook call to make, with its retry state. The id is
+sent as the Idempotency-Key header.';
+
+
+--
+-- Name: COLUMN delivery.round_base; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.delivery.round_base IS 'Attempts made before the latest retry_delivery(): a manual retry starts a fresh round of
+attempts (work items count attempts - round_base).';
 
 
 --
@@ -1045,6 +1362,34 @@ END $$;
 
 
 --
+-- Name: FUNCTION retry_delivery(p_id uuid); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.retry_delivery(p_id uuid) IS 'Queue again a delivery that gave up (or was canceled), for another round of attempts.';
+
+
+--
+-- Name: session_actor(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.session_actor() RETURNS text
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT CASE WHEN coalesce(current_setting('application_name', true), '') = ''
+                THEN session_user::text
+                ELSE format('%s (role %s)', current_setting('application_name', true),
+                            session_user) END
+$$;
+
+
+--
+-- Name: FUNCTION session_actor(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.session_actor() IS 'Who the current session is, for history and reasons: "<application_name> (role <role>)", or the role alone when the session set no application_name. The API and workers set taskrunner-api and taskrunner-worker; psql sets psql.';
+
+
+--
 -- Name: take_stats(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -1057,6 +1402,14 @@ BEGIN
     PERFORM set_config('taskrunner.stats', '', true);
     RETURN v_stats;
 END $$;
+
+
+--
+-- Name: FUNCTION take_stats(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.take_stats() IS 'The transitions counted by triggers in this transaction ("from>to>kind>n;" lines, plus
+"created>n;", "propagation>outcome>n;" and "blocked>n;"), then forget them.';
 
 
 --
@@ -1082,6 +1435,13 @@ BEGIN
     END IF;
     RETURN NULL;
 END $$;
+
+
+--
+-- Name: FUNCTION tg_task__after_insert(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.tg_task__after_insert() IS 'After new tasks: history rows, and one wake-up when some are ready.';
 
 
 --
@@ -1153,6 +1513,15 @@ END $$;
 
 
 --
+-- Name: FUNCTION tg_task__after_update(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.tg_task__after_update() IS 'After any update of tasks, once per statement: write the history, queue the webhooks
+that the transitions fire (the outbox), propagate ends through the graph and wake
+workers (one NOTIFY per channel at most).';
+
+
+--
 -- Name: tg_task__freeze_rule_fields(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -1180,6 +1549,14 @@ END $$;
 
 
 --
+-- Name: FUNCTION tg_task__freeze_rule_fields(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.tg_task__freeze_rule_fields() IS 'Trigger: the metadata values that a task''s rules read (their fields) cannot change until
+the task ends (TR409 naming metadata.<field>); admission keys and rule counts compare them.';
+
+
+--
 -- Name: tg_task__guard_insert(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -1193,6 +1570,13 @@ BEGIN
     END IF;
     RETURN NEW;
 END $$;
+
+
+--
+-- Name: FUNCTION tg_task__guard_insert(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.tg_task__guard_insert() IS 'A new task starts waiting, pending or paused.';
 
 
 --
@@ -1219,7 +1603,9 @@ BEGIN
                    NEW.deps_total - NEW.deps_finished));
     END IF;
     IF NEW.status_reason IS NOT DISTINCT FROM OLD.status_reason THEN
-        NEW.status_reason := format('set to %s by %s', NEW.status, session_user);
+        -- say who: the API, a worker, or a DBA's session (psql sets application_name)
+        NEW.status_reason := format('set to %s by %s', initcap(NEW.status::text),
+                                    taskrunner.session_actor());
     END IF;
     IF NEW.status = 'failure' AND NEW.failure_reason IS NULL THEN
         NEW.failure_reason := NEW.status_reason;
@@ -1240,6 +1626,13 @@ BEGIN
     END CASE;
     RETURN NEW;
 END $$;
+
+
+--
+-- Name: FUNCTION tg_task__guard_transition(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.tg_task__guard_transition() IS 'Guard every status change (API, worker or a DBA''s UPDATE) and keep timestamps right.';
 
 
 --
@@ -1305,6 +1698,17 @@ END $$;
 
 
 --
+-- Name: FUNCTION tick(p_max_attempts integer); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.tick(p_max_attempts integer) IS 'Periodic housekeeping, one caller at a time: time out running tasks and recover
+deliveries whose worker vanished. An expired lease is an attempt: a start''s task goes
+back to pending (unless the start was acknowledged), another delivery is requeued, or
+failed once it used p_max_attempts attempts in its round (workers pass
+WEBHOOK_MAX_ATTEMPTS). Returns counts, or NULL if another tick is running.';
+
+
+--
 -- Name: transition_allowed(taskrunner.task_status, taskrunner.task_status); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -1319,6 +1723,14 @@ CREATE FUNCTION taskrunner.transition_allowed(p_from taskrunner.task_status, p_t
         ELSE false
     END
 $$;
+
+
+--
+-- Name: FUNCTION transition_allowed(p_from taskrunner.task_status, p_to taskrunner.task_status); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.transition_allowed(p_from taskrunner.task_status, p_to taskrunner.task_status) IS 'The legal transitions (table in docs/sql.md); the transition guard raises TR409 for the
+others.';
 
 
 --
@@ -1372,12 +1784,72 @@ END $$;
 
 
 --
+-- Name: FUNCTION update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text) IS 'PATCH /task/{id}: counters, metadata and the outcome of a running task. A report
+acknowledges the start (started_at), so tick() does not restart the task.';
+
+
+--
 -- Name: schema_migrations; Type: TABLE; Schema: public; Owner: -
 --
 
 CREATE TABLE public.schema_migrations (
     version character varying NOT NULL
 );
+
+
+--
+-- Name: _claim_groups; Type: VIEW; Schema: taskrunner; Owner: -
+--
+
+CREATE VIEW taskrunner._claim_groups AS
+ WITH RECURSIVE keys(k) AS (
+        ( SELECT task.admission_key
+           FROM taskrunner.task
+          WHERE (task.status = 'pending'::taskrunner.task_status)
+          ORDER BY task.admission_key
+         LIMIT 1)
+        UNION ALL
+         SELECT ( SELECT t.admission_key
+                   FROM taskrunner.task t
+                  WHERE ((t.status = 'pending'::taskrunner.task_status) AND (t.admission_key > keys_1.k))
+                  ORDER BY t.admission_key
+                 LIMIT 1) AS admission_key
+           FROM keys keys_1
+          WHERE (keys_1.k IS NOT NULL)
+        )
+ SELECT h.admission_key,
+    h.kind,
+    h.rules,
+    h.metadata,
+    h.priority,
+    h.seq
+   FROM (keys
+     CROSS JOIN LATERAL ( SELECT t.admission_key,
+            t.kind,
+            t.rules,
+            t.metadata,
+            t.priority,
+            t.seq
+           FROM taskrunner.task t
+          WHERE ((t.status = 'pending'::taskrunner.task_status) AND (t.admission_key = keys.k))
+          ORDER BY t.priority DESC, t.seq
+         LIMIT 1) h)
+  WHERE (keys.k IS NOT NULL)
+  ORDER BY h.priority DESC, h.seq;
+
+
+--
+-- Name: VIEW _claim_groups; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON VIEW taskrunner._claim_groups IS 'The head task of each admission group that has pending tasks, in claim order (priority,
+then age): the groups claim_tasks walks. Found with a skip scan over
+task_pending_claim_idx (one probe per group), so pending tasks blocked behind a
+saturated rule cost one check per group, not one per task; tests/test_claim_plan.py
+pins that plan.';
 
 
 --
@@ -1396,6 +1868,14 @@ CREATE TABLE taskrunner.action (
     CONSTRAINT action_headers_is_object CHECK ((jsonb_typeof(headers) = 'object'::text)),
     CONSTRAINT action_verb_known CHECK ((verb = ANY (ARRAY['GET'::text, 'POST'::text, 'PUT'::text, 'PATCH'::text, 'DELETE'::text])))
 );
+
+
+--
+-- Name: TABLE action; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TABLE taskrunner.action IS 'The webhooks of a task, per event. Cancel actions are added when a start webhook''s 2xx
+response body is an action or a list of actions.';
 
 
 --
@@ -1434,6 +1914,13 @@ CREATE VIEW taskrunner.batch_progress AS
 
 
 --
+-- Name: VIEW batch_progress; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON VIEW taskrunner.batch_progress IS 'Per batch: requester, created_at, total and a count per status.';
+
+
+--
 -- Name: blocked_tasks; Type: VIEW; Schema: taskrunner; Owner: -
 --
 
@@ -1452,6 +1939,13 @@ CREATE VIEW taskrunner.blocked_tasks AS
 
 
 --
+-- Name: VIEW blocked_tasks; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON VIEW taskrunner.blocked_tasks IS 'Pending tasks that a rule currently holds back, with the rule, its count and limit.';
+
+
+--
 -- Name: delivery_attempt; Type: TABLE; Schema: taskrunner; Owner: -
 --
 
@@ -1464,6 +1958,13 @@ CREATE TABLE taskrunner.delivery_attempt (
     status_code integer,
     error text
 );
+
+
+--
+-- Name: TABLE delivery_attempt; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TABLE taskrunner.delivery_attempt IS 'One row per webhook attempt of a delivery, with its outcome.';
 
 
 --
@@ -1487,6 +1988,13 @@ CREATE VIEW taskrunner.delivery_problems AS
 
 
 --
+-- Name: VIEW delivery_problems; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON VIEW taskrunner.delivery_problems IS 'Deliveries that are retrying or gave up, with their last error.';
+
+
+--
 -- Name: dependency; Type: TABLE; Schema: taskrunner; Owner: -
 --
 
@@ -1496,6 +2004,14 @@ CREATE TABLE taskrunner.dependency (
     requires_success boolean NOT NULL,
     CONSTRAINT dependency_not_self CHECK ((parent_id <> child_id))
 );
+
+
+--
+-- Name: TABLE dependency; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TABLE taskrunner.dependency IS 'Edges of the task graph: the child waits for the parent to end; with requires_success
+the child fails when the parent fails or is canceled.';
 
 
 --
@@ -1519,6 +2035,13 @@ CREATE VIEW taskrunner.running_tasks AS
 
 
 --
+-- Name: VIEW running_tasks; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON VIEW taskrunner.running_tasks IS 'Running tasks with worker, claim/start times and timeout deadline.';
+
+
+--
 -- Name: task_history; Type: TABLE; Schema: taskrunner; Owner: -
 --
 
@@ -1528,8 +2051,23 @@ CREATE TABLE taskrunner.task_history (
     from_status taskrunner.task_status,
     to_status taskrunner.task_status NOT NULL,
     at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
-    reason text
+    reason text,
+    actor text DEFAULT taskrunner.session_actor()
 );
+
+
+--
+-- Name: TABLE task_history; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TABLE taskrunner.task_history IS 'Append-only transition history, written by the statement that makes the transition.';
+
+
+--
+-- Name: COLUMN task_history.actor; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task_history.actor IS 'Who made the transition (taskrunner.session_actor() of the session that made it); NULL for rows written before this column existed.';
 
 
 --
@@ -1680,6 +2218,13 @@ CREATE INDEX task_kind_status_idx ON taskrunner.task USING btree (kind, status);
 
 
 --
+-- Name: INDEX task_kind_status_idx; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON INDEX taskrunner.task_kind_status_idx IS 'Rule counts (kind + status) and the kind filter of GET /task.';
+
+
+--
 -- Name: task_metadata_idx; Type: INDEX; Schema: taskrunner; Owner: -
 --
 
@@ -1694,6 +2239,13 @@ CREATE INDEX task_pending_claim_idx ON taskrunner.task USING btree (admission_ke
 
 
 --
+-- Name: INDEX task_pending_claim_idx; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON INDEX taskrunner.task_pending_claim_idx IS 'Claims: one head per admission group (skip scan over admission_key).';
+
+
+--
 -- Name: task_running_idx; Type: INDEX; Schema: taskrunner; Owner: -
 --
 
@@ -1701,10 +2253,24 @@ CREATE INDEX task_running_idx ON taskrunner.task USING btree (last_updated) WHER
 
 
 --
+-- Name: INDEX task_running_idx; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON INDEX taskrunner.task_running_idx IS 'Timeouts scan running tasks only.';
+
+
+--
 -- Name: task_running_metadata_idx; Type: INDEX; Schema: taskrunner; Owner: -
 --
 
 CREATE INDEX task_running_metadata_idx ON taskrunner.task USING gin (metadata jsonb_path_ops) WHERE (status = 'running'::taskrunner.task_status);
+
+
+--
+-- Name: INDEX task_running_metadata_idx; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON INDEX taskrunner.task_running_metadata_idx IS 'Rule counts of running tasks (see _rule_count): only running tasks are in it.';
 
 
 --
@@ -1816,10 +2382,18 @@ ALTER TABLE ONLY taskrunner.dependency
 --
 
 INSERT INTO public.schema_migrations (version) VALUES
-    ('20261126000000'),
+    ('20261127000100'),
+    ('20261127000200'),
+    ('20261127000300'),
+    ('20261127000400'),
+    ('20261127000500'),
+    ('20261127000600'),
+    ('20261127000700'),
+    ('20261127000800'),
     ('20261127120000'),
     ('20261127120100'),
     ('20261127120200'),
     ('20261127120300'),
     ('20261127120400'),
-    ('20261127120500');
+    ('20261127120500'),
+    ('20261127130000');

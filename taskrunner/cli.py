@@ -1,4 +1,4 @@
-"""The ``taskrunner`` command: ``up``, ``api``, ``worker`` and ``migrate``.
+"""The ``taskrunner`` command: ``up``, ``api``, ``worker``, ``migrate`` and ``psql``.
 
 Settings come from the environment (``Config.from_env``); command-line flags override them.
 ``api`` and ``worker`` run one part of the service; ``up`` runs all of it on one machine
@@ -205,17 +205,23 @@ def _supervise(supervisor: Supervisor, start: Callable[[], None]) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    _migrate(_require_database(_config(args)), rollback=args.rollback, dump=args.dump)
+    return 0
+
+
+def _migrate(url: str, *, rollback: bool = False, dump: bool = False) -> None:
+    """Migrate (or roll back) and say what changed, naming the version the database is at."""
     from taskrunner import migrate
 
-    url = _require_database(_config(args))
+    before = migrate.applied_versions(url)
     try:
-        if args.rollback:
-            migrate.rollback(url, dump_schema=args.dump)
+        if rollback:
+            migrate.rollback(url, dump_schema=dump)
         else:
-            migrate.migrate(url, dump_schema=args.dump)
+            migrate.migrate(url, dump_schema=dump)
     except migrate.MigrationError as exc:
         raise CliError(str(exc)) from exc
-    return 0
+    print(f"taskrunner: {migrate.summary(before, migrate.applied_versions(url))}", flush=True)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -258,7 +264,7 @@ def _healthy(port: int) -> bool:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from taskrunner import embedded, migrate
+    from taskrunner import embedded
 
     config = _config(
         args,
@@ -287,10 +293,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             how = "started" if cluster.started_here else "already running"
             print(f"taskrunner: embedded PostgreSQL {how} in {cluster.data_dir}", flush=True)
             config = dataclasses.replace(config, database_url=url)
-        try:
-            migrate.migrate(config.database_url)
-        except migrate.MigrationError as exc:
-            raise CliError(str(exc)) from exc
+        _migrate(config.database_url)
 
         extra = {}
         if not os.environ.get("WEBHOOK_ALLOW_PRIVATE"):
@@ -329,6 +332,47 @@ def cmd_up(args: argparse.Namespace) -> int:
             cluster.stop()
 
 
+def _psql_binary() -> str:
+    from taskrunner import embedded
+
+    found = shutil.which("psql")
+    if found:
+        return found
+    try:
+        beside = embedded.find_pg_bindir() / "psql"
+    except embedded.EmbeddedError:
+        beside = None
+    if beside is None or not beside.is_file():
+        raise CliError(
+            "psql not found: install the PostgreSQL client (apt-get install postgresql-client)"
+        )
+    return str(beside)
+
+
+def _database_for_psql(config: Config) -> str:
+    """DATABASE_URL, else the embedded cluster's URL (it must be running)."""
+    from taskrunner import embedded
+
+    if config.database_url:
+        return config.database_url
+    cluster = embedded.EmbeddedPostgres()
+    if not cluster.is_running() or cluster.port is None:
+        raise CliError(
+            f"DATABASE_URL is not set and the embedded PostgreSQL in {cluster.data_dir} is "
+            "not running: start `taskrunner up` first, or set DATABASE_URL"
+        )
+    return cluster.url()
+
+
+def cmd_psql(args: argparse.Namespace) -> int:
+    url = _database_for_psql(_config(args))
+    psql = _psql_binary()
+    extra = args.psql_args[1:] if args.psql_args[:1] == ["--"] else args.psql_args
+    # psql names itself in application_name: the task history records "psql (role ...)"
+    os.execvp(psql, [psql, url, *extra])
+    return 1  # not reached
+
+
 # -- argument parsing ---------------------------------------------------------------------
 
 DESCRIPTION = """\
@@ -346,6 +390,23 @@ examples:
   DATABASE_URL=postgresql://... taskrunner migrate
   taskrunner api --port 8085 --processes 4
   taskrunner worker --processes 4 --concurrency 64
+  taskrunner psql -c 'SELECT * FROM taskrunner.running_tasks'
+"""
+
+
+_DEFAULTS = Config()  # the defaults every help text shows
+
+UP_EPILOG = f"""\
+defaults (environment variable: value when unset; README.md lists every setting):
+  DATABASE_URL            an embedded cluster in $TASKRUNNER_STATE_DIR or <checkout>/.taskrunner
+  HOST / PORT             {_DEFAULTS.host} / {_DEFAULTS.port}
+  HOST_URL                http://127.0.0.1:$PORT (the base of each webhook's handle)
+  LOG_LEVEL               {_DEFAULTS.log_level}
+  API_THREADS             {_DEFAULTS.api_threads} per API process
+  WEBHOOK_TIMEOUT         {_DEFAULTS.webhook_timeout:g} s
+  WEBHOOK_MAX_ATTEMPTS    {_DEFAULTS.webhook_max_attempts}
+  WEBHOOK_ALLOW_PRIVATE   true under `up` (false for `worker`)
+  API_TOKEN               unset: no authentication
 """
 
 
@@ -375,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         type=str.lower,
-        help="log level (default: $LOG_LEVEL or info)",
+        help=f"log level (default: $LOG_LEVEL or {_DEFAULTS.log_level})",
     )
 
     parser = argparse.ArgumentParser(
@@ -391,20 +452,36 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run migrations, the API and workers together (for development / one machine)",
         description=(
-            "Run everything on this machine: apply migrations, start the API (gunicorn) and "
-            "WORKER_PROCESSES worker processes, wait until GET /health answers and print the "
-            "URL. Without DATABASE_URL a private PostgreSQL cluster is started in "
-            ".taskrunner/ (kept between runs). Webhooks to private addresses are allowed "
+            "Run everything on this machine: apply migrations, start the API (gunicorn) and\n"
+            "WORKER_PROCESSES worker processes, wait until GET /health answers and print the\n"
+            "URL. Without DATABASE_URL a private PostgreSQL cluster is started in\n"
+            ".taskrunner/ (kept between runs). Webhooks to private addresses are allowed\n"
             "unless WEBHOOK_ALLOW_PRIVATE is set. Ctrl-C or SIGTERM stops everything."
         ),
+        epilog=UP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--port", type=_port, help="API port (default: $PORT or 8085)")
+    p.add_argument("--port", type=_port, help=f"API port (default: $PORT or {_DEFAULTS.port})")
     p.add_argument(
-        "--api-processes", type=_positive_int, metavar="N", help="gunicorn worker processes"
+        "--api-processes",
+        type=_positive_int,
+        metavar="N",
+        help=f"gunicorn worker processes (default: $API_PROCESSES or {_DEFAULTS.api_processes})",
     )
-    p.add_argument("--worker-processes", type=_positive_int, metavar="N", help="worker processes")
     p.add_argument(
-        "--concurrency", type=_positive_int, metavar="N", help="webhooks in flight per worker"
+        "--worker-processes",
+        type=_positive_int,
+        metavar="N",
+        help=f"worker processes (default: $WORKER_PROCESSES or {_DEFAULTS.worker_processes})",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        metavar="N",
+        help=(
+            "webhooks in flight per worker "
+            f"(default: $WORKER_CONCURRENCY or {_DEFAULTS.worker_concurrency})"
+        ),
     )
     p.set_defaults(func=cmd_up)
 
@@ -469,11 +546,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the resulting schema to sql/schema.sql (needs pg_dump)",
     )
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser(
+        "psql",
+        parents=[common],
+        help="open psql on the configured database (the embedded one under `up`)",
+        description=(
+            "Run psql on DATABASE_URL, or, when it is unset, on the embedded cluster that\n"
+            "`taskrunner up` runs (it must be running). Arguments after the options go to\n"
+            "psql as they are. README.md's 'For DBAs' section is a quick start."
+        ),
+        epilog=(
+            "examples:\n"
+            "  taskrunner psql\n"
+            "  taskrunner psql -c 'SELECT * FROM taskrunner.blocked_tasks'\n"
+            "  taskrunner psql -- -v ON_ERROR_STOP=1 -f fix.sql"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("psql_args", nargs=argparse.REMAINDER, help="arguments passed to psql")
+    p.set_defaults(func=cmd_psql)
     return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; ``psql`` passes whatever it does not know on to psql, in order."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.func is not cmd_psql:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.func is cmd_psql:
+        # unknown options come before the first positional, which starts the remainder
+        args.psql_args = unknown + args.psql_args
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         code = args.func(args)
     except CliError as exc:

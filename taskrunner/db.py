@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psycopg
 import psycopg_pool
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 _QUERY_FILE = Path(__file__).with_name("queries.sql")
@@ -106,9 +107,23 @@ def connect(url: str, **kwargs) -> psycopg.Connection:
     return psycopg.connect(url, autocommit=True, row_factory=dict_row, **kwargs)
 
 
-def _pool(cls, url: str, min_size: int, max_size: int, timeout: float, name: str, **connect):
+def _pool(
+    cls,
+    url: str,
+    min_size: int,
+    max_size: int,
+    timeout: float,
+    name: str,
+    application_name: str,
+    **connect,
+):
     """A pool of ``cls`` (sync or async) with the settings every pool here shares:
-    autocommit dict-row connections, checked on checkout, opened by the caller."""
+    autocommit dict-row connections, checked on checkout, opened by the caller.
+    ``application_name`` says who changed a task in its history (unless the URL names
+    one): ``taskrunner-api`` or ``taskrunner-worker``, where a DBA's psql says ``psql``."""
+    kwargs: dict = {"autocommit": True, "row_factory": dict_row, **connect}
+    if "application_name" not in conninfo_to_dict(url):
+        kwargs["application_name"] = application_name
     return cls(
         url,
         min_size=min_size,
@@ -116,7 +131,7 @@ def _pool(cls, url: str, min_size: int, max_size: int, timeout: float, name: str
         timeout=timeout,
         name=name,
         open=False,
-        kwargs={"autocommit": True, "row_factory": dict_row, **connect},
+        kwargs=kwargs,
         check=cls.check_connection,
     )
 
@@ -128,13 +143,23 @@ def create_pool(
     max_size: int = 8,
     timeout: float = 5.0,
     name: str = "taskrunner",
+    application_name: str = "taskrunner-api",
     statement_timeout: float = 0,
 ) -> psycopg_pool.ConnectionPool:
     """A pool of autocommit, dict-row connections (opened lazily, never blocks startup).
     ``statement_timeout`` (s, 0 = none) bounds every statement on its connections."""
     ms = round(statement_timeout * 1000)
     connect = {"options": f"-c statement_timeout={ms}"} if ms > 0 else {}
-    return _pool(psycopg_pool.ConnectionPool, url, min_size, max_size, timeout, name, **connect)
+    return _pool(
+        psycopg_pool.ConnectionPool,
+        url,
+        min_size,
+        max_size,
+        timeout,
+        name,
+        application_name,
+        **connect,
+    )
 
 
 def create_async_pool(
@@ -144,6 +169,9 @@ def create_async_pool(
     max_size: int = 8,
     timeout: float = 5.0,
     name: str = "taskrunner-worker",
+    application_name: str = "taskrunner-worker",
 ) -> psycopg_pool.AsyncConnectionPool:
     """The asyncio twin of ``create_pool`` for workers."""
-    return _pool(psycopg_pool.AsyncConnectionPool, url, min_size, max_size, timeout, name)
+    return _pool(
+        psycopg_pool.AsyncConnectionPool, url, min_size, max_size, timeout, name, application_name
+    )

@@ -69,7 +69,12 @@ def _pg_bin_path() -> str:
 
 
 def _run_dbmate(
-    url: str, command: str, *, dump_schema: bool = False, schema_file: Path = SCHEMA_FILE
+    url: str,
+    command: str,
+    *,
+    dump_schema: bool = False,
+    schema_file: Path = SCHEMA_FILE,
+    migrations_dir: Path = MIGRATIONS_DIR,
 ) -> None:
     if not url:
         raise MigrationError("no database URL given (set DATABASE_URL)")
@@ -78,7 +83,7 @@ def _run_dbmate(
         "--url",
         with_sslmode(url),
         "--migrations-dir",
-        str(MIGRATIONS_DIR),
+        str(migrations_dir),
         "--schema-file",
         str(schema_file),
         "--migrations-table",
@@ -96,14 +101,46 @@ def _run_dbmate(
         raise MigrationError(f"dbmate {command} failed (exit code {result.returncode})")
 
 
-def migrate(url: str, *, dump_schema: bool = False) -> None:
-    """Apply every pending migration (``dbmate up``: creates the database if missing)."""
-    _run_dbmate(url, "up", dump_schema=dump_schema)
+def migrate(url: str, *, dump_schema: bool = False, migrations_dir: Path = MIGRATIONS_DIR) -> None:
+    """Apply every pending migration (``dbmate up``: creates the database if missing).
+
+    ``migrations_dir``: another directory of migration files (tests build a database at an
+    older release from a directory holding only that release's files).
+    """
+    _run_dbmate(url, "up", dump_schema=dump_schema, migrations_dir=migrations_dir)
 
 
 def rollback(url: str, *, dump_schema: bool = False) -> None:
     """Roll back the most recent migration."""
     _run_dbmate(url, "rollback", dump_schema=dump_schema)
+
+
+def applied_versions(url: str) -> list[str]:
+    """The migration versions recorded in the database, oldest first; empty when the
+    database or its migrations table does not exist yet."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            if conn.execute("SELECT to_regclass(%s)", (MIGRATIONS_TABLE,)).fetchone()[0] is None:
+                return []
+            # the same table as MIGRATIONS_TABLE
+            rows = conn.execute("SELECT version FROM public.schema_migrations ORDER BY 1")
+    except psycopg.OperationalError:  # no such database (yet): dbmate up creates it
+        return []
+    return [r[0] for r in rows.fetchall()]
+
+
+def summary(before: list[str], after: list[str]) -> str:
+    """One line saying what a migrate or rollback changed, naming the version."""
+    now = after[-1] if after else "none (no migration applied)"
+    added = [v for v in after if v not in before]
+    removed = [v for v in before if v not in after]
+    if added:
+        return f"applied {len(added)} migration(s): the database is at version {now}"
+    if removed:
+        return f"rolled back {', '.join(removed)}: the database is at version {now}"
+    return f"nothing to migrate: the database is already at version {now}"
 
 
 def dump_schema(url: str, schema_file: Path = SCHEMA_FILE) -> None:

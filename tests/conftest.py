@@ -57,6 +57,17 @@ def db_url(postgresql_db: psycopg.Connection) -> str:
 
 
 @pytest.fixture
+def empty_db() -> Iterator[str]:
+    """URL of a new, empty database (not migrated): for tests of the migrations themselves."""
+    name = f"trempty_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = psycopg.connect(pg_url("postgres"), autocommit=True)
+    admin.execute(f'CREATE DATABASE "{name}"')
+    yield pg_url(name)
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture
 def conn(db_url: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection to this test's database, returning dict rows."""
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:

@@ -386,7 +386,8 @@ def test_patch_success_once_then_409(client, conn):
     again = client.simulate_patch(
         f"/task/{task['id']}", json={"status": "Failure", "failure_reason": "late"}
     )
-    assert_error(again, 409, "status: task is success")
+    body = assert_error(again, 409, "status: task is Success")
+    assert "success" not in body["error"] + " ".join(body["details"])  # the JSON spelling
     row = task_row(conn, task["id"])
     assert row["status"] == "success" and row["failure_reason"] is None
     history = conn.execute(
@@ -618,6 +619,63 @@ def test_unknown_route_is_404_and_wrong_method_405(client):
     result = client.simulate_delete("/task")
     assert assert_error(result, 405)["error"] == "method not allowed"
     assert "GET" in result.headers["allow"]
+
+
+def test_unknown_route_and_wrong_method_name_the_route_and_method(client):
+    missing = assert_error(client.simulate_get("/nope/x"), 404)
+    assert missing["details"] == ["path: no route GET /nope/x"]
+    result = client.simulate_delete("/task")
+    wrong = assert_error(result, 405)
+    assert wrong["details"] == [f"method: DELETE /task allows only {result.headers['allow']}"]
+    assert "GET" in result.headers["allow"]
+
+
+def test_delivery_errors_name_the_delivery_and_its_state(client, conn):
+    unknown = uuid.uuid4()
+    assert_error(
+        client.simulate_post(f"/delivery/{unknown}/retry"), 404, f"id: no delivery {unknown}"
+    )
+    task = running_task(client, conn, on_success=[hook("http://x.test/ok")])
+    client.simulate_patch(f"/task/{task['id']}", json={"status": "Success"})
+    (queued,) = conn.execute(
+        "SELECT id FROM taskrunner.delivery WHERE event = 'success'"
+    ).fetchall()
+    body = assert_error(
+        client.simulate_post(f"/delivery/{queued['id']}/retry"), 409, "status: delivery is Queued"
+    )
+    assert "queued" not in body["error"]  # the JSON spelling: Queued
+    assert "Failed" in body["error"]  # what it would have to be
+
+
+def test_start_delivery_retry_409_names_why(client, conn):
+    task = running_task(client, conn)
+    conn.execute(
+        "UPDATE taskrunner.delivery SET status = 'failed' WHERE task_id = %s AND event = 'start'",
+        (task["id"],),
+    )
+    (start,) = conn.execute("SELECT id FROM taskrunner.delivery").fetchall()
+    assert_error(client.simulate_post(f"/delivery/{start['id']}/retry"), 409, "is a start")
+
+
+@pytest.mark.parametrize("verb", ["patch", "delete"])
+def test_task_errors_name_the_task_and_use_json_statuses(client, conn, verb):
+    unknown = uuid.uuid4()
+    path = f"/task/{unknown}"
+    not_found = client.simulate_request(verb.upper(), path, json={})
+    assert_error(not_found, 404, f"id: no task {unknown}")
+    task = create(client, spec("a"))["a"]
+    client.simulate_delete(f"/task/{task['id']}")
+    ended = assert_error(client.simulate_request(verb.upper(), f"/task/{task['id']}", json={}), 409)
+    assert ended["details"] == ["status: task is Canceled"]
+    assert "Canceled" in ended["error"] and "canceled" not in ended["error"]
+
+
+def test_pause_errors_use_json_statuses(client, conn):
+    task = create(client, spec("a"))["a"]
+    client.simulate_patch(f"/task/pause/{task['id']}")
+    again = assert_error(client.simulate_patch(f"/task/pause/{task['id']}"), 409)
+    assert again["details"] == ["status: task is Paused"]
+    assert again["error"] == f"cannot pause task {task['id']}: it is Paused"
 
 
 def test_string_postgres_refuses_is_400_not_500(client, conn):

@@ -8,26 +8,9 @@ import json
 
 from conftest import create_batch, task_spec
 
-# The group query of taskrunner.claim_tasks (keep in step with the migration).
-GROUP_QUERY = """
-WITH RECURSIVE keys(k) AS (
-    (SELECT admission_key FROM taskrunner.task WHERE status = 'pending'
-     ORDER BY admission_key LIMIT 1)
-    UNION ALL
-    SELECT (SELECT t.admission_key FROM taskrunner.task t
-            WHERE t.status = 'pending' AND t.admission_key > keys.k
-            ORDER BY t.admission_key LIMIT 1)
-    FROM keys WHERE keys.k IS NOT NULL
-)
-SELECT h.* FROM keys
-CROSS JOIN LATERAL (
-    SELECT t.admission_key, t.kind, t.rules, t.metadata, t.priority, t.seq
-    FROM taskrunner.task t
-    WHERE t.status = 'pending' AND t.admission_key = keys.k
-    ORDER BY t.priority DESC, t.seq LIMIT 1) h
-WHERE keys.k IS NOT NULL
-ORDER BY h.priority DESC, h.seq
-"""
+# claim_tasks walks the admission groups of this view (sql/migrations/*_admission.sql),
+# so the plan checked here is the real one, not a copy of its text.
+GROUP_QUERY = "SELECT * FROM taskrunner._claim_groups"
 
 
 def _nodes(plan: dict):

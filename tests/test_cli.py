@@ -27,7 +27,7 @@ from psycopg import sql
 from taskrunner import cli, migrate
 from taskrunner.config import Config
 
-SUBCOMMANDS = ["up", "api", "worker", "migrate"]
+SUBCOMMANDS = ["up", "api", "worker", "migrate", "psql"]
 HAS_MIGRATIONS = any(migrate.MIGRATIONS_DIR.glob("*.sql"))
 
 
@@ -87,6 +87,21 @@ def test_subcommand_help(command: str, capsys: pytest.CaptureFixture[str]) -> No
 
     assert exit_info.value.code == 0
     assert f"usage: taskrunner {command}" in capsys.readouterr().out
+
+
+def test_up_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["up", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
+    defaults = Config()
+
+    assert f"$PORT or {defaults.port}" in out
+    assert f"$API_PROCESSES or {defaults.api_processes}" in out
+    assert f"$WORKER_PROCESSES or {defaults.worker_processes}" in out
+    assert f"$WORKER_CONCURRENCY or {defaults.worker_concurrency}" in out
+    assert f"$LOG_LEVEL or {defaults.log_level}" in out
+    for name in ("DATABASE_URL", "TASKRUNNER_STATE_DIR", "HOST_URL", "WEBHOOK_ALLOW_PRIVATE"):
+        assert name in out
 
 
 def test_no_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -155,9 +170,13 @@ def test_migrate_creates_the_schema_and_rollback_undoes_a_step(fresh_db_url: str
         applied = conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0]
     assert applied == len(list(migrate.MIGRATIONS_DIR.glob("*.sql")))
 
+    newest = max(p.name.split("_", 1)[0] for p in migrate.MIGRATIONS_DIR.glob("*.sql"))
+    assert f"applied {applied} migration(s): the database is at version {newest}" in result.stdout
+
     again = _run_cli("migrate", "--database-url", fresh_db_url)
     assert again.returncode == 0, again.stderr
     assert "Applying" not in again.stdout
+    assert f"nothing to migrate: the database is already at version {newest}" in again.stdout
 
     back = _run_cli("migrate", "--rollback", "--database-url", fresh_db_url)
     assert back.returncode == 0, back.stdout + back.stderr
@@ -180,6 +199,26 @@ def test_migrate_creates_a_missing_database() -> None:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@pytest.mark.skipif(shutil.which("psql") is None, reason="no psql client on PATH")
+def test_psql_opens_database_url_and_passes_arguments_through(fresh_db_url: str) -> None:
+    env = {**os.environ, "DATABASE_URL": fresh_db_url}
+    query = "SELECT current_database(), current_setting('application_name')"
+    result = _run_cli("psql", "-At", "-c", query, "-c", "SELECT 2", env=env)
+
+    assert result.returncode == 0, result.stderr
+    dbname = fresh_db_url.rsplit("/", 1)[1]
+    assert result.stdout.split() == [f"{dbname}|psql", "2"]
+    dashed = _run_cli("psql", "--", "-At", "-c", "SELECT 3", env=env)
+    assert dashed.stdout.strip() == "3", dashed.stderr
+
+
+def test_other_commands_still_refuse_unknown_arguments() -> None:
+    result = _run_cli("migrate", "--bogus")
+
+    assert result.returncode == 2
+    assert "unrecognized arguments: --bogus" in result.stderr
 
 
 # -- supervision ---------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,3 +113,29 @@ def test_root_gets_a_clear_error_when_postgres_cannot_reach_the_dir(base_dir: Pa
 
     with pytest.raises(EmbeddedError, match="'postgres', which cannot reach"):
         pg.start()
+
+
+def _psql(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "taskrunner.cli", "psql", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_psql_opens_the_embedded_cluster_and_says_when_it_is_down(
+    cluster: EmbeddedPostgres,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["TASKRUNNER_STATE_DIR"] = str(cluster.base_dir)
+
+    down = _psql("-c", "SELECT 1", env=env)
+    assert down.returncode == 1
+    assert "is not running: start `taskrunner up` first" in down.stderr
+
+    cluster.start()
+    result = _psql("-At", "-c", "SELECT current_database(), current_user", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "taskrunner|taskrunner"

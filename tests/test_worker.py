@@ -376,6 +376,25 @@ def test_start_that_keeps_failing_fails_the_task(conn, sink, start_worker):
     assert hit.headers["x-task-trigger"] == "End"
 
 
+def test_a_start_failure_records_the_worker_as_its_author(conn, sink, start_worker):
+    sink.routes["/start"] = lambda _: (503, None)
+    task_id = one_task(conn, webhook(url=sink.url("/start")))
+    start_worker(webhook_max_attempts=1)
+
+    wait_until(status_is(conn, task_id, "failure"), "the task to fail")
+    role = conn.execute("SELECT session_user AS u").fetchone()["u"]
+    assert task_row(conn, task_id)["status_reason"] == (
+        f"set to Failure by taskrunner-worker (role {role})"
+    )
+    history = conn.execute(
+        "SELECT actor, reason FROM taskrunner.task_history "
+        "WHERE task_id = %s AND to_status = 'failure'",
+        (task_id,),
+    ).fetchone()
+    assert history["actor"] == f"taskrunner-worker (role {role})"
+    assert "HTTP 503" in history["reason"]
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -62,6 +62,13 @@ BEGIN
                               'gave_up', v_gave_up);
 END $$;
 
+COMMENT ON FUNCTION taskrunner.tick(int) IS
+'Periodic housekeeping, one caller at a time: time out running tasks and recover
+deliveries whose worker vanished. An expired lease is an attempt: a start''s task goes
+back to pending (unless the start was acknowledged), another delivery is requeued, or
+failed once it used p_max_attempts attempts in its round (workers pass
+WEBHOOK_MAX_ATTEMPTS). Returns counts, or NULL if another tick is running.';
+
 -- migrate:down
 
 DROP FUNCTION taskrunner.tick(int);
@@ -114,3 +121,7 @@ BEGIN
 
     RETURN jsonb_build_object('timed_out', v_timed_out, 'expired_leases', v_expired);
 END $$;
+
+COMMENT ON FUNCTION taskrunner.tick() IS
+'Periodic housekeeping, one caller at a time: time out running tasks and recover
+deliveries whose worker vanished. Returns counts, or NULL if another tick is running.';

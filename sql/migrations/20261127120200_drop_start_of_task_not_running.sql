@@ -149,6 +149,17 @@ BEGIN
     FROM jsonb_array_elements(coalesce(v_out, '[]')) o;
 END $$;
 
+COMMENT ON FUNCTION taskrunner.finish_deliveries(text, jsonb) IS
+'Record the outcomes of webhook attempts, many in one call (see docs/sql.md). Each
+element of p_results: {"delivery_id", "ok", "status_code", "error", "retry_delay_ms",
+"cancel_actions", "started_at"}. Returns each delivery''s new status, ''stale'' when our
+lease was lost, or ''unknown''. A start whose task is no longer running is dropped
+(''canceled'', the reason in last_error): never requeued, never recorded as delivered. Set-based: a worker records a whole round of webhook
+results with a few statements, so the per-statement trigger work is paid once.
+
+Locks: deliveries, then the tasks of starts, each in id order (as add_counters does),
+so concurrent callers cannot deadlock.';
+
 -- migrate:down
 
 CREATE OR REPLACE FUNCTION taskrunner.finish_deliveries(p_worker text, p_results jsonb)
@@ -269,3 +280,13 @@ BEGIN
     SELECT (o ->> 'delivery_id')::uuid, o ->> 'status'
     FROM jsonb_array_elements(coalesce(v_out, '[]')) o;
 END $$;
+
+COMMENT ON FUNCTION taskrunner.finish_deliveries(text, jsonb) IS
+'Record the outcomes of webhook attempts, many in one call (see docs/sql.md). Each
+element of p_results: {"delivery_id", "ok", "status_code", "error", "retry_delay_ms",
+"cancel_actions", "started_at"}. Returns each delivery''s new status, ''stale'' when our
+lease was lost, or ''unknown''. Set-based: a worker records a whole round of webhook
+results with a few statements, so the per-statement trigger work is paid once.
+
+Locks: deliveries, then the tasks of starts, each in id order (as add_counters does),
+so concurrent callers cannot deadlock.';

@@ -82,6 +82,15 @@ BEGIN
     RETURN v_count;
 END $$;
 
+COMMENT ON FUNCTION taskrunner.update_task(uuid, taskrunner.task_status, bigint, bigint, jsonb, text) IS
+'PATCH /task/{id}: counters, metadata and the outcome of a running task. A report
+acknowledges the start (started_at), so tick() does not restart the task.';
+
+COMMENT ON FUNCTION taskrunner.add_counters(jsonb) IS
+'PUT /task: add progress counters to many tasks at once (rows locked in id order, so
+concurrent flushes cannot deadlock). Running tasks also get a heartbeat, and their
+start is acknowledged (started_at), as by update_task.';
+
 -- migrate:down
 
 CREATE OR REPLACE FUNCTION taskrunner.update_task(p_id uuid,
@@ -154,3 +163,10 @@ BEGIN
     SELECT count(*) INTO v_count FROM upd;
     RETURN v_count;
 END $$;
+
+COMMENT ON FUNCTION taskrunner.update_task(uuid, taskrunner.task_status, bigint, bigint, jsonb, text) IS
+'PATCH /task/{id}: counters, metadata and the outcome of a running task.';
+
+COMMENT ON FUNCTION taskrunner.add_counters(jsonb) IS
+'PUT /task: add progress counters to many tasks at once (rows locked in id order, so
+concurrent flushes cannot deadlock). Running tasks also get a heartbeat.';

@@ -36,6 +36,10 @@ FOR EACH ROW
 WHEN (OLD.metadata IS DISTINCT FROM NEW.metadata AND OLD.rules <> '[]'::jsonb)
 EXECUTE FUNCTION taskrunner.tg_task__freeze_rule_fields();
 
+COMMENT ON FUNCTION taskrunner.tg_task__freeze_rule_fields() IS
+'Trigger: the metadata values that a task''s rules read (their fields) cannot change until
+the task ends (TR409 naming metadata.<field>); admission keys and rule counts compare them.';
+
 -- migrate:down
 
 DROP TRIGGER _110_freeze_rule_fields ON taskrunner.task;

@@ -148,6 +148,11 @@ BEGIN
     ORDER BY c.ord;
 END $$;
 
+COMMENT ON FUNCTION taskrunner._dedupe_match(text, taskrunner.task_status, jsonb) IS
+'A dedupe probe of create_batch: the newest task of p_kind in p_status whose metadata
+contains p_pattern. Bitmap scans only, so it reads the tasks that carry the pattern''s
+values, never the table.';
+
 -- migrate:down
 
 CREATE OR REPLACE FUNCTION taskrunner.create_batch(p_tasks jsonb, p_requester text DEFAULT NULL)

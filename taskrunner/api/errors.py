@@ -1,7 +1,9 @@
 """The one place that maps errors to HTTP responses.
 
-Every error body is ``{"error": "<short>", "details": ["<field>: <problem>", ...]}``.
-Domain errors from the state machine keep their status (400/404/409/503); a value that
+Every error body is ``{"error": "<short>", "details": ["<field>: <problem>", ...]}``, and
+``details`` always names what caused it: the field, the id, the route or the state.
+Domain errors from the state machine keep their status (400/404/409/503), with the status
+words of a 409 spelt as the JSON spells them (``Success``, not ``success``); a value that
 PostgreSQL refuses (``DataError``) is a 400; a database that cannot be reached within the
 pool timeout is a 503; anything unexpected is a logged 500 that never leaks internals.
 """
@@ -10,14 +12,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable
 
 import falcon
 import psycopg
 import psycopg_pool
 
+from taskrunner.api.serialize import delivery_status
 from taskrunner.api.validation import Invalid
 from taskrunner.db import DomainError
+from taskrunner.metrics import status_label
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +66,46 @@ def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTP
     resp.text = json.dumps(error_body(exc))
 
 
+# Status words in the state machine's messages (SQL spells them in lower case). Task
+# statuses are unambiguous words; a delivery status only where one is named ("delivery is
+# queued", "only failed deliveries"), since "failed" is also an ordinary word.
+_TASK_STATUS = re.compile(r"\b(waiting|pending|running|success|failure|canceled|paused)\b")
+_DELIVERY_STATUS = re.compile(r"\b(is|only) (queued|in_flight|delivered|failed|expired)\b")
+_NOT_FOUND = re.compile(r"^(task|delivery) (\S+) not found$")
+
+
+def json_spelling(text: str) -> str:
+    """``task 1 is success`` -> ``task 1 is Success``: statuses as the JSON spells them."""
+    text = _TASK_STATUS.sub(lambda m: status_label(m[1]), text)
+    return _DELIVERY_STATUS.sub(lambda m: f"{m[1]} {delivery_status(m[2])}", text)
+
+
+def _domain_details(exc: DomainError) -> list[str]:
+    """The details of a state-machine error; one naming the id or the state when the SQL
+    raised it with none."""
+    if exc.details:
+        return exc.details
+    found = _NOT_FOUND.match(exc.message)
+    if exc.status == 404 and found:
+        return [f"id: no {found[1]} {found[2]}"]
+    return [f"status: {exc.message}"] if exc.status == 409 else []
+
+
 def _domain_error(req, resp, exc: DomainError, params) -> None:
-    raise ApiError(exc.status, exc.message, exc.details) from exc
+    message, details = exc.message, _domain_details(exc)
+    if exc.status == 409:  # only statuses and ids in these texts, never client input
+        message, details = json_spelling(message), [json_spelling(d) for d in details]
+    raise ApiError(exc.status, message, details) from exc
+
+
+def _no_route(req, resp, exc: falcon.HTTPError, params) -> None:
+    raise ApiError(404, "not found", [f"path: no route {req.method} {req.path}"]) from exc
+
+
+def _method_not_allowed(req, resp, exc: falcon.HTTPError, params) -> None:
+    allowed = (exc.headers or {}).get("Allow", "")
+    detail = f"method: {req.method} {req.path} allows only {allowed}"
+    raise ApiError(405, "method not allowed", [detail], headers={"Allow": allowed}) from exc
 
 
 def _invalid(req, resp, exc: Invalid, params) -> None:
@@ -88,6 +131,8 @@ def install(app: falcon.App) -> None:
     """Register the serializer and the handlers (Falcon picks the most specific class)."""
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, _unexpected)
+    app.add_error_handler(falcon.HTTPRouteNotFound, _no_route)
+    app.add_error_handler(falcon.HTTPMethodNotAllowed, _method_not_allowed)
     app.add_error_handler(DomainError, _domain_error)
     app.add_error_handler(Invalid, _invalid)
     app.add_error_handler(psycopg.DataError, _bad_value)

@@ -82,12 +82,16 @@ def action(row: dict, deliveries: list[dict]) -> dict:
     }
 
 
+def delivery_status(status: str) -> str:
+    """The API's name of a delivery status: ``in_flight`` -> ``InFlight``."""
+    return _DELIVERY_STATUS.get(status, status.capitalize())
+
+
 def delivery(row: dict, attempts: list[dict] | None = None) -> dict:
     """A delivery (one webhook call to make) with its attempts, when given."""
-    status = row["status"]
     body = {
         "id": row["id"],
-        "status": _DELIVERY_STATUS.get(status, status.capitalize()),
+        "status": delivery_status(row["status"]),
         "attempt_count": row["attempts"],
         "next_attempt_at": row["next_attempt_at"],
         "last_status_code": row["last_status_code"],
