@@ -27,7 +27,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from taskrunner import migrate
-from taskrunner.cli import _die_with_parent
+from taskrunner.supervisor import die_with_parent
 
 # --- the database ---------------------------------------------------------------------
 
@@ -108,9 +108,9 @@ class Service:
 
     def _spawn(self, *args: str) -> subprocess.Popen:
         argv = [sys.executable, "-m", "taskrunner.cli", *args]
-        # _die_with_parent: a bench killed outright (a test's timeout) leaves no orphans
+        # die_with_parent: a bench killed outright (a test's timeout) leaves no orphans
         return subprocess.Popen(
-            argv, env=self.env, start_new_session=True, preexec_fn=_die_with_parent
+            argv, env=self.env, start_new_session=True, preexec_fn=die_with_parent
         )
 
     def start_api(self) -> None:

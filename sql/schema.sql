@@ -193,6 +193,30 @@ values, never the table.';
 
 
 --
+-- Name: _failure_reason_problem(taskrunner.task_status, text); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._failure_reason_problem(p_status taskrunner.task_status, p_reason text) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT CASE
+        WHEN p_status = 'failure' AND p_reason IS NULL
+            THEN 'failure_reason: is required when status is Failure'
+        WHEN p_reason IS NOT NULL AND p_status IS DISTINCT FROM 'failure'
+            THEN 'failure_reason: only allowed when status is Failure'
+    END
+$$;
+
+
+--
+-- Name: FUNCTION _failure_reason_problem(p_status taskrunner.task_status, p_reason text); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._failure_reason_problem(p_status taskrunner.task_status, p_reason text) IS 'The failure_reason rule, one owner and one wording for update_task and complete_tasks (the
+API shows the text as the 400''s detail): a reason iff the status is failure. NULL: no problem.';
+
+
+--
 -- Name: _group_slots(text, jsonb, jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -822,13 +846,13 @@ CREATE FUNCTION taskrunner.complete_tasks(p_results jsonb) RETURNS TABLE(task_id
 DECLARE
     v_bad text;
 BEGIN
-    SELECT string_agg(format('[%s]: %s', ord - 1, problem), E'\n') INTO v_bad
+    SELECT string_agg(format('[%s].%s', ord - 1, problem), E'\n') INTO v_bad
     FROM (SELECT ord, CASE
                  WHEN r ->> 'task_id' IS NULL THEN 'task_id: required'
                  WHEN coalesce(r ->> 'status', '') NOT IN ('success', 'failure')
                      THEN 'status: must be success or failure'
-                 WHEN r ->> 'status' = 'failure' AND r ->> 'failure_reason' IS NULL
-                     THEN 'failure_reason: required when status is failure'
+                 ELSE taskrunner._failure_reason_problem((r ->> 'status')::taskrunner.task_status,
+                                                        r ->> 'failure_reason')
                  END AS problem
           FROM jsonb_array_elements(p_results) WITH ORDINALITY x(r, ord)) p
     WHERE problem IS NOT NULL;
@@ -1124,7 +1148,7 @@ BEGIN
         -- Started. Register the cancel actions the targets answered with.
         INSERT INTO taskrunner.action (task_id, event, url, verb, body, headers)
         SELECT (s ->> 'task_id')::uuid, 'cancel', a ->> 'url',
-               upper(coalesce(a ->> 'verb', 'POST')), a -> 'body', coalesce(a -> 'headers', '{}')
+               upper(a ->> 'verb'), a -> 'body', coalesce(a -> 'headers', '{}')
         FROM jsonb_array_elements(v_started) s
         CROSS JOIN LATERAL jsonb_array_elements(
             CASE WHEN jsonb_typeof(s -> 'cancel_actions') = 'array'
@@ -1743,18 +1767,15 @@ CREATE FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_statu
 DECLARE
     v_status taskrunner.task_status;
     v_task taskrunner.task;
+    v_problem text;
 BEGIN
     IF p_status IS NOT NULL AND p_status NOT IN ('success', 'failure') THEN
         PERFORM taskrunner._raise('TR400', 'invalid status',
                                   'status: must be Success or Failure');
     END IF;
-    IF p_status = 'failure' AND p_failure_reason IS NULL THEN
-        PERFORM taskrunner._raise('TR400', 'missing failure_reason',
-                                  'failure_reason: required when status is Failure');
-    END IF;
-    IF p_failure_reason IS NOT NULL AND p_status IS DISTINCT FROM 'failure' THEN
-        PERFORM taskrunner._raise('TR400', 'unexpected failure_reason',
-                                  'failure_reason: only allowed when status is Failure');
+    v_problem := taskrunner._failure_reason_problem(p_status, p_failure_reason);
+    IF v_problem IS NOT NULL THEN
+        PERFORM taskrunner._raise('TR400', 'invalid failure_reason', v_problem);
     END IF;
     SELECT status INTO v_status FROM taskrunner.task WHERE id = p_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
@@ -2390,6 +2411,7 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261127000600'),
     ('20261127000700'),
     ('20261127000800'),
+    ('20261127110000'),
     ('20261127120000'),
     ('20261127120100'),
     ('20261127120200'),

@@ -8,27 +8,24 @@ Settings come from the environment (``Config.from_env``); command-line flags ove
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import importlib.util
 import os
 import shutil
-import signal
-import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from taskrunner.config import Config
+from taskrunner.ports import port_is_free
+from taskrunner.supervisor import Supervisor
 
 GUNICORN_CONFIG = "python:taskrunner.api.gunicorn_conf"
 WSGI_APP = "taskrunner.api.app:get_app()"
 HEALTH_TIMEOUT = 60.0
-_PR_SET_PDEATHSIG = 1
 
 
 class CliError(Exception):
@@ -102,105 +99,6 @@ def _self_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "taskrunner.cli", *args]
 
 
-# -- process supervision ------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    """Raised in the main thread by SIGINT/SIGTERM/SIGHUP while supervising."""
-
-
-def _raise_stop(signum: int, _frame) -> None:
-    raise _Stop(signum)
-
-
-def _note_repeat(signum: int, _frame) -> None:
-    print("taskrunner: still stopping, please wait", file=sys.stderr, flush=True)
-
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _set_stop_handlers(handler: Callable) -> None:
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, handler)
-
-
-def _die_with_parent() -> None:
-    """In a child, before exec: get SIGTERM if the supervisor dies (Linux only), so a killed
-    ``up`` leaves no orphaned API or workers holding the port."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
-class Supervisor:
-    """Starts child processes, notices when one dies, and stops them all in order."""
-
-    def __init__(self, grace: float) -> None:
-        self.grace = grace
-        self.children: list[tuple[str, subprocess.Popen]] = []
-
-    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        # Each child in its own process group: a terminal's Ctrl-C reaches only us, and we
-        # stop the children with SIGTERM (a graceful shutdown for gunicorn and workers).
-        proc = subprocess.Popen(argv, env=env, process_group=0, preexec_fn=_die_with_parent)
-        self.children.append((name, proc))
-
-    def dead_child(self) -> tuple[str, int] | None:
-        for name, proc in self.children:
-            code = proc.poll()
-            if code is not None:
-                return name, code
-        return None
-
-    def watch(self, until: Callable[[], bool] | None = None, interval: float = 0.2) -> None:
-        """Return when ``until()`` is true; raise CliError as soon as a child exits."""
-        while True:
-            dead = self.dead_child()
-            if dead:
-                name, code = dead
-                raise CliError(f"{name} exited unexpectedly (exit code {code})")
-            if until is not None and until():
-                return
-            time.sleep(interval)
-
-    def stop_all(self) -> None:
-        """SIGTERM every child, wait up to ``grace`` seconds, then SIGKILL the rest."""
-        for _, proc in self.children:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace
-        for name, proc in self.children:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                print(f"taskrunner: {name} did not stop in time, killing it", file=sys.stderr)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def _supervise(supervisor: Supervisor, start: Callable[[], None]) -> int:
-    """Run ``start`` then watch the children until a signal (exit 0) or a death (exit 1)."""
-    _set_stop_handlers(_raise_stop)
-    code = 0
-    try:
-        start()
-        supervisor.watch()
-    except _Stop:
-        print("taskrunner: stopping", file=sys.stderr, flush=True)
-    except CliError as exc:
-        print(f"taskrunner: {exc}; stopping everything", file=sys.stderr, flush=True)
-        code = 1
-    finally:
-        _set_stop_handlers(_note_repeat)
-        supervisor.stop_all()
-    return code
-
-
 # -- subcommands --------------------------------------------------------------------------
 
 
@@ -252,7 +150,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         for i in range(config.worker_processes):
             supervisor.spawn(f"worker {i + 1}", _self_argv("worker", "--processes", "1"), env)
 
-    return _supervise(supervisor, start)
+    return supervisor.run(start, errors=(CliError,))
 
 
 def _healthy(port: int) -> bool:
@@ -275,7 +173,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     _require_module("taskrunner.api.gunicorn_conf", "the API")
     _require_module("taskrunner.worker.main", "the worker")
-    if not embedded.port_is_free(config.port):
+    if not port_is_free(config.port):
         raise CliError(f"port {config.port} is already in use: set PORT or pass --port")
 
     state = embedded.state_dir()
@@ -325,7 +223,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"DATABASE_URL={config.database_url}", flush=True)
 
     try:
-        return _supervise(supervisor, start)
+        return supervisor.run(start, errors=(CliError,))
     finally:
         if cluster is not None and cluster.started_here:
             print("taskrunner: stopping the embedded PostgreSQL", file=sys.stderr)
@@ -427,7 +325,7 @@ def _port(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--database-url", metavar="URL", help="PostgreSQL URL (default: $DATABASE_URL)"
@@ -438,105 +336,47 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.lower,
         help=f"log level (default: $LOG_LEVEL or {_DEFAULTS.log_level})",
     )
+    return common
 
-    parser = argparse.ArgumentParser(
-        prog="taskrunner",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser(
-        "up",
-        parents=[common],
-        help="run migrations, the API and workers together (for development / one machine)",
-        description=(
-            "Run everything on this machine: apply migrations, start the API (gunicorn) and\n"
-            "WORKER_PROCESSES worker processes, wait until GET /health answers and print the\n"
-            "URL. Without DATABASE_URL a private PostgreSQL cluster is started in\n"
-            ".taskrunner/ (kept between runs). Webhooks to private addresses are allowed\n"
-            "unless WEBHOOK_ALLOW_PRIVATE is set. Ctrl-C or SIGTERM stops everything."
-        ),
-        epilog=UP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _count(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs) -> None:
+    """A ``--flag N`` option taking a positive integer."""
+    parser.add_argument(flag, type=_positive_int, metavar="N", help=help, **kwargs)
+
+
+def _add_up_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=_port, help=f"API port (default: $PORT or {_DEFAULTS.port})")
-    p.add_argument(
+    d = _DEFAULTS
+    _count(
+        p,
         "--api-processes",
-        type=_positive_int,
-        metavar="N",
-        help=f"gunicorn worker processes (default: $API_PROCESSES or {_DEFAULTS.api_processes})",
+        f"gunicorn worker processes (default: $API_PROCESSES or {d.api_processes})",
     )
-    p.add_argument(
+    _count(
+        p,
         "--worker-processes",
-        type=_positive_int,
-        metavar="N",
-        help=f"worker processes (default: $WORKER_PROCESSES or {_DEFAULTS.worker_processes})",
+        f"worker processes (default: $WORKER_PROCESSES or {d.worker_processes})",
     )
-    p.add_argument(
+    _count(
+        p,
         "--concurrency",
-        type=_positive_int,
-        metavar="N",
-        help=(
-            "webhooks in flight per worker "
-            f"(default: $WORKER_CONCURRENCY or {_DEFAULTS.worker_concurrency})"
-        ),
+        f"webhooks in flight per worker (default: $WORKER_CONCURRENCY or {d.worker_concurrency})",
     )
-    p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser(
-        "api",
-        parents=[common],
-        help="run the HTTP API under gunicorn",
-        description=(
-            "Run the HTTP API: gunicorn with the configuration in taskrunner.api.gunicorn_conf "
-            "serving taskrunner.api.app:get_app(). Needs DATABASE_URL."
-        ),
-    )
+
+def _add_api_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=_port, help="port to listen on (default: $PORT or 8085)")
-    p.add_argument(
-        "--processes",
-        type=_positive_int,
-        metavar="N",
-        help="gunicorn worker processes (default: $API_PROCESSES or 2)",
-    )
-    p.set_defaults(func=cmd_api)
+    _count(p, "--processes", "gunicorn worker processes (default: $API_PROCESSES or 2)")
 
-    p = sub.add_parser(
-        "worker",
-        parents=[common],
-        help="run worker processes that claim tasks and call webhooks",
-        description=(
-            "Run worker processes: each listens for notifications, claims ready tasks and "
-            "calls their webhooks. Any number of workers may run against one database, on "
-            "any number of hosts. Needs DATABASE_URL."
-        ),
-    )
-    p.add_argument(
-        "--processes",
-        type=_positive_int,
-        default=1,
-        metavar="N",
-        help="worker processes to run and supervise (default: 1)",
-    )
-    p.add_argument(
-        "--concurrency",
-        type=_positive_int,
-        metavar="N",
-        help="webhooks in flight per process (default: $WORKER_CONCURRENCY or 32)",
-    )
-    p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser(
-        "migrate",
-        parents=[common],
-        help="apply database migrations (dbmate)",
-        description=(
-            "Apply every pending migration in sql/migrations with dbmate (creating the "
-            "database if it does not exist). Needs DATABASE_URL."
-        ),
+def _add_worker_options(p: argparse.ArgumentParser) -> None:
+    _count(p, "--processes", "worker processes to run and supervise (default: 1)", default=1)
+    _count(
+        p, "--concurrency", "webhooks in flight per process (default: $WORKER_CONCURRENCY or 32)"
     )
+
+
+def _add_migrate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rollback", action="store_true", help="roll back the most recent migration instead"
     )
@@ -545,27 +385,95 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write the resulting schema to sql/schema.sql (needs pg_dump)",
     )
-    p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser(
+
+def _add_psql_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("psql_args", nargs=argparse.REMAINDER, help="arguments passed to psql")
+
+
+PSQL_EPILOG = """\
+examples:
+  taskrunner psql
+  taskrunner psql -c 'SELECT * FROM taskrunner.blocked_tasks'
+  taskrunner psql -- -v ON_ERROR_STOP=1 -f fix.sql"""
+
+# (name, function, its options, one-line help, description, epilog) of each subcommand,
+# in --help order
+SUBCOMMANDS = [
+    (
+        "up",
+        cmd_up,
+        _add_up_options,
+        "run migrations, the API and workers together (for development / one machine)",
+        "Run everything on this machine: apply migrations, start the API (gunicorn) and "
+        "WORKER_PROCESSES worker processes, wait until GET /health answers and print the "
+        "URL. Without DATABASE_URL a private PostgreSQL cluster is started in "
+        ".taskrunner/ (kept between runs). Webhooks to private addresses are allowed "
+        "unless WEBHOOK_ALLOW_PRIVATE is set. Ctrl-C or SIGTERM stops everything.",
+        UP_EPILOG,
+    ),
+    (
+        "api",
+        cmd_api,
+        _add_api_options,
+        "run the HTTP API under gunicorn",
+        "Run the HTTP API: gunicorn with the configuration in taskrunner.api.gunicorn_conf "
+        "serving taskrunner.api.app:get_app(). Needs DATABASE_URL.",
+        None,
+    ),
+    (
+        "worker",
+        cmd_worker,
+        _add_worker_options,
+        "run worker processes that claim tasks and call webhooks",
+        "Run worker processes: each listens for notifications, claims ready tasks and "
+        "calls their webhooks. Any number of workers may run against one database, on "
+        "any number of hosts. Needs DATABASE_URL.",
+        None,
+    ),
+    (
+        "migrate",
+        cmd_migrate,
+        _add_migrate_options,
+        "apply database migrations (dbmate)",
+        "Apply every pending migration in sql/migrations with dbmate (creating the "
+        "database if it does not exist). Needs DATABASE_URL.",
+        None,
+    ),
+    (
         "psql",
-        parents=[common],
-        help="open psql on the configured database (the embedded one under `up`)",
-        description=(
-            "Run psql on DATABASE_URL, or, when it is unset, on the embedded cluster that\n"
-            "`taskrunner up` runs (it must be running). Arguments after the options go to\n"
-            "psql as they are. README.md's 'For DBAs' section is a quick start."
-        ),
-        epilog=(
-            "examples:\n"
-            "  taskrunner psql\n"
-            "  taskrunner psql -c 'SELECT * FROM taskrunner.blocked_tasks'\n"
-            "  taskrunner psql -- -v ON_ERROR_STOP=1 -f fix.sql"
-        ),
+        cmd_psql,
+        _add_psql_options,
+        "open psql on the configured database (the embedded one under `up`)",
+        "Run psql on DATABASE_URL, or, when it is unset, on the embedded cluster that "
+        "`taskrunner up` runs (it must be running). Arguments after the options go to "
+        "psql as they are. README.md's 'For DBAs' section is a quick start.",
+        PSQL_EPILOG,
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskrunner",
+        description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("psql_args", nargs=argparse.REMAINDER, help="arguments passed to psql")
-    p.set_defaults(func=cmd_psql)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _common_options()
+    for name, func, add_options, summary, description, epilog in SUBCOMMANDS:
+        p = sub.add_parser(
+            name,
+            parents=[common],
+            help=summary,
+            # wrapped here so the epilog's example lines keep their own line breaks
+            description=textwrap.fill(description, width=80),
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_options(p)
+        p.set_defaults(func=func)
     return parser
 
 

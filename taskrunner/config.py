@@ -12,24 +12,23 @@ def _bool(value: str | None, default: bool = False) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _int(env: dict, name: str, default: int) -> int:
+def _number(env: dict, name: str, default, kind: type, what: str):
+    """``env[name]`` converted by ``kind`` (int or float); ``default`` when unset or empty."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError as exc:
-        raise SystemExit(f"{name} must be an integer, got {raw!r}") from exc
+        raise SystemExit(f"{name} must be {what}, got {raw!r}") from exc
+
+
+def _int(env: dict, name: str, default: int) -> int:
+    return _number(env, name, default, int, "an integer")
 
 
 def _float(env: dict, name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise SystemExit(f"{name} must be a number, got {raw!r}") from exc
+    return _number(env, name, default, float, "a number")
 
 
 @dataclass

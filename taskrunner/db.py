@@ -1,22 +1,27 @@
-"""The one place that opens database connections, loads named queries and maps errors.
+"""The one place that opens database connections, runs named queries and maps errors.
 
 Queries live in ``queries.sql`` as ``-- name: <query_name>`` blocks; Python code refers to
 them by name (``QUERIES["claim_tasks"]``) and never assembles SQL from strings.
 Database errors raised by the state machine carry our own SQLSTATEs (``TR400``, ``TR404``,
 ``TR409``); ``wrap_exceptions`` turns them, and connection failures, into domain errors.
+A call that may change tasks goes through ``run_with_stats`` (the API) or
+``run_with_stats_async`` (the worker), which feed its counted transitions to metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
+
+from taskrunner import metrics
 
 _QUERY_FILE = Path(__file__).with_name("queries.sql")
 
@@ -75,6 +80,67 @@ def is_conflict(exc: BaseException) -> bool:
     return (getattr(exc, "sqlstate", None) or "").startswith("40")
 
 
+class StatsCall:
+    """One call that may change tasks, as the API (sync) and the worker (asyncio) run it.
+
+    The named query, then ``take_stats`` in the same transaction (the transitions its
+    triggers counted), handed to metrics after commit. A transaction PostgreSQL rolled
+    back for a conflict (a deadlock between two completions propagating into shared
+    children, say) is run again, ``CONFLICT_ATTEMPTS`` times in all. Only the waiting
+    differs between ``run_with_stats`` and ``run_with_stats_async``.
+    """
+
+    def __init__(self, name: str, params: dict[str, Any]) -> None:
+        self.statements = ((QUERIES[name], params), (QUERIES["take_stats"], None))
+        self.attempt = 0
+        self.results: list[list[dict]] | None = None
+
+    @contextlib.contextmanager
+    def retrying(self) -> Iterator[None]:
+        """Around one attempt: a conflict is swallowed (the caller tries again) unless
+        this was the last attempt."""
+        self.attempt += 1
+        try:
+            yield
+        except TransientConflict:
+            if self.attempt >= CONFLICT_ATTEMPTS:
+                raise
+
+    def rows(self) -> list[dict]:
+        """After commit: record the transitions, return the query's rows."""
+        rows, stats = self.results
+        if stats and stats[0]["stats"]:  # nothing to count when no transition happened
+            metrics.record_stats(stats[0]["stats"])
+        return rows
+
+
+Transaction = Callable[[], contextlib.AbstractContextManager[psycopg.Connection]]
+AsyncTransaction = Callable[[], contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection]]
+
+
+def run_with_stats(transaction: Transaction, name: str, params: dict[str, Any]) -> list[dict]:
+    """Run ``name`` as a ``StatsCall`` in transactions opened by ``transaction()``."""
+    call = StatsCall(name, params)
+    while call.results is None:
+        with call.retrying(), transaction() as conn:
+            call.results = [conn.execute(q, p).fetchall() for q, p in call.statements]
+    return call.rows()
+
+
+async def run_with_stats_async(
+    transaction: AsyncTransaction, name: str, params: dict[str, Any]
+) -> list[dict]:
+    """The asyncio form of ``run_with_stats``."""
+    call = StatsCall(name, params)
+    while call.results is None:
+        with call.retrying():
+            async with transaction() as conn:
+                call.results = [
+                    await (await conn.execute(q, p)).fetchall() for q, p in call.statements
+                ]
+    return call.rows()
+
+
 _BY_SQLSTATE = {"TR400": BadInput, "TR404": TaskNotFound, "TR409": IllegalTransition}
 QUERY_CANCELED = "57014"  # statement_timeout (or a DBA's pg_cancel_backend)
 
@@ -102,26 +168,42 @@ def wrap_exceptions() -> Iterator[None]:
         raise DatabaseUnavailable("database unavailable") from exc
 
 
+@contextlib.asynccontextmanager
+async def async_transaction(
+    pool: psycopg_pool.AsyncConnectionPool,
+) -> AsyncIterator[psycopg.AsyncConnection]:
+    """A transaction on a connection from an asyncio pool, its errors mapped by
+    ``wrap_exceptions`` (the worker's form of the API store's ``_transaction``)."""
+    with wrap_exceptions():
+        async with pool.connection() as conn, conn.transaction():
+            yield conn
+
+
 def connect(url: str, **kwargs) -> psycopg.Connection:
     """A single autocommit connection returning dict rows."""
     return psycopg.connect(url, autocommit=True, row_factory=dict_row, **kwargs)
 
 
-def _pool(
-    cls,
+def create_pool(
     url: str,
-    min_size: int,
-    max_size: int,
-    timeout: float,
-    name: str,
-    application_name: str,
-    **connect,
+    *,
+    min_size: int = 1,
+    max_size: int = 8,
+    timeout: float = 5.0,
+    name: str = "taskrunner",
+    application_name: str = "taskrunner-api",
+    statement_timeout: float = 0,
+    cls: type = psycopg_pool.ConnectionPool,
 ):
-    """A pool of ``cls`` (sync or async) with the settings every pool here shares:
-    autocommit dict-row connections, checked on checkout, opened by the caller.
-    ``application_name`` says who changed a task in its history (unless the URL names
-    one): ``taskrunner-api`` or ``taskrunner-worker``, where a DBA's psql says ``psql``."""
-    kwargs: dict = {"autocommit": True, "row_factory": dict_row, **connect}
+    """A pool of autocommit, dict-row connections, checked on checkout and opened by the
+    caller (so it never blocks startup); ``cls=psycopg_pool.AsyncConnectionPool`` for the
+    asyncio worker (see ``create_async_pool``). ``application_name`` says who changed a
+    task in its history (unless the URL names one): ``taskrunner-api`` or
+    ``taskrunner-worker``, where a DBA's psql says ``psql``. ``statement_timeout`` (s,
+    0 = none) bounds every statement on its connections (the API's: STATEMENT_TIMEOUT)."""
+    kwargs: dict = {"autocommit": True, "row_factory": dict_row}
+    if statement_timeout > 0:
+        kwargs["options"] = f"-c statement_timeout={round(statement_timeout * 1000)}"
     if "application_name" not in conninfo_to_dict(url):
         kwargs["application_name"] = application_name
     return cls(
@@ -136,42 +218,18 @@ def _pool(
     )
 
 
-def create_pool(
-    url: str,
-    *,
-    min_size: int = 1,
-    max_size: int = 8,
-    timeout: float = 5.0,
-    name: str = "taskrunner",
-    application_name: str = "taskrunner-api",
-    statement_timeout: float = 0,
-) -> psycopg_pool.ConnectionPool:
-    """A pool of autocommit, dict-row connections (opened lazily, never blocks startup).
-    ``statement_timeout`` (s, 0 = none) bounds every statement on its connections."""
-    ms = round(statement_timeout * 1000)
-    connect = {"options": f"-c statement_timeout={ms}"} if ms > 0 else {}
-    return _pool(
-        psycopg_pool.ConnectionPool,
-        url,
-        min_size,
-        max_size,
-        timeout,
-        name,
-        application_name,
-        **connect,
-    )
-
-
 def create_async_pool(
     url: str,
     *,
-    min_size: int = 1,
-    max_size: int = 8,
-    timeout: float = 5.0,
     name: str = "taskrunner-worker",
     application_name: str = "taskrunner-worker",
+    **kwargs,
 ) -> psycopg_pool.AsyncConnectionPool:
     """The asyncio twin of ``create_pool`` for workers."""
-    return _pool(
-        psycopg_pool.AsyncConnectionPool, url, min_size, max_size, timeout, name, application_name
+    return create_pool(
+        url,
+        name=name,
+        application_name=application_name,
+        cls=psycopg_pool.AsyncConnectionPool,
+        **kwargs,
     )

@@ -1,9 +1,10 @@
 """The embedded default database of ``taskrunner up``: a private PostgreSQL cluster.
 
 The cluster lives in ``<repo>/.taskrunner/`` (``pgdata/``, ``port``, ``run/`` for the unix
-socket, ``postgres.log``) and is run with the machine's own ``initdb`` and ``pg_ctl``. It
-listens on 127.0.0.1 only, on a free port picked at first start (never 5432, so it does not
-collide with a system server), and trusts local connections; its superuser is ``taskrunner``.
+socket, ``postgres.log``) and is run with the machine's own ``initdb`` and ``pg_ctl``
+(found by ``taskrunner.pgtools``). It listens on 127.0.0.1 only, on a free port picked at
+first start (never 5432, so it does not collide with a system server), and trusts local
+connections; its superuser is ``taskrunner``.
 
 PostgreSQL refuses to run as root, so when we are root the cluster belongs to, and runs as,
 the unprivileged ``postgres`` user.
@@ -11,18 +12,18 @@ the unprivileged ``postgres`` user.
 
 from __future__ import annotations
 
-import glob
 import os
 import pwd
 import shlex
-import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
+
+from taskrunner.pgtools import PgToolsNotFound, find_pg_bindir
+from taskrunner.ports import pick_free_port, port_is_free
 
 DEFAULT_PORT_AVOID = 5432
 SERVER_USER_WHEN_ROOT = "postgres"
@@ -42,55 +43,6 @@ def state_dir() -> Path:
     if override:
         return Path(override).resolve()
     return Path(__file__).resolve().parents[1] / ".taskrunner"
-
-
-def _version_key(bindir: str) -> tuple[int, ...]:
-    name = Path(bindir).parent.name
-    return tuple(int(p) for p in name.split(".") if p.isdigit()) or (0,)
-
-
-def find_pg_bindir() -> Path:
-    """The directory holding ``initdb`` and ``pg_ctl``: PATH, ``pg_config --bindir``, or the
-    newest ``/usr/lib/postgresql/*/bin``."""
-    on_path = shutil.which("initdb")
-    if on_path and shutil.which("pg_ctl"):
-        return Path(on_path).resolve().parent
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
-        bindir = Path(result.stdout.strip())
-        if result.returncode == 0 and (bindir / "initdb").is_file():
-            return bindir
-    candidates = [d for d in glob.glob("/usr/lib/postgresql/*/bin") if Path(d, "initdb").is_file()]
-    if candidates:
-        return Path(max(candidates, key=_version_key))
-    raise EmbeddedError(
-        "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH, via pg_config or "
-        "under /usr/lib/postgresql/*/bin: install PostgreSQL (e.g. apt-get install "
-        "postgresql) or set DATABASE_URL to use an existing server"
-    )
-
-
-def port_is_free(port: int) -> bool:
-    """True if 127.0.0.1:``port`` can be bound (as a server binds it, with SO_REUSEADDR)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # as PostgreSQL binds: connections of a just-stopped server linger in TIME_WAIT,
-        # and without this the restarted cluster would move to another port
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _pick_free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port != DEFAULT_PORT_AVOID:
-            return port
 
 
 class EmbeddedPostgres:
@@ -159,7 +111,10 @@ class EmbeddedPostgres:
     @property
     def bindir(self) -> Path:
         if self._bindir is None:
-            self._bindir = find_pg_bindir()
+            try:
+                self._bindir = find_pg_bindir()
+            except PgToolsNotFound as exc:
+                raise EmbeddedError(str(exc)) from exc
         return self._bindir
 
     def _check_server_user(self) -> None:
@@ -250,7 +205,7 @@ class EmbeddedPostgres:
                 "--no-instructions",
             ]
         )
-        self.port_file.write_text(f"{_pick_free_port()}\n")
+        self.port_file.write_text(f"{pick_free_port(avoid=DEFAULT_PORT_AVOID)}\n")
 
     def _server_options(self, port: int) -> str:
         sock = str(self.socket_dir)
@@ -268,7 +223,7 @@ class EmbeddedPostgres:
         self._prepare_dirs()
         port = self.port
         if port is None or port == DEFAULT_PORT_AVOID or not port_is_free(port):
-            port = _pick_free_port()
+            port = pick_free_port(avoid=DEFAULT_PORT_AVOID)
             self.port_file.write_text(f"{port}\n")
         self._pg(
             [

@@ -58,12 +58,12 @@ def with_sslmode(url: str) -> str:
 
 def _pg_bin_path() -> str:
     """PATH with the local PostgreSQL bindir first, so ``dbmate dump`` finds a real pg_dump."""
-    from taskrunner.embedded import find_pg_bindir
+    from taskrunner.pgtools import PgToolsNotFound, find_pg_bindir
 
     path = os.environ.get("PATH", "")
     try:
         bindir = find_pg_bindir()
-    except RuntimeError:
+    except PgToolsNotFound:
         return path
     return f"{bindir}{os.pathsep}{path}" if path else str(bindir)
 

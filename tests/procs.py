@@ -56,13 +56,15 @@ class Reply:
     """How the sink answers one request: ``status`` after ``delay`` seconds, or, with
     ``close``, drop the connection without any answer. ``report=False``: a 2xx to a start
     does not go on to report the outcome (a target too slow to count as started).
-    ``body``: a JSON body (e.g. the cancel action a start answers with)."""
+    ``body``: a JSON body (e.g. the cancel action a start answers with); ``raw``: a body
+    sent as it is (e.g. JSON that Python's own encoder would refuse to write)."""
 
     status: int = 200
     delay: float = 0.0
     close: bool = False
     report: bool = True
     body: object = None
+    raw: bytes | None = None
 
 
 class Sink:
@@ -110,6 +112,7 @@ class Sink:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 payload = b"" if reply.body is None else json.dumps(reply.body).encode()
+                payload = payload if reply.raw is None else reply.raw
                 try:
                     self.send_response(reply.status)
                     self.send_header("Content-Type", "application/json")

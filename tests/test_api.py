@@ -776,3 +776,28 @@ def test_observe_worker_loop():
     before = _sample("worker_loop_duration_seconds_count")
     metrics.observe_worker_loop(0.25)
     assert _sample("worker_loop_duration_seconds_count") == before + 1
+
+
+@pytest.mark.parametrize("value", ["caf\u00e9", "\u20ac5", " padded", "line\n", "tab\t", "\x01"])
+def test_a_header_value_the_worker_cannot_send_is_refused_at_creation(client, conn, value):
+    """httpx sends header values as ASCII and h11 refuses control characters and
+    whitespace at either end: such a value would fail every attempt, so it is a 400
+    naming the header, and nothing is created."""
+    result = client.simulate_post(
+        "/task", json=[spec("a", on_success=[hook(headers={"X-Note": value})])]
+    )
+
+    assert result.status_code == 400, result.text
+    assert result.json["details"] == [
+        "[0].on_success[0].params.headers.X-Note: must be a header value of printable ASCII "
+        "characters (spaces and tabs only between them)"
+    ]
+    assert count_tasks(conn) == 0
+
+
+def test_header_values_the_worker_can_send_are_accepted(client):
+    values = {"X-A": "Bearer abc.def=", "X-B": "two  words\tand a tab", "X-C": ""}
+    created = create(client, spec("a", on_start=hook(headers=values)))
+    detail = client.simulate_get(f"/task/{created['a']['id']}").json
+
+    assert detail["on_start"]["params"]["headers"] == values

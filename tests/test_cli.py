@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from taskrunner import cli, migrate
+from taskrunner import cli, migrate, supervisor
 from taskrunner.config import Config
 
 SUBCOMMANDS = ["up", "api", "worker", "migrate", "psql"]
@@ -229,15 +229,17 @@ def _sleeper() -> list[str]:
 
 
 def test_supervisor_reports_a_dead_child_and_stops_the_others() -> None:
-    supervisor = cli.Supervisor(grace=5)
-    supervisor.spawn("sleeper", _sleeper(), dict(os.environ))
-    supervisor.spawn("quitter", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
+    children = supervisor.Supervisor(grace=5)
+    children.spawn("sleeper", _sleeper(), dict(os.environ))
+    children.spawn("quitter", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
 
-    with pytest.raises(cli.CliError, match=r"quitter exited unexpectedly \(exit code 3\)"):
-        supervisor.watch()
-    supervisor.stop_all()
+    with pytest.raises(
+        supervisor.ChildExited, match=r"quitter exited unexpectedly \(exit code 3\)"
+    ):
+        children.watch()
+    children.stop_all()
 
-    assert [proc.poll() for _, proc in supervisor.children] == [-signal.SIGTERM, 3]
+    assert [proc.poll() for _, proc in children.children] == [-signal.SIGTERM, 3]
 
 
 def test_supervisor_kills_a_child_that_ignores_sigterm() -> None:
@@ -247,12 +249,12 @@ def test_supervisor_kills_a_child_that_ignores_sigterm() -> None:
         "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
         "print('ready', flush=True); time.sleep(60)",
     ]
-    supervisor = cli.Supervisor(grace=0.5)
+    children = supervisor.Supervisor(grace=0.5)
     proc = subprocess.Popen(stubborn, stdout=subprocess.PIPE, text=True, process_group=0)
-    supervisor.children.append(("stubborn", proc))
+    children.children.append(("stubborn", proc))
     assert proc.stdout.readline().strip() == "ready"
 
-    supervisor.stop_all()
+    children.stop_all()
 
     assert proc.returncode == -signal.SIGKILL
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from taskrunner import embedded
+from taskrunner import pgtools
 from taskrunner.embedded import EmbeddedError, EmbeddedPostgres
 
 try:
-    embedded.find_pg_bindir()
-except EmbeddedError as exc:
+    pgtools.find_pg_bindir()
+except pgtools.PgToolsNotFound as exc:
     pytest.skip(f"no PostgreSQL server binaries: {exc}", allow_module_level=True)
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def cluster(base_dir: Path) -> Iterator[EmbeddedPostgres]:
 
 
 def test_find_pg_bindir_has_the_server_tools() -> None:
-    bindir = embedded.find_pg_bindir()
+    bindir = pgtools.find_pg_bindir()
     assert (bindir / "initdb").is_file()
     assert (bindir / "pg_ctl").is_file()
 

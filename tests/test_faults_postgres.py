@@ -27,12 +27,12 @@ from invariants import (
 from procs import Reply, Sink, free_port, running, service_env, wait_for, wait_healthy
 from psycopg.rows import dict_row
 
-from taskrunner import embedded, migrate
-from taskrunner.embedded import EmbeddedError, EmbeddedPostgres
+from taskrunner import migrate, pgtools
+from taskrunner.embedded import EmbeddedPostgres
 
 try:
-    embedded.find_pg_bindir()
-except EmbeddedError as exc:
+    pgtools.find_pg_bindir()
+except pgtools.PgToolsNotFound as exc:
     pytest.skip(f"no PostgreSQL server binaries: {exc}", allow_module_level=True)
 
 pytestmark = pytest.mark.slow

@@ -117,7 +117,7 @@ BEGIN
         -- Started. Register the cancel actions the targets answered with.
         INSERT INTO taskrunner.action (task_id, event, url, verb, body, headers)
         SELECT (s ->> 'task_id')::uuid, 'cancel', a ->> 'url',
-               upper(coalesce(a ->> 'verb', 'POST')), a -> 'body', coalesce(a -> 'headers', '{}')
+               upper(a ->> 'verb'), a -> 'body', coalesce(a -> 'headers', '{}')
         FROM jsonb_array_elements(v_started) s
         CROSS JOIN LATERAL jsonb_array_elements(
             CASE WHEN jsonb_typeof(s -> 'cancel_actions') = 'array'
@@ -249,7 +249,7 @@ BEGIN
         -- Started. Register the cancel actions the targets answered with.
         INSERT INTO taskrunner.action (task_id, event, url, verb, body, headers)
         SELECT (s ->> 'task_id')::uuid, 'cancel', a ->> 'url',
-               upper(coalesce(a ->> 'verb', 'POST')), a -> 'body', coalesce(a -> 'headers', '{}')
+               upper(a ->> 'verb'), a -> 'body', coalesce(a -> 'headers', '{}')
         FROM jsonb_array_elements(v_started) s
         CROSS JOIN LATERAL jsonb_array_elements(
             CASE WHEN jsonb_typeof(s -> 'cancel_actions') = 'array'

@@ -16,18 +16,15 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_status taskrunner.task_status;
     v_task taskrunner.task;
+    v_problem text;
 BEGIN
     IF p_status IS NOT NULL AND p_status NOT IN ('success', 'failure') THEN
         PERFORM taskrunner._raise('TR400', 'invalid status',
                                   'status: must be Success or Failure');
     END IF;
-    IF p_status = 'failure' AND p_failure_reason IS NULL THEN
-        PERFORM taskrunner._raise('TR400', 'missing failure_reason',
-                                  'failure_reason: required when status is Failure');
-    END IF;
-    IF p_failure_reason IS NOT NULL AND p_status IS DISTINCT FROM 'failure' THEN
-        PERFORM taskrunner._raise('TR400', 'unexpected failure_reason',
-                                  'failure_reason: only allowed when status is Failure');
+    v_problem := taskrunner._failure_reason_problem(p_status, p_failure_reason);
+    IF v_problem IS NOT NULL THEN
+        PERFORM taskrunner._raise('TR400', 'invalid failure_reason', v_problem);
     END IF;
     SELECT status INTO v_status FROM taskrunner.task WHERE id = p_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
@@ -104,18 +101,15 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_status taskrunner.task_status;
     v_task taskrunner.task;
+    v_problem text;
 BEGIN
     IF p_status IS NOT NULL AND p_status NOT IN ('success', 'failure') THEN
         PERFORM taskrunner._raise('TR400', 'invalid status',
                                   'status: must be Success or Failure');
     END IF;
-    IF p_status = 'failure' AND p_failure_reason IS NULL THEN
-        PERFORM taskrunner._raise('TR400', 'missing failure_reason',
-                                  'failure_reason: required when status is Failure');
-    END IF;
-    IF p_failure_reason IS NOT NULL AND p_status IS DISTINCT FROM 'failure' THEN
-        PERFORM taskrunner._raise('TR400', 'unexpected failure_reason',
-                                  'failure_reason: only allowed when status is Failure');
+    v_problem := taskrunner._failure_reason_problem(p_status, p_failure_reason);
+    IF v_problem IS NOT NULL THEN
+        PERFORM taskrunner._raise('TR400', 'invalid failure_reason', v_problem);
     END IF;
     SELECT status INTO v_status FROM taskrunner.task WHERE id = p_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN

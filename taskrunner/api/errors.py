@@ -19,10 +19,14 @@ import falcon
 import psycopg
 import psycopg_pool
 
-from taskrunner.api.serialize import delivery_status
 from taskrunner.api.validation import Invalid
 from taskrunner.db import DomainError
-from taskrunner.metrics import status_label
+from taskrunner.vocabulary import (
+    DELIVERY_STATUSES,
+    TASK_STATUSES,
+    delivery_status_label,
+    status_label,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +73,17 @@ def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTP
 # Status words in the state machine's messages (SQL spells them in lower case). Task
 # statuses are unambiguous words; a delivery status only where one is named ("delivery is
 # queued", "only failed deliveries"), since "failed" is also an ordinary word.
-_TASK_STATUS = re.compile(r"\b(waiting|pending|running|success|failure|canceled|paused)\b")
-_DELIVERY_STATUS = re.compile(r"\b(is|only) (queued|in_flight|delivered|failed|expired)\b")
+_TASK_STATUS = re.compile(r"\b(" + "|".join(TASK_STATUSES) + r")\b")
+_DELIVERY_STATUS = re.compile(
+    r"\b(is|only) (" + "|".join(s for s in DELIVERY_STATUSES if s not in TASK_STATUSES) + r")\b"
+)
 _NOT_FOUND = re.compile(r"^(task|delivery) (\S+) not found$")
 
 
 def json_spelling(text: str) -> str:
     """``task 1 is success`` -> ``task 1 is Success``: statuses as the JSON spells them."""
     text = _TASK_STATUS.sub(lambda m: status_label(m[1]), text)
-    return _DELIVERY_STATUS.sub(lambda m: f"{m[1]} {delivery_status(m[2])}", text)
+    return _DELIVERY_STATUS.sub(lambda m: f"{m[1]} {delivery_status_label(m[2])}", text)
 
 
 def _domain_details(exc: DomainError) -> list[str]:

@@ -12,7 +12,8 @@ import copy
 import re
 from typing import Any
 
-from taskrunner.api.validation import DEFAULT_PER_PAGE, LIMITS, SCHEMAS, STATUSES
+from taskrunner import vocabulary as vocab
+from taskrunner.api.validation import DEFAULT_PER_PAGE, LIMITS, SCHEMAS
 
 _ENUM_PATTERN = re.compile(r"^\^\(\?i:(.*)\)\$$")
 
@@ -47,12 +48,38 @@ _UUID_OUT = {"type": "string", "format": "uuid"}
 
 
 def _object(properties: dict, optional: tuple[str, ...] = ()) -> dict:
+    """A response object: exactly these properties (an undocumented one is a schema
+    violation, which the schemathesis run in tests/test_openapi.py catches)."""
     return {
         "type": "object",
         "properties": properties,
         "required": [k for k in properties if k not in optional],
+        "additionalProperties": False,
     }
 
+
+# the properties of a task in every response that carries one
+_TASK = {
+    "id": _UUID_OUT,
+    "local_id": _nullable(_STRING),
+    "batch_id": _UUID_OUT,
+    "requester": _nullable(_STRING),
+    "name": _STRING,
+    "kind": _STRING,
+    "status": {"type": "string", "enum": list(vocab.STATUS_LABELS)},
+    "status_reason": _nullable(_STRING),
+    "priority": _INT,
+    "timeout": _INT,
+    "metadata": {"type": "object"},
+    "rules": {"type": "array", "items": {"type": "object"}},
+    "success": _INT,
+    "failures": _INT,
+    "failure_reason": _nullable(_STRING),
+    "created_at": _TIME,
+    "started_at": _nullable(_TIME),
+    "ended_at": _nullable(_TIME),
+    "last_updated": _TIME,
+}
 
 _SCHEMAS: dict[str, dict] = {
     "Error": _object(
@@ -66,29 +93,7 @@ _SCHEMAS: dict[str, dict] = {
             '"max_concurency": N}; the spellings Concurrency/max_concurrency are accepted.'
         ),
     },
-    "Task": _object(
-        {
-            "id": _UUID_OUT,
-            "local_id": _nullable(_STRING),
-            "batch_id": _UUID_OUT,
-            "requester": _nullable(_STRING),
-            "name": _STRING,
-            "kind": _STRING,
-            "status": {"type": "string", "enum": list(STATUSES)},
-            "status_reason": _nullable(_STRING),
-            "priority": _INT,
-            "timeout": _INT,
-            "metadata": {"type": "object"},
-            "rules": {"type": "array", "items": {"type": "object"}},
-            "success": _INT,
-            "failures": _INT,
-            "failure_reason": _nullable(_STRING),
-            "created_at": _TIME,
-            "started_at": _nullable(_TIME),
-            "ended_at": _nullable(_TIME),
-            "last_updated": _TIME,
-        }
-    ),
+    "Task": _object(_TASK),
     "Attempt": _object(
         {
             "attempt": _INT,
@@ -102,10 +107,7 @@ _SCHEMAS: dict[str, dict] = {
     "Delivery": _object(
         {
             "id": _UUID_OUT,
-            "status": {
-                "type": "string",
-                "enum": ["Queued", "InFlight", "Delivered", "Failed", "Canceled", "Expired"],
-            },
+            "status": {"type": "string", "enum": list(vocab.DELIVERY_STATUS_LABELS)},
             "attempt_count": _INT,
             "next_attempt_at": _TIME,
             "last_status_code": _nullable(_INT),
@@ -120,11 +122,11 @@ _SCHEMAS: dict[str, dict] = {
         {
             "id": _INT,
             "kind": {"type": "string", "enum": ["Webhook"]},
-            "trigger": {"type": "string", "enum": ["Start", "End", "Cancel"]},
+            "trigger": {"type": "string", "enum": list(vocab.TRIGGERS)},
             "params": _object(
                 {
                     "url": _STRING,
-                    "verb": {"type": "string", "enum": ["Get", "Post", "Put", "Patch", "Delete"]},
+                    "verb": {"type": "string", "enum": list(vocab.VERB_LABELS)},
                     "body": {},
                     "headers": {"type": "object", "additionalProperties": _STRING},
                 },
@@ -133,25 +135,21 @@ _SCHEMAS: dict[str, dict] = {
             "deliveries": {"type": "array", "items": _ref("Delivery")},
         }
     ),
-    "TaskDetail": {
-        "allOf": [
-            _ref("Task"),
-            _object(
-                {
-                    "dependencies": {
-                        "type": "array",
-                        "items": _object(
-                            {"id": _UUID_OUT, "requires_success": {"type": "boolean"}}
-                        ),
-                    },
-                    "on_start": _nullable(_ref("Action")),
-                    "on_success": {"type": "array", "items": _ref("Action")},
-                    "on_failure": {"type": "array", "items": _ref("Action")},
-                    "on_cancel": {"type": "array", "items": _ref("Action")},
-                }
-            ),
-        ]
-    },
+    # Task's properties and these (one object: with allOf, each part's
+    # additionalProperties: false would refuse the other part's properties)
+    "TaskDetail": _object(
+        {
+            **_TASK,
+            "dependencies": {
+                "type": "array",
+                "items": _object({"id": _UUID_OUT, "requires_success": {"type": "boolean"}}),
+            },
+            "on_start": _nullable(_ref("Action")),
+            "on_success": {"type": "array", "items": _ref("Action")},
+            "on_failure": {"type": "array", "items": _ref("Action")},
+            "on_cancel": {"type": "array", "items": _ref("Action")},
+        }
+    ),
     "Accepted": _object({"accepted": _INT}),
     "TaskBatch": _for_document(SCHEMAS["batch"]),
     "TaskUpdate": _for_document(SCHEMAS["patch"]),
@@ -160,6 +158,9 @@ _SCHEMAS: dict[str, dict] = {
     "CounterBatch": _for_document(SCHEMAS["put_batch"]),
 }
 _SCHEMAS["TaskBatch"]["items"]["properties"]["rules"]["items"] = _ref("Rule")
+_TASK_FIELDS = _SCHEMAS["TaskBatch"]["items"]["properties"]
+_TASK_FIELDS["timeout"]["default"] = vocab.DEFAULT_TIMEOUT_SECONDS
+_TASK_FIELDS["priority"]["default"] = vocab.DEFAULT_PRIORITY
 _BATCH_EXAMPLE = [
     {
         "id": "ingest",
@@ -292,7 +293,11 @@ _PATHS: dict[str, dict] = {
                     {"type": "integer", "minimum": 1, "maximum": LIMITS["per_page"]},
                     "alias of per_page",
                 ),
-                _query("status", {"type": "string", "enum": list(STATUSES)}, "any letter case"),
+                _query(
+                    "status",
+                    {"type": "string", "enum": list(vocab.STATUS_LABELS)},
+                    "any letter case",
+                ),
                 _query("kind", {"type": "string", "maxLength": LIMITS["filter_chars"]}, "exact"),
                 _query(
                     "name", {"type": "string", "maxLength": LIMITS["filter_chars"]}, "substring"

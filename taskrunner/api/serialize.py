@@ -7,16 +7,13 @@ import json
 import uuid
 from typing import Any
 
-from taskrunner.metrics import status_label
-
-_TRIGGERS = {"start": "Start", "success": "End", "failure": "End", "cancel": "Cancel"}
-_GROUPS = {
-    "start": "on_start",
-    "success": "on_success",
-    "failure": "on_failure",
-    "cancel": "on_cancel",
-}
-_DELIVERY_STATUS = {"in_flight": "InFlight"}
+from taskrunner.vocabulary import (
+    ACTION_FIELDS,
+    TRIGGER_LABELS,
+    delivery_status_label,
+    status_label,
+    verb_label,
+)
 
 
 def _default(value: Any) -> Any:
@@ -68,7 +65,7 @@ def task(row: dict) -> dict:
 
 
 def action(row: dict, deliveries: list[dict]) -> dict:
-    params: dict[str, Any] = {"url": row["url"], "verb": row["verb"].capitalize()}
+    params: dict[str, Any] = {"url": row["url"], "verb": verb_label(row["verb"])}
     if row["body"] is not None:
         params["body"] = row["body"]
     if row["headers"]:
@@ -76,22 +73,17 @@ def action(row: dict, deliveries: list[dict]) -> dict:
     return {
         "id": row["id"],
         "kind": "Webhook",
-        "trigger": _TRIGGERS[row["event"]],
+        "trigger": TRIGGER_LABELS[row["event"]],
         "params": params,
         "deliveries": deliveries,
     }
-
-
-def delivery_status(status: str) -> str:
-    """The API's name of a delivery status: ``in_flight`` -> ``InFlight``."""
-    return _DELIVERY_STATUS.get(status, status.capitalize())
 
 
 def delivery(row: dict, attempts: list[dict] | None = None) -> dict:
     """A delivery (one webhook call to make) with its attempts, when given."""
     body = {
         "id": row["id"],
-        "status": delivery_status(row["status"]),
+        "status": delivery_status_label(row["status"]),
         "attempt_count": row["attempts"],
         "next_attempt_at": row["next_attempt_at"],
         "last_status_code": row["last_status_code"],
@@ -132,10 +124,10 @@ def task_detail(
     body["dependencies"] = [
         {"id": d["parent_id"], "requires_success": d["requires_success"]} for d in dependencies
     ]
-    for group in _GROUPS.values():
+    for group in ACTION_FIELDS.values():
         body[group] = []
     for a in actions:
-        body[_GROUPS[a["event"]]].append(action(a, deliveries_of.get(a["id"], [])))
+        body[ACTION_FIELDS[a["event"]]].append(action(a, deliveries_of.get(a["id"], [])))
     # on_start is one action on input, so it is one action (or null) on output too
     body["on_start"] = next(iter(body["on_start"]), None)
     return body

@@ -1,9 +1,7 @@
 """Database access for the API: run one named query, map errors, feed metrics.
 
-A call that changes tasks runs in one transaction and reads the trigger-counted
-transitions (``take_stats``) before commit; they are recorded in Prometheus after commit.
-A transaction PostgreSQL rolled back for a deadlock or a serialization failure (two
-completions propagating into shared children, say) is run again, a few times.
+A call that changes tasks goes through ``db.run_with_stats``: one transaction, its counted
+transitions recorded in Prometheus after commit, run again after a deadlock.
 
 While the database is out of reach, waiting the pool's full timeout on every request
 would tie up every server thread and let 503s queue behind each other; so once a request
@@ -20,14 +18,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from taskrunner import metrics
-from taskrunner.db import (
-    CONFLICT_ATTEMPTS,
-    QUERIES,
-    TransientConflict,
-    is_conflict,
-    wrap_exceptions,
-)
+from taskrunner.db import QUERIES, is_conflict, run_with_stats, wrap_exceptions
 
 DOWN_TIMEOUT = 0.5  # seconds to wait for a connection while the database seems down
 
@@ -40,18 +31,8 @@ class Store:
         self._down = False  # the last attempt could not reach the database
 
     def call(self, name: str, params: dict[str, Any]) -> list[dict]:
-        """Run a query that may change tasks; returns its rows."""
-        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
-            try:
-                with self._transaction() as conn:
-                    rows = conn.execute(QUERIES[name], params).fetchall()
-                    stats = conn.execute(QUERIES["take_stats"]).fetchone()["stats"]
-                break
-            except TransientConflict:
-                if attempt == CONFLICT_ATTEMPTS:
-                    raise
-        metrics.record_stats(stats)
-        return rows
+        """Run a query that may change tasks (``db.run_with_stats``); returns its rows."""
+        return run_with_stats(self._transaction, name, params)
 
     def read(self, *queries: tuple[str, dict[str, Any]]) -> list[list[dict]]:
         """Run read-only queries on one connection, in one transaction."""

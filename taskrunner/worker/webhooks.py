@@ -6,7 +6,9 @@ its JSON body and headers, plus ``X-Task-Id``, ``X-Task-Trigger`` and an
 ``Idempotency-Key`` (the delivery id, stable across retries). Redirects are never
 followed: a 3xx is a failure like any other non-2xx answer. Every connection goes through
 the SSRF guard (``taskrunner.netguard``); a refused URL is a final failure
-(``blocked: <reason>``), never retried.
+(``blocked: <reason>``), never retried. Cancel actions in a start's response are checked
+by the code that checks ``on_cancel`` at creation; a response that breaks those rules
+fails the start.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,13 +25,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 
 from taskrunner import netguard
+from taskrunner.api.validation import Invalid, cancel_actions_input
 from taskrunner.config import Config
+from taskrunner.vocabulary import TRIGGER_LABELS
 
 log = logging.getLogger(__name__)
 
-# The API's trigger names for the SQL action events (success and failure are both "End").
-TRIGGERS = {"start": "Start", "success": "End", "failure": "End", "cancel": "Cancel"}
-VERBS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 # A start response bigger than this is not read for cancel actions (the start still counts).
 MAX_RESPONSE_BYTES = 1 << 20
 
@@ -101,7 +101,7 @@ def build_request(client: httpx.AsyncClient, item: WorkItem, host_url: str) -> h
     headers.update(
         {
             "X-Task-Id": str(item.task_id),
-            "X-Task-Trigger": TRIGGERS[item.event],
+            "X-Task-Trigger": TRIGGER_LABELS[item.event],
             "Idempotency-Key": str(item.delivery_id),
         }
     )
@@ -111,15 +111,33 @@ def build_request(client: httpx.AsyncClient, item: WorkItem, host_url: str) -> h
 
 
 async def call(client: httpx.AsyncClient, item: WorkItem, config: Config) -> WebhookResult:
-    """Make one attempt; never raises for anything the remote side does."""
+    """Make one attempt; never raises (but for cancellation): whatever the target, the
+    URL or the answer throws becomes this attempt's failed outcome, so one hostile target
+    can fail only its own delivery."""
     started_at = datetime.now(UTC)
+    try:
+        return await _attempt(client, item, config, started_at)
+    except Exception as exc:  # a case none of the handlers below foresaw; retry it
+        log.warning("delivery %s: unexpected error", item.delivery_id, exc_info=True)
+        return _failed(started_at, f"unexpected error: {describe_exception(exc)}")
+
+
+def _failed(started_at: datetime, error: str, *, retryable: bool = True, **fields) -> WebhookResult:
+    return WebhookResult(
+        ok=False, started_at=started_at, error=error, retryable=retryable, **fields
+    )
+
+
+async def _attempt(
+    client: httpx.AsyncClient, item: WorkItem, config: Config, started_at: datetime
+) -> WebhookResult:
     try:
         request = build_request(client, item, config.host_url)
     except httpx.InvalidURL as exc:
         # never sent, and no later attempt can fix it
-        return WebhookResult(
-            ok=False, started_at=started_at, error=f"invalid URL: {exc}", retryable=False
-        )
+        return _failed(started_at, f"invalid URL: {exc}", retryable=False)
+    except Exception as exc:  # e.g. a header value httpx cannot encode; never sent either
+        return _failed(started_at, f"invalid request: {describe_exception(exc)}", retryable=False)
     try:
         # httpx's timeout is per phase; this bounds the whole exchange, so the claim's
         # lease (2 * webhook_timeout + 10 s) always outlives an attempt.
@@ -130,26 +148,35 @@ async def call(client: httpx.AsyncClient, item: WorkItem, config: Config) -> Web
             finally:
                 await response.aclose()
     except netguard.Blocked as exc:
-        return WebhookResult(
-            ok=False, started_at=started_at, error=f"blocked: {exc.reason}", retryable=False
-        )
+        return _failed(started_at, f"blocked: {exc.reason}", retryable=False)
     except (TimeoutError, httpx.TimeoutException):
-        return WebhookResult(ok=False, started_at=started_at, error="timeout")
+        return _failed(started_at, "timeout")
     except httpx.HTTPError as exc:
-        return WebhookResult(ok=False, started_at=started_at, error=describe_error(exc))
+        return _failed(started_at, describe_error(exc))
     if not response.is_success:
-        return WebhookResult(
-            ok=False,
-            started_at=started_at,
-            status_code=response.status_code,
-            error=f"HTTP {response.status_code}",
-        )
+        status = response.status_code
+        return _failed(started_at, f"HTTP {status}", status_code=status)
+    policy = netguard.Policy.from_config(config)
+    try:
+        actions = start_response_actions(body, item.task_id, policy)
+    except Invalid as exc:
+        # what the target asks us to register breaks the on_cancel rules: the start fails
+        # (another attempt would get the same answer)
+        error = f"invalid cancel actions in the start response: {_summary(exc.details)}"
+        return _failed(started_at, error, retryable=False, status_code=response.status_code)
+    except Exception as exc:
+        # the target answered, but with something we cannot read or store
+        error = f"bad response: {describe_exception(exc)}"
+        return _failed(started_at, error, retryable=False, status_code=response.status_code)
     return WebhookResult(
-        ok=True,
-        started_at=started_at,
-        status_code=response.status_code,
-        cancel_actions=parse_cancel_actions(body, item.task_id) if body else None,
+        ok=True, started_at=started_at, status_code=response.status_code, cancel_actions=actions
     )
+
+
+def _summary(details: list[str], most: int = 5) -> str:
+    """The first few problems, for an error text that stays readable."""
+    more = f"; (and {len(details) - most} more)" if len(details) > most else ""
+    return "; ".join(details[:most]) + more
 
 
 async def _read_capped(response: httpx.Response) -> bytes:
@@ -173,7 +200,19 @@ def describe_error(exc: httpx.HTTPError) -> str:
         if isinstance(cause, ConnectionRefusedError):
             return "connection refused"
         return f"connection failed: {cause or exc}"
-    return f"{type(exc).__name__}: {exc}".rstrip(": ")
+    return describe_exception(exc)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``Type: first line of the message``, at most 500 characters, storable (no NUL)."""
+    lines = str(exc).splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return storable(text[:500])
+
+
+def storable(text: str) -> str:
+    """``text`` without NUL characters, which PostgreSQL cannot store in text or jsonb."""
+    return text.replace("\x00", "\\u0000")
 
 
 def _root_os_error(exc: BaseException) -> OSError | None:
@@ -187,56 +226,59 @@ def _root_os_error(exc: BaseException) -> OSError | None:
     return found
 
 
-def parse_cancel_actions(body: bytes, task_id: uuid.UUID | str) -> list[dict[str, Any]] | None:
-    """The cancel actions in a start response: an action or a list of actions.
+def start_response_actions(
+    body: bytes, task_id: uuid.UUID | str, policy: netguard.Policy | None = None
+) -> list[dict] | None:
+    """``parse_cancel_actions``, refusing actions PostgreSQL could not store (a NUL
+    character anywhere in them): ValueError, so the start fails with the reason."""
+    actions = parse_cancel_actions(body, task_id, policy)
+    if actions and _holds_nul(actions):
+        raise ValueError(
+            "the cancel actions hold a NUL character (\\u0000), which cannot be stored"
+        )
+    return actions
 
-    Returns the valid ones normalised to ``{url, verb, body, headers}``, or None when the
-    body holds none; invalid entries are logged and skipped.
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
+def parse_cancel_actions(
+    body: bytes, task_id: uuid.UUID | str, policy: netguard.Policy | None = None
+) -> list[dict[str, Any]] | None:
+    """The cancel actions in a start response: a webhook action or a list of them.
+
+    Entries that are not webhook actions (not an object, another ``kind``, neither
+    ``kind`` nor ``params``) are not meant for us and are ignored; None when nothing is
+    left. The webhook actions must pass the rules of a task's ``on_cancel`` at creation
+    (``validation.cancel_actions_input``: count, URL, verb, headers); any problem refuses
+    them all (raises Invalid, ``[n]`` counting the webhook actions of the response).
     """
+    if not body:
+        return None
     try:
         parsed = json.loads(body)
     except ValueError:
         return None
     entries = parsed if isinstance(parsed, list) else [parsed]
-    actions = []
-    for entry in entries:
-        action, problem = _normalise_action(entry)
-        if problem:
-            log.info("task %s: ignoring an entry of the start response: %s", task_id, problem)
-        else:
-            actions.append(action)
-    return actions or None
+    actions = [e for e in entries if _is_webhook_action(e)]
+    if len(actions) < len(entries):
+        log.info(
+            "task %s: ignoring %d entries of the start response that are not webhook actions",
+            task_id,
+            len(entries) - len(actions),
+        )
+    return cancel_actions_input(actions, policy) if actions else None
 
 
-def _normalise_action(entry: Any) -> tuple[dict[str, Any], str | None]:
+def _is_webhook_action(entry: Any) -> bool:
     if not isinstance(entry, dict):
-        return {}, "not an object"
-    if str(entry.get("kind", "")).lower() != "webhook":
-        return {}, "kind is not Webhook"
-    if str(entry.get("trigger") or "cancel").lower() != "cancel":
-        return {}, "trigger is not Cancel"
-    params = entry.get("params")
-    if not isinstance(params, dict):
-        return {}, "params is not an object"
-    url = params.get("url")
-    verb = str(params.get("verb", "")).upper()
-    headers = params.get("headers") or {}
-    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
-        return {}, "params.url is not an http(s) URL"
-    if verb not in VERBS:
-        return {}, f"params.verb must be one of {', '.join(sorted(VERBS))}"
-    if not isinstance(headers, dict):
-        return {}, "params.headers is not an object"
-    return {"url": url, "verb": verb, "body": params.get("body"), "headers": headers}, None
-
-
-def retry_delay_ms(attempt: int, config: Config) -> int | None:
-    """Delay before the next attempt: exponential backoff with full jitter.
-
-    None once ``attempt`` reached ``webhook_max_attempts`` (the SQL then gives up). At
-    least 1 ms, so a retry is always scheduled strictly after the failed attempt.
-    """
-    if attempt >= config.webhook_max_attempts:
-        return None
-    cap = min(config.webhook_backoff_max, config.webhook_backoff_base * 2 ** (attempt - 1))
-    return max(1, int(random.uniform(0, cap) * 1000))
+        return False
+    kind = entry.get("kind")
+    return "params" in entry if kind is None else str(kind).lower() == "webhook"

@@ -2,11 +2,13 @@
 
 All state lives in the database; this loop only moves work between the SQL functions
 (``claim_tasks``, ``claim_deliveries``, ``finish_deliveries``, ``release_deliveries``,
-``tick``) and the HTTP client (``webhooks``). It wakes on NOTIFY (one dedicated LISTEN
-connection), on a freed slot, on a retry it scheduled falling due, or on the poll timeout,
-so a lost notification only costs latency. A database outage is logged and retried,
-never fatal. ``stop()`` drains in-flight webhooks for ``shutdown_grace`` seconds and hands
-back what was not recorded, so another worker takes it over.
+``tick``) and the HTTP client (``webhooks``); ``retrypolicy`` says when a failed attempt
+is tried again and ``outcomes`` records the results (group commit). It wakes on NOTIFY
+(one dedicated LISTEN connection), on a freed slot, on a retry it scheduled falling due,
+or on the poll timeout, so a lost notification only costs latency. A database outage is
+logged and retried, never fatal. ``stop()`` drains in-flight webhooks for
+``shutdown_grace`` seconds and hands back what was not recorded, so another worker takes
+it over.
 """
 
 from __future__ import annotations
@@ -24,13 +26,19 @@ from typing import Any
 import httpx
 import psycopg
 import psycopg_pool
-from psycopg.types.json import Jsonb
 
 from taskrunner import metrics
 from taskrunner.config import Config
-from taskrunner.db import QUERIES, DatabaseUnavailable, create_async_pool, wrap_exceptions
-from taskrunner.worker import webhooks
-from taskrunner.worker.webhooks import WebhookResult, WorkItem
+from taskrunner.db import (
+    QUERIES,
+    DatabaseUnavailable,
+    async_transaction,
+    create_async_pool,
+    run_with_stats_async,
+)
+from taskrunner.worker import retrypolicy, webhooks
+from taskrunner.worker.outcomes import Outcome, OutcomeRecorder
+from taskrunner.worker.webhooks import WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +83,7 @@ class Worker:
         self._next_retry: float | None = None  # loop time when a retry we scheduled is due
         self._next_tick = 0.0
         self._tasks_first = True
-        # webhook outcomes waiting to be recorded, and the task recording them (_finish)
-        self._outcomes: list[tuple[dict[str, Any], asyncio.Future[str]]] = []
-        self._recorder: asyncio.Task[None] | None = None
+        self._outcomes = OutcomeRecorder(self._call, self.worker_id)
 
     def stop(self) -> None:
         """Stop claiming and shut down gracefully; safe from any thread or a signal."""
@@ -184,13 +190,8 @@ class Worker:
 
     async def _call(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """Run a named query in its own transaction, feeding its transitions to metrics."""
-        with wrap_exceptions():
-            async with self._pool.connection() as conn, conn.transaction():
-                rows = await (await conn.execute(QUERIES[query], params)).fetchall()
-                stats = await (await conn.execute(QUERIES["take_stats"])).fetchone()
-        if stats and stats["stats"]:
-            metrics.record_stats(stats["stats"])
-        return rows
+        transaction = functools.partial(async_transaction, self._pool)
+        return await run_with_stats_async(transaction, query, params)
 
     # --- one webhook ---------------------------------------------------------------------
 
@@ -211,8 +212,7 @@ class Worker:
     async def _deliver(self, item: WorkItem) -> None:
         deadline = asyncio.get_running_loop().time() + self.lease_seconds
         result = await webhooks.call(self._client, item, self.config)
-        retry = not result.ok and result.retryable
-        delay_ms = webhooks.retry_delay_ms(item.attempt, self.config) if retry else None
+        delay_ms = retrypolicy.delay_ms(result.ok, result.retryable, item.attempt, self.config)
         if result.ok:
             log.debug("delivery %s (%s of task %s) ok", item.delivery_id, item.event, item.task_id)
         else:
@@ -225,73 +225,31 @@ class Worker:
                 result.error,
                 "giving up" if delay_ms is None else f"retry in {delay_ms} ms",
             )
-        await self._record(item, result, delay_ms, deadline)
+        await self._record(Outcome(item.delivery_id, result, delay_ms), deadline)
 
-    async def _record(
-        self, item: WorkItem, result: WebhookResult, delay_ms: int | None, deadline: float
-    ) -> None:
-        """Record the attempt (batched with others, see ``_finish``), retried through a
-        database outage until the lease runs out."""
-        outcome = {
-            "delivery_id": str(item.delivery_id),
-            "ok": result.ok,
-            "status_code": result.status_code,
-            "error": result.error,
-            "retry_delay_ms": delay_ms,
-            "cancel_actions": result.cancel_actions or None,
-            "started_at": result.started_at.isoformat(),
-        }
+    async def _record(self, outcome: Outcome, deadline: float) -> None:
+        """Record the attempt (group commit, see ``outcomes``), retried through a database
+        outage until the lease runs out."""
+        delivery_id, delay_ms = outcome.delivery_id, outcome.retry_delay_ms
         backoff = Backoff()
         while True:
             try:
-                status = await self._finish(outcome)
+                status = await self._outcomes.record(outcome)
                 break
             except DatabaseUnavailable as exc:
                 if asyncio.get_running_loop().time() + backoff.delay > deadline:
                     log.warning(
                         "delivery %s not recorded (%s); its lease will expire",
-                        item.delivery_id,
+                        delivery_id,
                         exc.__cause__,
                     )
                     return
                 await asyncio.sleep(backoff.next())
-        self._unrecorded.discard(item.delivery_id)
+        self._unrecorded.discard(delivery_id)
         if status == "stale":
-            log.info("delivery %s: lease lost before recording", item.delivery_id)
+            log.info("delivery %s: lease lost before recording", delivery_id)
         if delay_ms is not None:
             self._retry_due(delay_ms / 1000)
-
-    async def _finish(self, outcome: dict[str, Any]) -> str:
-        """Queue one outcome for ``finish_deliveries``; returns the delivery's new status.
-
-        Group commit: the first outcome starts a recorder, which writes everything queued
-        in one call; outcomes that arrive while that call runs go together in the next.
-        An idle worker records at once, a busy one pays one statement per round of
-        results instead of one per webhook.
-        """
-        future = asyncio.get_running_loop().create_future()
-        self._outcomes.append((outcome, future))
-        if self._recorder is None or self._recorder.done():
-            self._recorder = asyncio.create_task(self._record_outcomes())
-        return await future
-
-    async def _record_outcomes(self) -> None:
-        while self._outcomes:
-            batch, self._outcomes = self._outcomes, []
-            try:
-                rows = await self._call(
-                    "finish_deliveries",
-                    {"worker": self.worker_id, "results": Jsonb([o for o, _ in batch])},
-                )
-            except Exception as exc:  # each caller decides (retry through an outage)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            statuses = {str(r["delivery_id"]): r["status"] for r in rows}
-            for outcome, future in batch:
-                if not future.done():
-                    future.set_result(statuses.get(outcome["delivery_id"], "unknown"))
 
     def _retry_due(self, seconds: float) -> None:
         due = asyncio.get_running_loop().time() + seconds
