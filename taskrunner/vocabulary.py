@@ -26,6 +26,9 @@ def status_label(status: str) -> str:
 
 STATUS_LABELS = tuple(status_label(s) for s in TASK_STATUSES)
 REPORTED_STATUS_LABELS = tuple(status_label(s) for s in REPORTED_STATUSES)
+# GET /batches counts Running tasks whose start is not yet acknowledged as "Claimed"
+# (ArcRun's name); its status filter takes that label too.
+BATCH_STATUS_LABELS = (*STATUS_LABELS, "Claimed")
 
 # -- actions (enum taskrunner.action_event, CHECK action_verb_known) -------------------------
 

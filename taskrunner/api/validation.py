@@ -11,6 +11,7 @@ optional field means "absent" (clients that serialise empty options as null work
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -211,6 +212,10 @@ _PUT_ITEM = _object(
     {"task_id": _UUID, "new_success": _COUNT, "new_failures": _COUNT}, required=["task_id"]
 )
 _PUT_BATCH = {"type": "array", "maxItems": LIMITS["batch_tasks"], "items": _PUT_ITEM}
+_BATCH_RULES = _object(
+    {"kind": _text(LIMITS["kind_chars"]), "rules": _array({"type": "object"}, LIMITS["rules"])},
+    required=["kind", "rules"],
+)
 
 # The request schemas by name (the OpenAPI document reuses them, taskrunner/api/openapi.py)
 SCHEMAS: dict[str, dict] = {
@@ -222,6 +227,7 @@ SCHEMAS: dict[str, dict] = {
     "put_batch": _PUT_BATCH,
     # the cancel actions a start webhook's response registers: the same as on_cancel
     "cancel_actions": _actions_list("cancel"),
+    "batch_rules": _BATCH_RULES,
 }
 # Schemas are checked in two passes. The fast one (fastjsonschema, compiled to Python code)
 # says yes or no: POST /task spent ~80% of its time in jsonschema (docs/performance.md S5).
@@ -746,33 +752,86 @@ def _metadata_filter(raw: str | None) -> tuple[str | None, list[str]]:
     return json.dumps(value), []
 
 
-def list_filters(params: Mapping[str, str]) -> dict:
-    """GET /task query string -> the parameters of the ``list_tasks`` query."""
+def _common_filters(params: Mapping[str, str], statuses: Sequence[str]) -> tuple[dict, list[str]]:
+    """What GET /task and GET /batches share: ``page`` (0-based), ``per_page`` (alias
+    ``page_size``) -> ``limit``/``offset``; ``status``; the ``kind`` and ``name`` texts."""
     page, errors = _query_int(params, "page", 0, 0, LIMITS["page"])
     size_name = "per_page" if "per_page" in params else "page_size"
     per_page, size_errors = _query_int(params, size_name, DEFAULT_PER_PAGE, 1, LIMITS["per_page"])
-    metadata, metadata_errors = _metadata_filter(params.get("metadata"))
-    errors += size_errors + metadata_errors
+    errors += size_errors
     status = params.get("status") or None
-    if status is not None and status.lower() not in vocab.TASK_STATUSES:
-        errors.append(f"status: must be one of {', '.join(vocab.STATUS_LABELS)}")
-    batch_id = params.get("batch_id") or None
-    if batch_id is not None and parse_uuid(batch_id) is None:
-        errors.append("batch_id: must be a UUID")
+    if status is not None and status.capitalize() not in statuses:
+        errors.append(f"status: must be one of {', '.join(statuses)}")
     for name in ("kind", "name"):
         value = params.get(name) or ""
         if len(value) > LIMITS["filter_chars"]:
             errors.append(f"{name}: must be at most {LIMITS['filter_chars']} characters")
         elif "\x00" in value:
             errors.append(f"{name}: must not contain NUL characters")
-    if errors:
-        raise Invalid(errors)
-    return {
+    filters = {
         "status": status.lower() if status else None,
         "kind": params.get("kind") or None,
         "name": params.get("name") or None,
-        "batch_id": batch_id,
-        "metadata": metadata,
         "limit": per_page,
         "offset": page * per_page,
     }
+    return filters, errors
+
+
+def list_filters(params: Mapping[str, str]) -> dict:
+    """GET /task query string -> the parameters of the ``list_tasks`` query."""
+    filters, errors = _common_filters(params, vocab.STATUS_LABELS)
+    metadata, metadata_errors = _metadata_filter(params.get("metadata"))
+    errors += metadata_errors
+    batch_id = params.get("batch_id") or None
+    if batch_id is not None and parse_uuid(batch_id) is None:
+        errors.append("batch_id: must be a UUID")
+    if errors:
+        raise Invalid(errors)
+    return {**filters, "batch_id": batch_id, "metadata": metadata}
+
+
+# -- the batch routes (taskrunner/api/batches.py) ----------------------------------------
+
+# GET /batches?status=: a task status, or Claimed (running, start not yet acknowledged)
+
+
+def _time_filter(params: Mapping[str, str], name: str) -> tuple[dt.datetime | None, list[str]]:
+    raw = params.get(name) or None
+    if raw is None:
+        return None, []
+    try:
+        value = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        return None, [f"{name}: must be an ISO 8601 date-time, e.g. 2026-11-27T14:00:00Z"]
+    # a time without an offset is UTC (never the server's time zone)
+    return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)), []
+
+
+def batch_list_filters(params: Mapping[str, str]) -> dict:
+    """GET /batches query string -> the parameters of the ``list_batches`` query."""
+    filters, errors = _common_filters(params, vocab.BATCH_STATUS_LABELS)
+    after, after_errors = _time_filter(params, "created_after")
+    before, before_errors = _time_filter(params, "created_before")
+    errors += after_errors + before_errors
+    if errors:
+        raise Invalid(errors)
+    return {**filters, "created_after": after, "created_before": before}
+
+
+def batch_rules_input(body: Any) -> dict:
+    """PATCH /batch/{id}/rules body -> ``{kind, rules}`` with the rules normalised as at
+    creation (either rule form; the metadata fields are checked by ``set_batch_rules``,
+    which sees each task's metadata)."""
+    body = _drop_nulls(body)
+    errors = schema_errors("batch_rules", body)
+    if errors:
+        raise Invalid(errors)
+    rules = []
+    for j, raw in enumerate(body["rules"]):
+        rule, _, rule_errors = _rule(raw, ["rules", j])
+        errors += rule_errors
+        rules.append(rule)
+    if errors:
+        raise Invalid(errors)
+    return {"kind": body["kind"], "rules": rules}
