@@ -210,7 +210,18 @@ COMMENT ON FUNCTION taskrunner._admission_key(p_kind text, p_priority integer, p
 
 
 --
-<<<<<<< HEAD
+-- Name: _batch_bucket(taskrunner.task_status, timestamp with time zone); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._batch_bucket(p_status taskrunner.task_status, p_started_at timestamp with time zone) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT CASE WHEN p_status = 'running' AND p_started_at IS NULL THEN 'claimed'
+                ELSE p_status::text END
+$$;
+
+
+--
 -- Name: _dedupe_match(text, taskrunner.task_status, jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -241,17 +252,6 @@ END $$;
 COMMENT ON FUNCTION taskrunner._dedupe_match(p_kind text, p_status taskrunner.task_status, p_pattern jsonb) IS 'A dedupe probe of create_batch: the newest task of p_kind in p_status whose metadata
 contains p_pattern. Bitmap scans only, so it reads the tasks that carry the pattern''s
 values, never the table.';
-=======
--- Name: _batch_bucket(taskrunner.task_status, timestamp with time zone); Type: FUNCTION; Schema: taskrunner; Owner: -
---
-
-CREATE FUNCTION taskrunner._batch_bucket(p_status taskrunner.task_status, p_started_at timestamp with time zone) RETURNS text
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS $$
-    SELECT CASE WHEN p_status = 'running' AND p_started_at IS NULL THEN 'claimed'
-                ELSE p_status::text END
-$$;
->>>>>>> main
 
 
 --
@@ -1778,31 +1778,6 @@ workers (one NOTIFY per channel at most).';
 
 
 --
-<<<<<<< HEAD
--- Name: tg_task__freeze_rule_fields(); Type: FUNCTION; Schema: taskrunner; Owner: -
---
-
-CREATE FUNCTION taskrunner.tg_task__freeze_rule_fields() RETURNS trigger
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-    v_field text;
-BEGIN
-    IF taskrunner.is_terminal(OLD.status) THEN
-        RETURN NEW;
-    END IF;
-    SELECT f INTO v_field
-    FROM jsonb_array_elements(OLD.rules) r, jsonb_array_elements_text(r -> 'fields') f
-    WHERE OLD.metadata -> f IS DISTINCT FROM NEW.metadata -> f
-    ORDER BY f LIMIT 1;
-    IF v_field IS NOT NULL THEN
-        PERFORM taskrunner._raise('TR409',
-            format('cannot change metadata field %s of task %s', v_field, OLD.id),
-            format('metadata.%s: read by a concurrency rule of this task; cannot change '
-                   'until the task ends (is %s)', v_field, OLD.status));
-    END IF;
-    RETURN NEW;
-=======
 -- Name: tg_task__batch_delete(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -1815,18 +1790,10 @@ BEGIN
                    failures, NULL)::taskrunner.batch_change
         FROM old_rows));
     RETURN NULL;
->>>>>>> main
 END $$;
 
 
 --
-<<<<<<< HEAD
--- Name: FUNCTION tg_task__freeze_rule_fields(); Type: COMMENT; Schema: taskrunner; Owner: -
---
-
-COMMENT ON FUNCTION taskrunner.tg_task__freeze_rule_fields() IS 'Trigger: the metadata values that a task''s rules read (their fields) cannot change until
-the task ends (TR409 naming metadata.<field>); admission keys and rule counts compare them.';
-=======
 -- Name: tg_task__batch_insert(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -1892,7 +1859,41 @@ BEGIN
         FROM new_rows));
     RETURN NULL;
 END $$;
->>>>>>> main
+
+
+--
+-- Name: tg_task__freeze_rule_fields(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.tg_task__freeze_rule_fields() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_field text;
+BEGIN
+    IF taskrunner.is_terminal(OLD.status) THEN
+        RETURN NEW;
+    END IF;
+    SELECT f INTO v_field
+    FROM jsonb_array_elements(OLD.rules) r, jsonb_array_elements_text(r -> 'fields') f
+    WHERE OLD.metadata -> f IS DISTINCT FROM NEW.metadata -> f
+    ORDER BY f LIMIT 1;
+    IF v_field IS NOT NULL THEN
+        PERFORM taskrunner._raise('TR409',
+            format('cannot change metadata field %s of task %s', v_field, OLD.id),
+            format('metadata.%s: read by a concurrency rule of this task; cannot change '
+                   'until the task ends (is %s)', v_field, OLD.status));
+    END IF;
+    RETURN NEW;
+END $$;
+
+
+--
+-- Name: FUNCTION tg_task__freeze_rule_fields(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.tg_task__freeze_rule_fields() IS 'Trigger: the metadata values that a task''s rules read (their fields) cannot change until
+the task ends (TR409 naming metadata.<field>); admission keys and rule counts compare them.';
 
 
 --
@@ -2854,12 +2855,13 @@ CREATE TRIGGER _100_guard_transition BEFORE UPDATE ON taskrunner.task FOR EACH R
 
 
 --
-<<<<<<< HEAD
 -- Name: task _110_freeze_rule_fields; Type: TRIGGER; Schema: taskrunner; Owner: -
 --
 
 CREATE TRIGGER _110_freeze_rule_fields BEFORE UPDATE OF metadata ON taskrunner.task FOR EACH ROW WHEN (((old.metadata IS DISTINCT FROM new.metadata) AND (old.rules <> '[]'::jsonb))) EXECUTE FUNCTION taskrunner.tg_task__freeze_rule_fields();
-=======
+
+
+--
 -- Name: task _500_batch_counts_delete; Type: TRIGGER; Schema: taskrunner; Owner: -
 --
 
@@ -2885,7 +2887,6 @@ CREATE TRIGGER _500_batch_counts_truncate AFTER TRUNCATE ON taskrunner.task FOR 
 --
 
 CREATE TRIGGER _500_batch_counts_update AFTER UPDATE ON taskrunner.task REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION taskrunner.tg_task__batch_update();
->>>>>>> main
 
 
 --
@@ -2971,16 +2972,12 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261127000700'),
     ('20261127000800'),
     ('20261127110000'),
-<<<<<<< HEAD
     ('20261127120000'),
     ('20261127120100'),
     ('20261127120200'),
     ('20261127120300'),
     ('20261127120400'),
     ('20261127120500'),
-    ('20261127130000');
-=======
     ('20261127130000'),
     ('20261127140000'),
     ('20261127140100');
->>>>>>> main
