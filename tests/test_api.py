@@ -575,6 +575,54 @@ def test_put_rejects_bad_input(client, buffer, path, body, detail):
     assert buffer.pending() == {}
 
 
+def _dropped(reason: str) -> float:
+    return REGISTRY.get_sample_value("counter_increments_dropped_total", {"reason": reason}) or 0.0
+
+
+def test_put_for_a_task_that_does_not_exist_is_404_and_keeps_nothing(client, buffer):
+    known = create(client, spec("a"))["a"]["id"]
+    ghost, other = str(uuid.uuid4()), str(uuid.uuid4())
+
+    one = client.simulate_put(f"/task/{ghost}", json={"new_success": 1})
+    many = client.simulate_put(
+        "/task",
+        json=[{"task_id": known, "new_success": 1}, {"task_id": ghost}, {"task_id": other}],
+    )
+
+    assert_error(one, 404, f"task_id: no task {ghost}")
+    body = assert_error(many, 404, f"task_id: no task {ghost}", f"task_id: no task {other}")
+    assert not any(known in d for d in body["details"])
+    assert buffer.pending() == {}  # all or nothing: the known task's increment is not kept
+
+
+def test_put_for_an_ended_task_still_adds_to_its_counters(client, conn, buffer):
+    task = running_task(client, conn)
+    client.simulate_patch(f"/task/{task['id']}", json={"status": "Success"})
+
+    resp = client.simulate_put(f"/task/{task['id']}", json={"new_success": 3})
+
+    assert resp.status_code == 202
+    assert buffer.flush() == 1
+    assert task_row(conn, task["id"])["success"] == 3
+
+
+def test_put_for_a_task_deleted_before_the_flush_is_dropped_counted_and_logged(
+    client, conn, buffer, caplog
+):
+    tasks = create(client, spec("a"), spec("b"))
+    a, b = tasks["a"]["id"], tasks["b"]["id"]
+    assert client.simulate_put("/task", json=[{"task_id": a}, {"task_id": b}]).status_code == 202
+    before = _dropped("task_deleted")
+    conn.execute("DELETE FROM taskrunner.task WHERE id = %s", (b,))
+
+    assert buffer.flush() == 1
+
+    assert _dropped("task_deleted") - before == 1
+    assert any(b in r.getMessage() and "dropped" in r.getMessage() for r in caplog.records)
+    # the deleted task is forgotten: the next PUT naming it is a 404
+    assert_error(client.simulate_put(f"/task/{b}", json={"new_success": 1}), 404, b)
+
+
 # -- POST /delivery/{id}/retry ---------------------------------------------------------------
 
 
