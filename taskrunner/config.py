@@ -56,6 +56,7 @@ class Config:
     counter_flush_interval: float = 0.1
     counter_buffer_max: int = 50_000  # tasks in a PUT /task buffer, a few hundred bytes each
     pool_max_size: int = 8
+    statement_timeout: float = 30.0
     api_token: str | None = None
 
     def __post_init__(self) -> None:
@@ -90,5 +91,6 @@ class Config:
             counter_flush_interval=_float(env, "COUNTER_FLUSH_INTERVAL", 0.1),
             counter_buffer_max=_int(env, "COUNTER_BUFFER_MAX", 50_000),
             pool_max_size=_int(env, "POOL_MAX_SIZE", 8),
+            statement_timeout=_float(env, "STATEMENT_TIMEOUT", 30.0),
             api_token=env.get("API_TOKEN") or None,
         )

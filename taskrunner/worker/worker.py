@@ -143,7 +143,7 @@ class Worker:
     async def _round(self) -> None:
         now = asyncio.get_running_loop().time()
         if now >= self._next_tick:
-            await self._call("tick", {})
+            await self._call("tick", {"max_attempts": self.config.webhook_max_attempts})
             self._next_tick = now + self.config.tick_interval
         if self._next_retry is not None and now >= self._next_retry:
             self._next_retry = None
