@@ -9,6 +9,7 @@ from taskrunner import db
 from taskrunner.api import errors, openapi
 from taskrunner.api.auth import BearerAuth
 from taskrunner.api.counters import CounterBuffer
+from taskrunner.api.requestlog import RequestLog
 from taskrunner.api.resources import (
     DeliveryRetry,
     Health,
@@ -37,7 +38,9 @@ def create_app(
     """The API on ``pool``; ``counters`` is the PUT /task buffer (one per process)."""
     store = Store(pool)
     counters = counters or CounterBuffer(pool, config.counter_flush_interval)
-    middleware = [BearerAuth(config.api_token)] if config.api_token else []
+    middleware: list = [RequestLog()] if config.access_log else []
+    if config.api_token:
+        middleware.append(BearerAuth(config.api_token))
     app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
