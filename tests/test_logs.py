@@ -8,6 +8,7 @@ connections, so any password works) and an ``API_TOKEN``: neither may appear in 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -165,14 +166,14 @@ def test_up_logs_each_process_start_and_lists_every_seed_metric(
     with starting as up:
         up.wait_for("taskrunner is up", timeout=90)
         text = httpx.get(f"{base}/metrics").text
+        for name in SEED_METRICS:
+            assert f"# TYPE {name} " in text, name
         for what in ("up starting", "API starting", "worker starting"):
             up.wait_for(what)
         up.proc.send_signal(signal.SIGTERM)
         assert up.proc.wait(timeout=60) == 0
         output = up.stop()
 
-    for name in SEED_METRICS:
-        assert f"# TYPE {name} " in text, name
     assert "DATABASE_URL=postgresql://" in output
     assert_no_secrets(output)
     assert list((state_dir / "metrics").iterdir()) == []  # removed on a clean exit
@@ -199,3 +200,16 @@ def test_an_instance_directory_outlives_only_its_own_process(tmp_path: Path) -> 
     (parent / "999999999").mkdir(parents=True)  # a pid no process has: a killed instance
     mine = metrics.instance_dir(parent)
     assert sorted(p.name for p in parent.iterdir()) == [mine.name]
+
+
+def test_log_format_json_writes_one_object_per_line(db_url: str, tmp_path: Path) -> None:
+    env = service_env(with_password(db_url), free_port(), tmp_path, LOG_FORMAT="json")
+    env["LOG_LEVEL"] = "info"
+    with logged(["worker"], env) as worker:
+        start = json.loads(worker.wait_for('"worker starting'))
+        started = json.loads(worker.wait_for("started", '"worker":'))
+        output = worker.stop()
+
+    assert start["levelname"] == "INFO" and start["name"] == "taskrunner.cli"
+    assert started["message"] == f"worker {started['worker']} started"
+    assert_no_secrets(output)
