@@ -29,8 +29,12 @@ def judge(results: dict) -> None:
     if "S5" in s:
         r = s["S5"]
         _ratio(r, r["tasks_per_s"], tps, 2.0, "tasks/s", "pgbench TPS")
-        r["target"] = ">= 5000 tasks/s and " + r["target"]
-        r["met"] = r["met"] and r["tasks_per_s"] >= 5000
+        r["target"] = ">= 5000 tasks/s and " + r["target"] + "; reject <= accept"
+        r["met"] = r["met"] and r["tasks_per_s"] >= 5000 and r["reject_ms"] <= r["accept_ms"]
+        r["figure"] += (
+            f"; a {r['body_bytes'] // 1024} KiB body: accepted in {r['accept_ms']} ms, "
+            f"rejected in {r['reject_ms']} ms"
+        )
     if "S6" in s:
         r = s["S6"]
         _ratio(r, r["rps"], health, 0.5, "req/s", "/health rate")

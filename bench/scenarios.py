@@ -41,6 +41,7 @@ class Sizes:
     s4_claims: int = 200
     s5_batches: int = 10
     s5_batch: int = 1_000
+    s5_large_runs: int = 3  # POSTs of the ~1 MB body, accepted and rejected each
     s6_clients: int = 8
     s6_requests: int = 1_500  # per client
     s7_tasks: int = 5_000
@@ -61,6 +62,7 @@ QUICK = Sizes(
     s4_claims=10,
     s5_batches=2,
     s5_batch=100,
+    s5_large_runs=1,
     s6_requests=50,
     s7_tasks=100,
     s7_workers=(1, 2),
@@ -419,6 +421,34 @@ def s5_creation(service: Service, sizes: Sizes, db_url: str, clients: int = 2) -
         "clients": clients,
         "seconds": round(elapsed, 3),
         "tasks_per_s": round(tasks / elapsed, 1),
+        **reject_vs_accept(service, runs=sizes.s5_large_runs),
+    }
+
+
+def reject_vs_accept(service: Service, tasks: int = 5_000, runs: int = 3) -> dict:
+    """The same ~1 MB POST /task body accepted (201) and, with every task invalid,
+    rejected (400): a rejection must not cost more than an acceptance (issue 13.11)."""
+    valid = [
+        api_task(f"t{i}", "http://127.0.0.1:9/hook", metadata={"n": i, "pad": "x" * 50})
+        for i in range(tasks)
+    ]
+    bodies = {201: dumps(valid), 400: dumps([{**t, "timeout": 0} for t in valid])}
+
+    async def median_ms(expected: int) -> float:
+        conn, times = HttpConnection("127.0.0.1", service.port), []
+        for _ in range(runs):
+            started = time.perf_counter()
+            status, _ = await conn.request("POST", "/task", bodies[expected])
+            times.append(time.perf_counter() - started)
+            if status != expected:
+                raise RuntimeError(f"S5: a ~1 MB body answered {status}, expected {expected}")
+        conn.close()
+        return round(statistics.median(times) * 1000, 1)
+
+    return {
+        "body_bytes": len(bodies[201]),
+        "accept_ms": asyncio.run(median_ms(201)),
+        "reject_ms": asyncio.run(median_ms(400)),
     }
 
 

@@ -49,6 +49,20 @@ COMMENT ON TYPE taskrunner.action_event IS 'When an action fires. The API shows 
 
 
 --
+-- Name: batch_change; Type: TYPE; Schema: taskrunner; Owner: -
+--
+
+CREATE TYPE taskrunner.batch_change AS (
+	batch_id uuid,
+	sign integer,
+	bucket text,
+	success bigint,
+	failures bigint,
+	last_updated timestamp with time zone
+);
+
+
+--
 -- Name: delivery_status; Type: TYPE; Schema: taskrunner; Owner: -
 --
 
@@ -119,6 +133,42 @@ COMMENT ON TYPE taskrunner.work_item IS 'What a worker gets back from a claim: o
 
 
 --
+-- Name: _add_batch_deltas(taskrunner.batch_change[]); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._add_batch_deltas(p_changes taskrunner.batch_change[]) RETURNS void
+    LANGUAGE sql
+    AS $$
+    INSERT INTO taskrunner.batch_delta (batch_id, latest_updated_at, total, waiting, pending,
+                                        claimed, running, success, failure, paused, canceled,
+                                        sum_success, sum_failures)
+    SELECT batch_id, latest_updated_at, total, waiting, pending, claimed, running, success,
+           failure, paused, canceled, sum_success, sum_failures
+    FROM (SELECT batch_id,
+                 max(last_updated) FILTER (WHERE sign = 1) AS latest_updated_at,
+                 max(last_updated) FILTER (WHERE sign = -1) AS previous_updated_at,
+                 sum(sign) AS total,
+                 coalesce(sum(sign) FILTER (WHERE bucket = 'waiting'), 0) AS waiting,
+                 coalesce(sum(sign) FILTER (WHERE bucket = 'pending'), 0) AS pending,
+                 coalesce(sum(sign) FILTER (WHERE bucket = 'claimed'), 0) AS claimed,
+                 coalesce(sum(sign) FILTER (WHERE bucket = 'running'), 0) AS running,
+                 coalesce(sum(sign) FILTER (WHERE bucket = 'success'), 0) AS success,
+                 coalesce(sum(sign) FILTER (WHERE bucket = 'failure'), 0) AS failure,
+                 coalesce(sum(sign) FILTER (WHERE bucket = 'paused'), 0) AS paused,
+                 coalesce(sum(sign) FILTER (WHERE bucket = 'canceled'), 0) AS canceled,
+                 sum(sign * success) AS sum_success,
+                 sum(sign * failures) AS sum_failures
+          FROM unnest(p_changes) c
+          GROUP BY batch_id) d
+    -- a statement that moved nothing (e.g. a no-op UPDATE) leaves no row
+    WHERE total <> 0 OR waiting <> 0 OR pending <> 0 OR claimed <> 0 OR running <> 0
+       OR success <> 0 OR failure <> 0 OR paused <> 0 OR canceled <> 0
+       OR sum_success <> 0 OR sum_failures <> 0
+       OR latest_updated_at > previous_updated_at
+$$;
+
+
+--
 -- Name: _add_stats(text); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -157,6 +207,42 @@ $$;
 --
 
 COMMENT ON FUNCTION taskrunner._admission_key(p_kind text, p_priority integer, p_rules jsonb, p_metadata jsonb) IS 'The admission key: equal for tasks that any claim would treat alike.';
+
+
+--
+-- Name: _batch_bucket(taskrunner.task_status, timestamp with time zone); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._batch_bucket(p_status taskrunner.task_status, p_started_at timestamp with time zone) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT CASE WHEN p_status = 'running' AND p_started_at IS NULL THEN 'claimed'
+                ELSE p_status::text END
+$$;
+
+
+--
+-- Name: _failure_reason_problem(taskrunner.task_status, text); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._failure_reason_problem(p_status taskrunner.task_status, p_reason text) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT CASE
+        WHEN p_status = 'failure' AND p_reason IS NULL
+            THEN 'failure_reason: is required when status is Failure'
+        WHEN p_reason IS NOT NULL AND p_status IS DISTINCT FROM 'failure'
+            THEN 'failure_reason: only allowed when status is Failure'
+    END
+$$;
+
+
+--
+-- Name: FUNCTION _failure_reason_problem(p_status taskrunner.task_status, p_reason text); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._failure_reason_problem(p_status taskrunner.task_status, p_reason text) IS 'The failure_reason rule, one owner and one wording for update_task and complete_tasks (the
+API shows the text as the 400''s detail): a reason iff the status is failure. NULL: no problem.';
 
 
 --
@@ -785,13 +871,13 @@ CREATE FUNCTION taskrunner.complete_tasks(p_results jsonb) RETURNS TABLE(task_id
 DECLARE
     v_bad text;
 BEGIN
-    SELECT string_agg(format('[%s]: %s', ord - 1, problem), E'\n') INTO v_bad
+    SELECT string_agg(format('[%s].%s', ord - 1, problem), E'\n') INTO v_bad
     FROM (SELECT ord, CASE
                  WHEN r ->> 'task_id' IS NULL THEN 'task_id: required'
                  WHEN coalesce(r ->> 'status', '') NOT IN ('success', 'failure')
                      THEN 'status: must be success or failure'
-                 WHEN r ->> 'status' = 'failure' AND r ->> 'failure_reason' IS NULL
-                     THEN 'failure_reason: required when status is failure'
+                 ELSE taskrunner._failure_reason_problem((r ->> 'status')::taskrunner.task_status,
+                                                        r ->> 'failure_reason')
                  END AS problem
           FROM jsonb_array_elements(p_results) WITH ORDINALITY x(r, ord)) p
     WHERE problem IS NOT NULL;
@@ -1059,7 +1145,7 @@ BEGIN
         -- Started. Register the cancel actions the targets answered with.
         INSERT INTO taskrunner.action (task_id, event, url, verb, body, headers)
         SELECT (s ->> 'task_id')::uuid, 'cancel', a ->> 'url',
-               upper(coalesce(a ->> 'verb', 'POST')), a -> 'body', coalesce(a -> 'headers', '{}')
+               upper(a ->> 'verb'), a -> 'body', coalesce(a -> 'headers', '{}')
         FROM jsonb_array_elements(v_started) s
         CROSS JOIN LATERAL jsonb_array_elements(
             CASE WHEN jsonb_typeof(s -> 'cancel_actions') = 'array'
@@ -1125,6 +1211,58 @@ $$;
 --
 
 COMMENT ON FUNCTION taskrunner.finish_delivery(p_id uuid, p_worker text, p_ok boolean, p_status_code integer, p_error text, p_retry_delay_ms integer, p_cancel_actions jsonb, p_started_at timestamp with time zone) IS 'Record the outcome of one webhook attempt: finish_deliveries for a single result.';
+
+
+--
+-- Name: fold_batch_deltas(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.fold_batch_deltas() RETURNS integer
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_folded int;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtextextended('taskrunner.fold_batch_deltas', 0)) THEN
+        RETURN NULL;
+    END IF;
+    WITH gone AS (
+        DELETE FROM taskrunner.batch_delta RETURNING *
+    ), sums AS (
+        SELECT batch_id, max(latest_updated_at) AS latest_updated_at, sum(total) AS total,
+               sum(waiting) AS waiting, sum(pending) AS pending, sum(claimed) AS claimed,
+               sum(running) AS running, sum(success) AS success, sum(failure) AS failure,
+               sum(paused) AS paused, sum(canceled) AS canceled,
+               sum(sum_success) AS sum_success, sum(sum_failures) AS sum_failures
+        FROM gone GROUP BY batch_id
+    ), locked AS (
+        SELECT b.batch_id FROM taskrunner.batch b
+        WHERE b.batch_id IN (SELECT batch_id FROM sums)
+        ORDER BY b.batch_id FOR NO KEY UPDATE
+    ), folded AS (
+        UPDATE taskrunner.batch b
+        SET latest_updated_at = greatest(b.latest_updated_at, s.latest_updated_at),
+            total = b.total + s.total, waiting = b.waiting + s.waiting,
+            pending = b.pending + s.pending, claimed = b.claimed + s.claimed,
+            running = b.running + s.running, success = b.success + s.success,
+            failure = b.failure + s.failure, paused = b.paused + s.paused,
+            canceled = b.canceled + s.canceled,
+            sum_success = b.sum_success + s.sum_success,
+            sum_failures = b.sum_failures + s.sum_failures
+        FROM sums s, locked l
+        WHERE b.batch_id = s.batch_id AND l.batch_id = s.batch_id
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_folded FROM folded;
+    RETURN v_folded;
+END $$;
+
+
+--
+-- Name: FUNCTION fold_batch_deltas(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.fold_batch_deltas() IS 'Adds batch_delta rows into batch and deletes them; run by the workers'' tick. Returns the batches folded, NULL when another call is folding.';
 
 
 --
@@ -1324,6 +1462,124 @@ COMMENT ON FUNCTION taskrunner.session_actor() IS 'Who the current session is, f
 
 
 --
+-- Name: set_batch_rules(uuid, text, jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.set_batch_rules(p_batch uuid, p_kind text, p_rules jsonb) RETURNS integer
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_bad text;
+    v_count int;
+    v_pending boolean;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM taskrunner.task WHERE batch_id = p_batch) THEN
+        PERFORM taskrunner._raise('TR404', format('batch %s not found', p_batch),
+                                  format('id: no batch %s', p_batch));
+    END IF;
+    IF jsonb_typeof(p_rules) IS DISTINCT FROM 'array' THEN
+        PERFORM taskrunner._raise('TR400', 'invalid rules', 'rules: must be an array');
+    END IF;
+
+    PERFORM 1 FROM taskrunner.task
+    WHERE batch_id = p_batch AND kind = p_kind AND NOT taskrunner.is_terminal(status)
+    ORDER BY id
+    FOR NO KEY UPDATE;
+
+    SELECT string_agg(format('rules[%s].matcher.fields: ''%s'' is %s in the metadata of %s '
+                             'task(s) of the batch, e.g. %s', r.ord - 1, f.f, problem, n, example),
+                      E'\n' ORDER BY r.ord, f.ord)
+    INTO v_bad
+    FROM jsonb_array_elements(p_rules) WITH ORDINALITY r(rule, ord)
+    CROSS JOIN LATERAL jsonb_array_elements_text(r.rule -> 'fields') WITH ORDINALITY f(f, ord)
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN NOT t.metadata ? f.f THEN 'missing'
+                    ELSE 'not a string, number or boolean' END AS problem,
+               count(*) AS n, min(t.id::text) AS example
+        FROM taskrunner.task t
+        WHERE t.batch_id = p_batch AND t.kind = p_kind AND NOT taskrunner.is_terminal(t.status)
+          AND coalesce(jsonb_typeof(t.metadata -> f.f), 'missing')
+              NOT IN ('string', 'number', 'boolean')
+        GROUP BY 1) bad;
+    IF v_bad IS NOT NULL THEN
+        PERFORM taskrunner._raise('TR400', 'rule fields missing from metadata', v_bad);
+    END IF;
+
+    WITH changed AS (
+        UPDATE taskrunner.task
+        SET rules = p_rules,
+            admission_key = taskrunner._admission_key(kind, priority, p_rules, metadata)
+        WHERE batch_id = p_batch AND kind = p_kind AND NOT taskrunner.is_terminal(status)
+        RETURNING status
+    )
+    SELECT count(*), coalesce(bool_or(status = 'pending'), false)
+    INTO v_count, v_pending
+    FROM changed;
+    IF v_pending THEN
+        PERFORM pg_notify('taskrunner_task', '');  -- looser rules may free pending tasks
+    END IF;
+    RETURN v_count;
+END $$;
+
+
+--
+-- Name: FUNCTION set_batch_rules(p_batch uuid, p_kind text, p_rules jsonb); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.set_batch_rules(p_batch uuid, p_kind text, p_rules jsonb) IS 'PATCH /batch/{id}/rules: replaces the rules of the batch''s unfinished tasks of one kind (admission keys recomputed); returns how many tasks changed. TR404, TR400.';
+
+
+--
+-- Name: stop_batch(uuid); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.stop_batch(p_batch uuid) RETURNS TABLE(batch_id uuid, canceled_waiting integer, canceled_pending integer, canceled_claimed integer, canceled_running integer, canceled_paused integer, already_terminal integer)
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_column
+DECLARE
+    v_from text[];
+    v_total int;
+BEGIN
+    WITH locked AS MATERIALIZED (
+        SELECT t.id FROM taskrunner.task t
+        WHERE t.batch_id = p_batch AND NOT taskrunner.is_terminal(t.status)
+        ORDER BY t.id
+        FOR NO KEY UPDATE
+    ), stopped AS (
+        UPDATE taskrunner.task t
+        SET status = 'canceled', status_reason = 'batch stopped'
+        FROM locked l
+        WHERE t.id = l.id AND NOT taskrunner.is_terminal(t.status)
+        RETURNING taskrunner._batch_bucket(t.previous_status, t.started_at) AS bucket
+    )
+    SELECT coalesce(array_agg(bucket), '{}') INTO v_from FROM stopped;
+
+    SELECT count(*) INTO v_total FROM taskrunner.task t WHERE t.batch_id = p_batch;
+    IF v_total = 0 THEN
+        PERFORM taskrunner._raise('TR404', format('batch %s not found', p_batch),
+                                  format('id: no batch %s', p_batch));
+    END IF;
+
+    RETURN QUERY
+    SELECT p_batch,
+           cardinality(array_positions(v_from, 'waiting')),
+           cardinality(array_positions(v_from, 'pending')),
+           cardinality(array_positions(v_from, 'claimed')),
+           cardinality(array_positions(v_from, 'running')),
+           cardinality(array_positions(v_from, 'paused')),
+           v_total - cardinality(v_from);
+END $$;
+
+
+--
+-- Name: FUNCTION stop_batch(p_batch uuid); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.stop_batch(p_batch uuid) IS 'DELETE /batch/{id}: cancels every task of the batch that has not ended (reason "batch stopped"; running tasks fire their cancel webhooks); returns the counts per former status. TR404 for an unknown batch.';
+
+
+--
 -- Name: take_stats(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -1453,6 +1709,90 @@ END $$;
 COMMENT ON FUNCTION taskrunner.tg_task__after_update() IS 'After any update of tasks, once per statement: write the history, queue the webhooks
 that the transitions fire (the outbox), propagate ends through the graph and wake
 workers (one NOTIFY per channel at most).';
+
+
+--
+-- Name: tg_task__batch_delete(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.tg_task__batch_delete() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM taskrunner._add_batch_deltas(ARRAY(
+        SELECT ROW(batch_id, -1, taskrunner._batch_bucket(status, started_at), success,
+                   failures, NULL)::taskrunner.batch_change
+        FROM old_rows));
+    RETURN NULL;
+END $$;
+
+
+--
+-- Name: tg_task__batch_insert(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.tg_task__batch_insert() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    INSERT INTO taskrunner.batch AS b (batch_id, first_seq, requester, first_created_at,
+                                       latest_updated_at, kinds, total, waiting, pending,
+                                       paused, sum_success, sum_failures)
+    SELECT batch_id, min(seq), min(requester), min(created_at), max(last_updated),
+           array_agg(DISTINCT kind ORDER BY kind), count(*),
+           count(*) FILTER (WHERE status = 'waiting'),
+           count(*) FILTER (WHERE status = 'pending'),
+           count(*) FILTER (WHERE status = 'paused'),
+           sum(success), sum(failures)
+    FROM new_rows
+    GROUP BY batch_id
+    ORDER BY batch_id
+    ON CONFLICT (batch_id) DO UPDATE
+    SET first_seq = least(b.first_seq, excluded.first_seq),
+        first_created_at = least(b.first_created_at, excluded.first_created_at),
+        latest_updated_at = greatest(b.latest_updated_at, excluded.latest_updated_at),
+        kinds = ARRAY(SELECT DISTINCT k FROM unnest(b.kinds || excluded.kinds) k ORDER BY k),
+        total = b.total + excluded.total,
+        waiting = b.waiting + excluded.waiting,
+        pending = b.pending + excluded.pending,
+        paused = b.paused + excluded.paused,
+        sum_success = b.sum_success + excluded.sum_success,
+        sum_failures = b.sum_failures + excluded.sum_failures;
+    RETURN NULL;
+END $$;
+
+
+--
+-- Name: tg_task__batch_truncate(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.tg_task__batch_truncate() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    TRUNCATE taskrunner.batch, taskrunner.batch_delta;
+    RETURN NULL;
+END $$;
+
+
+--
+-- Name: tg_task__batch_update(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.tg_task__batch_update() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM taskrunner._add_batch_deltas(ARRAY(
+        SELECT ROW(batch_id, -1, taskrunner._batch_bucket(status, started_at), success,
+                   failures, last_updated)::taskrunner.batch_change
+        FROM old_rows
+        UNION ALL
+        SELECT ROW(batch_id, 1, taskrunner._batch_bucket(status, started_at), success,
+                   failures, last_updated)::taskrunner.batch_change
+        FROM new_rows));
+    RETURN NULL;
+END $$;
 
 
 --
@@ -1632,18 +1972,15 @@ CREATE FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_statu
 DECLARE
     v_status taskrunner.task_status;
     v_task taskrunner.task;
+    v_problem text;
 BEGIN
     IF p_status IS NOT NULL AND p_status NOT IN ('success', 'failure') THEN
         PERFORM taskrunner._raise('TR400', 'invalid status',
                                   'status: must be Success or Failure');
     END IF;
-    IF p_status = 'failure' AND p_failure_reason IS NULL THEN
-        PERFORM taskrunner._raise('TR400', 'missing failure_reason',
-                                  'failure_reason: required when status is Failure');
-    END IF;
-    IF p_failure_reason IS NOT NULL AND p_status IS DISTINCT FROM 'failure' THEN
-        PERFORM taskrunner._raise('TR400', 'unexpected failure_reason',
-                                  'failure_reason: only allowed when status is Failure');
+    v_problem := taskrunner._failure_reason_problem(p_status, p_failure_reason);
+    IF v_problem IS NOT NULL THEN
+        PERFORM taskrunner._raise('TR400', 'invalid failure_reason', v_problem);
     END IF;
     SELECT status INTO v_status FROM taskrunner.task WHERE id = p_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
@@ -1674,6 +2011,42 @@ END $$;
 --
 
 COMMENT ON FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text) IS 'PATCH /task/{id}: counters, metadata and the outcome of a running task.';
+
+
+--
+-- Name: why_not_running(uuid); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.why_not_running(p_id uuid) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT CASE t.status
+        WHEN 'waiting' THEN jsonb_build_object('reason', 'unfinished_parents', 'parents',
+            (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                        'id', p.id, 'name', p.name, 'status', p.status,
+                        'requires_success', d.requires_success) ORDER BY p.seq), '[]')
+             FROM taskrunner.dependency d
+             JOIN taskrunner.task p ON p.id = d.parent_id
+             WHERE d.child_id = t.id AND NOT taskrunner.is_terminal(p.status)))
+        WHEN 'pending' THEN coalesce(
+            (SELECT jsonb_build_object('reason', 'rule', 'rules', jsonb_agg(jsonb_build_object(
+                        'rule', b.rule, 'count', b.current_count, 'max', b.max_concurency)))
+             FROM taskrunner.blocked_tasks b
+             WHERE b.id = t.id
+             HAVING count(*) > 0),
+            jsonb_build_object('reason', 'ready'))
+        WHEN 'paused' THEN jsonb_build_object('reason', 'paused')
+        END
+    FROM taskrunner.task t
+    WHERE t.id = p_id
+$$;
+
+
+--
+-- Name: FUNCTION why_not_running(p_id uuid); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.why_not_running(p_id uuid) IS 'Why a waiting/pending task is not running: its unfinished parents, or the rules at their limit (blocked_tasks: count and max), or ready; NULL once it ran.';
 
 
 --
@@ -1778,6 +2151,122 @@ ALTER TABLE taskrunner.action ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 
 
 --
+-- Name: batch; Type: TABLE; Schema: taskrunner; Owner: -
+--
+
+CREATE TABLE taskrunner.batch (
+    batch_id uuid NOT NULL,
+    first_seq bigint NOT NULL,
+    requester text,
+    first_created_at timestamp with time zone NOT NULL,
+    latest_updated_at timestamp with time zone NOT NULL,
+    kinds text[] NOT NULL,
+    total bigint DEFAULT 0 NOT NULL,
+    waiting bigint DEFAULT 0 NOT NULL,
+    pending bigint DEFAULT 0 NOT NULL,
+    claimed bigint DEFAULT 0 NOT NULL,
+    running bigint DEFAULT 0 NOT NULL,
+    success bigint DEFAULT 0 NOT NULL,
+    failure bigint DEFAULT 0 NOT NULL,
+    paused bigint DEFAULT 0 NOT NULL,
+    canceled bigint DEFAULT 0 NOT NULL,
+    sum_success numeric DEFAULT 0 NOT NULL,
+    sum_failures numeric DEFAULT 0 NOT NULL
+);
+
+
+--
+-- Name: TABLE batch; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TABLE taskrunner.batch IS 'One row per batch: creation facts and counts as of the last fold_batch_deltas(); read batch_summary for exact figures.';
+
+
+--
+-- Name: batch_delta; Type: TABLE; Schema: taskrunner; Owner: -
+--
+
+CREATE TABLE taskrunner.batch_delta (
+    id bigint NOT NULL,
+    batch_id uuid NOT NULL,
+    latest_updated_at timestamp with time zone,
+    total bigint DEFAULT 0 NOT NULL,
+    waiting bigint DEFAULT 0 NOT NULL,
+    pending bigint DEFAULT 0 NOT NULL,
+    claimed bigint DEFAULT 0 NOT NULL,
+    running bigint DEFAULT 0 NOT NULL,
+    success bigint DEFAULT 0 NOT NULL,
+    failure bigint DEFAULT 0 NOT NULL,
+    paused bigint DEFAULT 0 NOT NULL,
+    canceled bigint DEFAULT 0 NOT NULL,
+    sum_success numeric DEFAULT 0 NOT NULL,
+    sum_failures numeric DEFAULT 0 NOT NULL
+);
+
+
+--
+-- Name: TABLE batch_delta; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TABLE taskrunner.batch_delta IS 'Append-only changes of batch counts, one row per statement and batch; folded into batch by fold_batch_deltas().';
+
+
+--
+-- Name: batch_delta_id_seq; Type: SEQUENCE; Schema: taskrunner; Owner: -
+--
+
+ALTER TABLE taskrunner.batch_delta ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME taskrunner.batch_delta_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: dependency; Type: TABLE; Schema: taskrunner; Owner: -
+--
+
+CREATE TABLE taskrunner.dependency (
+    parent_id uuid NOT NULL,
+    child_id uuid NOT NULL,
+    requires_success boolean NOT NULL,
+    CONSTRAINT dependency_not_self CHECK ((parent_id <> child_id))
+);
+
+
+--
+-- Name: TABLE dependency; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TABLE taskrunner.dependency IS 'Edges of the task graph: the child waits for the parent to end; with requires_success
+the child fails when the parent fails or is canceled.';
+
+
+--
+-- Name: batch_links; Type: VIEW; Schema: taskrunner; Owner: -
+--
+
+CREATE VIEW taskrunner.batch_links AS
+ SELECT c.batch_id,
+    d.parent_id,
+    d.child_id,
+    d.requires_success,
+    c.seq AS child_seq
+   FROM (taskrunner.dependency d
+     JOIN taskrunner.task c ON ((c.id = d.child_id)));
+
+
+--
+-- Name: VIEW batch_links; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON VIEW taskrunner.batch_links IS 'GET /dag/{id}: the links into each batch''s tasks, by the child''s batch; a parent may belong to an earlier batch.';
+
+
+--
 -- Name: batch_progress; Type: VIEW; Schema: taskrunner; Owner: -
 --
 
@@ -1803,6 +2292,53 @@ CREATE VIEW taskrunner.batch_progress AS
 --
 
 COMMENT ON VIEW taskrunner.batch_progress IS 'Per batch: requester, created_at, total and a count per status.';
+
+
+--
+-- Name: batch_summary; Type: VIEW; Schema: taskrunner; Owner: -
+--
+
+CREATE VIEW taskrunner.batch_summary AS
+ SELECT b.batch_id,
+    b.requester,
+    b.first_seq,
+    b.first_created_at,
+    GREATEST(b.latest_updated_at, d.latest_updated_at) AS latest_updated_at,
+    b.kinds,
+    (b.total + d.total) AS total_tasks,
+    (b.waiting + d.waiting) AS waiting,
+    (b.pending + d.pending) AS pending,
+    (b.claimed + d.claimed) AS claimed,
+    (b.running + d.running) AS running,
+    (b.success + d.success) AS success,
+    (b.failure + d.failure) AS failure,
+    (b.paused + d.paused) AS paused,
+    (b.canceled + d.canceled) AS canceled,
+    ((b.sum_success + d.sum_success))::bigint AS total_success,
+    ((b.sum_failures + d.sum_failures))::bigint AS total_failures
+   FROM (taskrunner.batch b
+     CROSS JOIN LATERAL ( SELECT max(x.latest_updated_at) AS latest_updated_at,
+            (COALESCE(sum(x.total), (0)::numeric))::bigint AS total,
+            (COALESCE(sum(x.waiting), (0)::numeric))::bigint AS waiting,
+            (COALESCE(sum(x.pending), (0)::numeric))::bigint AS pending,
+            (COALESCE(sum(x.claimed), (0)::numeric))::bigint AS claimed,
+            (COALESCE(sum(x.running), (0)::numeric))::bigint AS running,
+            (COALESCE(sum(x.success), (0)::numeric))::bigint AS success,
+            (COALESCE(sum(x.failure), (0)::numeric))::bigint AS failure,
+            (COALESCE(sum(x.paused), (0)::numeric))::bigint AS paused,
+            (COALESCE(sum(x.canceled), (0)::numeric))::bigint AS canceled,
+            COALESCE(sum(x.sum_success), (0)::numeric) AS sum_success,
+            COALESCE(sum(x.sum_failures), (0)::numeric) AS sum_failures
+           FROM taskrunner.batch_delta x
+          WHERE (x.batch_id = b.batch_id)) d)
+  WHERE ((b.total + d.total) > 0);
+
+
+--
+-- Name: VIEW batch_summary; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON VIEW taskrunner.batch_summary IS 'Every batch with exact counts per status (claimed = running, start not yet acknowledged), counter sums, kinds, first creation and latest update; GET /batches and GET /batch/{id} read it.';
 
 
 --
@@ -1877,26 +2413,6 @@ CREATE VIEW taskrunner.delivery_problems AS
 --
 
 COMMENT ON VIEW taskrunner.delivery_problems IS 'Deliveries that are retrying or gave up, with their last error.';
-
-
---
--- Name: dependency; Type: TABLE; Schema: taskrunner; Owner: -
---
-
-CREATE TABLE taskrunner.dependency (
-    parent_id uuid NOT NULL,
-    child_id uuid NOT NULL,
-    requires_success boolean NOT NULL,
-    CONSTRAINT dependency_not_self CHECK ((parent_id <> child_id))
-);
-
-
---
--- Name: TABLE dependency; Type: COMMENT; Schema: taskrunner; Owner: -
---
-
-COMMENT ON TABLE taskrunner.dependency IS 'Edges of the task graph: the child waits for the parent to end; with requires_success
-the child fails when the parent fails or is canceled.';
 
 
 --
@@ -2000,6 +2516,22 @@ ALTER TABLE ONLY taskrunner.action
 
 
 --
+-- Name: batch_delta batch_delta_pkey; Type: CONSTRAINT; Schema: taskrunner; Owner: -
+--
+
+ALTER TABLE ONLY taskrunner.batch_delta
+    ADD CONSTRAINT batch_delta_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: batch batch_pkey; Type: CONSTRAINT; Schema: taskrunner; Owner: -
+--
+
+ALTER TABLE ONLY taskrunner.batch
+    ADD CONSTRAINT batch_pkey PRIMARY KEY (batch_id);
+
+
+--
 -- Name: delivery_attempt delivery_attempt_pkey; Type: CONSTRAINT; Schema: taskrunner; Owner: -
 --
 
@@ -2044,6 +2576,27 @@ ALTER TABLE ONLY taskrunner.task
 --
 
 CREATE INDEX action_task_idx ON taskrunner.action USING btree (task_id, event);
+
+
+--
+-- Name: batch_delta_batch_idx; Type: INDEX; Schema: taskrunner; Owner: -
+--
+
+CREATE INDEX batch_delta_batch_idx ON taskrunner.batch_delta USING btree (batch_id);
+
+
+--
+-- Name: batch_first_created_idx; Type: INDEX; Schema: taskrunner; Owner: -
+--
+
+CREATE INDEX batch_first_created_idx ON taskrunner.batch USING btree (first_created_at DESC);
+
+
+--
+-- Name: batch_first_seq_idx; Type: INDEX; Schema: taskrunner; Owner: -
+--
+
+CREATE INDEX batch_first_seq_idx ON taskrunner.batch USING btree (first_seq DESC);
 
 
 --
@@ -2187,6 +2740,34 @@ CREATE TRIGGER _100_guard_transition BEFORE UPDATE ON taskrunner.task FOR EACH R
 
 
 --
+-- Name: task _500_batch_counts_delete; Type: TRIGGER; Schema: taskrunner; Owner: -
+--
+
+CREATE TRIGGER _500_batch_counts_delete AFTER DELETE ON taskrunner.task REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION taskrunner.tg_task__batch_delete();
+
+
+--
+-- Name: task _500_batch_counts_insert; Type: TRIGGER; Schema: taskrunner; Owner: -
+--
+
+CREATE TRIGGER _500_batch_counts_insert AFTER INSERT ON taskrunner.task REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION taskrunner.tg_task__batch_insert();
+
+
+--
+-- Name: task _500_batch_counts_truncate; Type: TRIGGER; Schema: taskrunner; Owner: -
+--
+
+CREATE TRIGGER _500_batch_counts_truncate AFTER TRUNCATE ON taskrunner.task FOR EACH STATEMENT EXECUTE FUNCTION taskrunner.tg_task__batch_truncate();
+
+
+--
+-- Name: task _500_batch_counts_update; Type: TRIGGER; Schema: taskrunner; Owner: -
+--
+
+CREATE TRIGGER _500_batch_counts_update AFTER UPDATE ON taskrunner.task REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION taskrunner.tg_task__batch_update();
+
+
+--
 -- Name: task _900_after_insert; Type: TRIGGER; Schema: taskrunner; Owner: -
 --
 
@@ -2268,4 +2849,7 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261127000600'),
     ('20261127000700'),
     ('20261127000800'),
-    ('20261127130000');
+    ('20261127110000'),
+    ('20261127130000'),
+    ('20261127140000'),
+    ('20261127140100');

@@ -23,6 +23,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from taskrunner.vocabulary import TERMINAL_STATUSES, status_label
+
 log = logging.getLogger(__name__)
 
 TASKS_CREATED = Counter("tasks_created_total", "Tasks created")
@@ -43,13 +45,6 @@ PROPAGATIONS = Counter(
 WORKER_LOOP = Histogram("worker_loop_duration_seconds", "Duration of one worker loop iteration")
 # every metric above: /metrics lists each of them from the start, used or not
 DECLARED = (TASKS_CREATED, TASKS_COMPLETED, TRANSITIONS, BLOCKED, PROPAGATIONS, WORKER_LOOP)
-
-_TERMINAL = {"success", "failure", "canceled"}
-
-
-def status_label(status: str) -> str:
-    """The API's name of a database status: ``running`` -> ``Running``."""
-    return status.capitalize()
 
 
 def record_stats(text: str | None) -> None:
@@ -76,7 +71,7 @@ def _record_entry(parts: list[str]) -> bool:
         # from>to>kind>n; a kind may itself contain ">"
         from_status, to_status, kind = parts[0], parts[1], ">".join(parts[2:-1])
         TRANSITIONS.labels(status_label(from_status), status_label(to_status)).inc(n)
-        if to_status in _TERMINAL:
+        if to_status in TERMINAL_STATUSES:
             TASKS_COMPLETED.labels(outcome=status_label(to_status), kind=kind).inc(n)
     else:
         return False

@@ -75,7 +75,8 @@ SELECT taskrunner.release_deliveries(%(worker)s::text, %(ids)s::uuid[]) AS relea
 SELECT * FROM taskrunner.retry_delivery(%(delivery_id)s::uuid);
 
 -- name: tick
-SELECT taskrunner.tick() AS result;
+-- Housekeeping: timeouts and expired leases, then fold the batch count deltas.
+SELECT taskrunner.tick() AS result, taskrunner.fold_batch_deltas() AS batch_deltas_folded;
 
 -- name: take_stats
 SELECT taskrunner.take_stats() AS stats;
@@ -87,3 +88,52 @@ SELECT max(version) AS version FROM public.schema_migrations;
 -- name: listen
 -- The worker's wake-up channels (see "Notifications" in docs/sql.md).
 LISTEN taskrunner_task; LISTEN taskrunner_delivery;
+
+-- Batches (taskrunner/api/batches.py; the views and functions are in docs/sql.md).
+
+-- name: list_batches
+-- Newest first; every filter is optional (NULL = no filter). status: the batch has a task
+-- in it (running counts claimed ones too); name: one of its tasks' names contains it.
+SELECT * FROM taskrunner.batch_summary s
+WHERE (%(kind)s::text IS NULL OR %(kind)s::text = ANY (s.kinds))
+  AND (%(created_after)s::timestamptz IS NULL
+       OR s.first_created_at >= %(created_after)s::timestamptz)
+  AND (%(created_before)s::timestamptz IS NULL
+       OR s.first_created_at < %(created_before)s::timestamptz)
+  AND (%(status)s::text IS NULL OR CASE %(status)s::text
+        WHEN 'waiting' THEN s.waiting WHEN 'pending' THEN s.pending
+        WHEN 'claimed' THEN s.claimed WHEN 'running' THEN s.running + s.claimed
+        WHEN 'success' THEN s.success WHEN 'failure' THEN s.failure
+        WHEN 'paused' THEN s.paused WHEN 'canceled' THEN s.canceled END > 0)
+  AND (%(name)s::text IS NULL OR EXISTS (
+        SELECT 1 FROM taskrunner.task t
+        WHERE t.batch_id = s.batch_id AND strpos(t.name, %(name)s::text) > 0))
+ORDER BY s.first_seq DESC
+LIMIT %(limit)s::int OFFSET %(offset)s::int;
+
+-- name: get_batch
+SELECT * FROM taskrunner.batch_summary WHERE batch_id = %(id)s::uuid;
+
+-- name: stop_batch
+SELECT * FROM taskrunner.stop_batch(%(id)s::uuid);
+
+-- name: set_batch_rules
+SELECT taskrunner.set_batch_rules(%(id)s::uuid, %(kind)s::text, %(rules)s::jsonb)
+    AS updated_count;
+
+-- name: batch_tasks
+-- The DAG's nodes: the fields of ArcRun's BasicTaskDto, in creation order.
+SELECT id, name, kind, status, created_at, started_at, ended_at, success, failures,
+       batch_id, priority
+FROM taskrunner.task WHERE batch_id = %(id)s::uuid ORDER BY seq;
+
+-- name: batch_links
+SELECT parent_id, child_id, requires_success FROM taskrunner.batch_links
+WHERE batch_id = %(id)s::uuid ORDER BY child_seq, parent_id;
+
+-- name: task_history
+SELECT at, from_status, to_status, reason, actor FROM taskrunner.task_history
+WHERE task_id = %(id)s::uuid ORDER BY id;
+
+-- name: why_not_running
+SELECT taskrunner.why_not_running(%(id)s::uuid) AS why;

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from taskrunner import db, metrics
 from taskrunner.api.app import create_app
-from taskrunner.api.counters import CounterBuffer
+from taskrunner.api.counters import CounterBuffer, Refused
 from taskrunner.config import Config
 from taskrunner.db import QUERIES
 
@@ -529,11 +529,39 @@ def test_put_buffer_keeps_increments_when_a_flush_fails():
         buffer.add([("t1", 1, 2)])
         with pytest.raises(Exception):  # noqa: B017 - any connection error will do
             buffer.flush()
-        buffer.add([("t1", 1, 0)])
-        assert buffer.pending() == {"t1": (2, 2)}
+        # the database is now known down: nothing more is accepted, what was is kept
+        with pytest.raises(Refused, match="database unavailable"):
+            buffer.add([("t1", 1, 0)])
+        assert buffer.pending() == {"t1": (1, 2)}
     finally:
         buffer._stop.set()
         dead.close()
+
+
+def test_put_buffer_refuses_past_its_bound_all_or_nothing(pool, conn):
+    buffer = CounterBuffer(pool, interval=3600, max_tasks=3)
+    client = testing.TestClient(create_app(Config(), pool, buffer))
+    try:
+        tasks = create(client, spec("a"), spec("b"), spec("c"), spec("d"))
+        a, b, c, d = (tasks[k]["id"] for k in "abcd")
+        put = client.simulate_put
+        assert (
+            put("/task", json=[{"task_id": a, "new_success": 1}, {"task_id": b}]).status_code == 202
+        )
+        over = put("/task", json=[{"task_id": a, "new_success": 5}, {"task_id": c}, {"task_id": d}])
+        body = assert_error(over, 503, "COUNTER_BUFFER_MAX")
+        assert body["error"] == "counter buffer full" and over.headers["retry-after"] == "1"
+        assert buffer.pending() == {a: (1, 0), b: (0, 0)}  # nothing of the refused request
+        assert put(f"/task/{a}", json={"new_success": 2}).status_code == 202  # no new task
+        assert put(f"/task/{c}", json={"new_failures": 1}).status_code == 202  # the third
+        assert_error(put(f"/task/{d}", json={"new_success": 1}), 503)
+        assert buffer.flush() == 3
+        assert put(f"/task/{d}", json={"new_success": 1}).status_code == 202  # room again
+        assert buffer.flush() == 1
+        rows = [task_row(conn, t) for t in (a, b, c, d)]
+        assert [(r["success"], r["failures"]) for r in rows] == [(3, 0), (0, 0), (0, 1), (1, 0)]
+    finally:
+        buffer.close()
 
 
 @pytest.mark.parametrize(
@@ -704,6 +732,14 @@ def test_database_down_is_503_and_health_still_200():
         client = testing.TestClient(create_app(Config(), dead, buffer))
         assert_error(client.simulate_get(f"/task/{uuid.uuid4()}"), 503)
         assert_error(client.simulate_post("/task", json=[spec("a")]), 503)
+        # PUT /task is buffered: accepted until a flush finds the database down, then 503
+        task_id = str(uuid.uuid4())
+        assert client.simulate_put(f"/task/{task_id}", json={"new_success": 1}).status_code == 202
+        with pytest.raises(Exception):  # noqa: B017 - any connection error will do
+            buffer.flush()
+        put = client.simulate_put("/task", json={"task_id": task_id, "new_success": 1})
+        assert assert_error(put, 503)["error"] == "database unavailable"
+        assert buffer.pending() == {task_id: (1, 0)}
         assert assert_error(client.simulate_get("/ready"), 503)["error"] == "not ready"
         health = client.simulate_get("/health")
         assert health.status_code == 200 and health.json == {"status": "ok"}

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from taskrunner.api import openapi
-from taskrunner.api.validation import SCHEMAS, STATUSES
+from taskrunner.api.validation import SCHEMAS
+from taskrunner.vocabulary import STATUS_LABELS as STATUSES
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 _TASK = SCHEMAS["batch"]["items"]

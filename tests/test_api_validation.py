@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import pytest
+from jsonschema import Draft202012Validator
 
 from taskrunner.api.validation import (
     Invalid,
@@ -415,3 +416,38 @@ def test_list_filters_defaults_and_normalisation():
         20,
         '{"a": 1}',
     )
+
+
+# -- the cost of a rejection (issue 13.11) ---------------------------------------------------
+
+
+@pytest.fixture
+def slow_path_visits(monkeypatch):
+    """How many schema nodes jsonschema (the slow path that words errors) visits: every
+    descent into a sub-schema evolves the validator once. Deterministic, unlike a timer."""
+    visits = [0]
+    evolve = Draft202012Validator.evolve
+
+    def counting(self, **changes):
+        visits[0] += 1
+        return evolve(self, **changes)
+
+    monkeypatch.setattr(Draft202012Validator, "evolve", counting)
+    return visits
+
+
+def test_a_large_invalid_batch_is_not_walked_by_the_slow_path(slow_path_visits):
+    """10,000 tasks, each with a problem: 100 are worded, the rest only counted, and the
+    slow path's work is bounded whatever the body's size."""
+    found = details([spec(str(i), timeout=0) for i in range(10_000)])
+    assert len(found) == 101 and found[-1] == "(and 9900 more)"
+    assert slow_path_visits[0] < 2_000
+
+
+def test_one_problem_at_the_end_of_a_large_batch_costs_little(slow_path_visits):
+    tasks = [spec(str(i), metadata={"n": i}) for i in range(10_000)]
+    tasks[-1]["on_start"]["params"]["verb"] = "Fetch"
+    assert details(tasks) == [
+        "[9999].on_start.params.verb: must be one of Get, Post, Put, Patch, Delete"
+    ]
+    assert slow_path_visits[0] < 200

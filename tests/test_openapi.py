@@ -140,7 +140,12 @@ def _seed(app: Any, conn: Any) -> dict[str, str]:
     (item,) = conn.execute(
         QUERIES["claim_tasks"], {"worker": "w", "max": 1, "lease_seconds": 60}
     ).fetchall()
-    return {"running": ids["ingest"], "waiting": ids["report"], "delivery": item["delivery_id"]}
+    return {
+        "running": ids["ingest"],
+        "waiting": ids["report"],
+        "delivery": item["delivery_id"],
+        "batch": created.headers["X-Batch-ID"],
+    }
 
 
 @pytest.mark.slow
@@ -158,8 +163,13 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(app, conn):
         if _has_input(operation):
             runs.append({"generation_mode": GenerationMode.NEGATIVE})
         if "{id}" in operation.path:
-            key = "delivery" if operation.path.startswith("/delivery") else "running"
-            runs += [{"path_parameters": {"id": str(known[k])}} for k in (key, "waiting")]
+            if operation.path.startswith(("/batch/", "/dag/")):
+                keys = ("batch",)
+            elif operation.path.startswith("/delivery"):
+                keys = ("delivery", "waiting")
+            else:
+                keys = ("running", "waiting")
+            runs += [{"path_parameters": {"id": str(known[k])}} for k in keys]
         for run in runs:
             try:
                 _fuzz(operation, statuses, **run)
@@ -173,5 +183,11 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(app, conn):
         ("GET /task/{id}", 200),
         ("PATCH /task/{id}", 200),
         ("PUT /task", 202),
+        ("GET /task/{id}/history", 200),
+        ("GET /batches", 200),
+        ("GET /batch/{id}", 200),
+        ("PATCH /batch/{id}/rules", 200),
+        ("GET /dag/{id}", 200),
+        ("DELETE /batch/{id}", 200),
     ]:
         assert statuses[label, code], f"{label} never answered {code}: {statuses}"

@@ -301,6 +301,67 @@ def test_cancel_action_from_start_response_fires_on_cancel(conn, sink, start_wor
     assert hit.query["job"] == ["7"]
 
 
+def _cancel_actions(conn: psycopg.Connection, task_id: Any) -> list[dict]:
+    return conn.execute(
+        "SELECT url, verb FROM taskrunner.action WHERE task_id = %s AND event = 'cancel'",
+        (task_id,),
+    ).fetchall()
+
+
+def _start_refused(conn: psycopg.Connection, sink: Sink, answer: Any, start_worker) -> str:
+    """Answer the start with ``answer``; the start must fail at once (no retry), its task
+    must fail and no cancel action may be registered. Returns the recorded error."""
+    sink.routes["/start"] = lambda _: (200, answer)
+    task_id = one_task(conn, webhook(url=sink.url("/start")))
+    start_worker(webhook_max_attempts=3)
+
+    wait_until(status_is(conn, task_id, "failure"), "the task to fail")
+    (delivery,) = deliveries(conn, task_id, "start")
+    assert delivery["status"] == "failed"
+    (attempt,) = attempts(conn, delivery["id"])
+    assert attempt["status_code"] == 200
+    assert task_row(conn, task_id)["failure_reason"] == f"start webhook failed: {attempt['error']}"
+    assert _cancel_actions(conn, task_id) == []
+    return attempt["error"]
+
+
+def test_start_response_registers_no_more_cancel_actions_than_on_cancel_allows(
+    conn, sink, start_worker
+):
+    """Issue 13.8: one start response registered 5,000 cancel actions."""
+    cancel = {"kind": "Webhook", "params": {"url": sink.url("/stop"), "verb": "POST"}}
+    error = _start_refused(conn, sink, [cancel] * 5000, start_worker)
+    assert (
+        error == "invalid cancel actions in the start response: body: must have at most 100 items"
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "problem"),
+    [
+        ({"url": "/stop"}, "[0].params.verb: is required"),
+        ({"url": "/stop", "verb": "TRACE"}, "[0].params.verb: must be one of Get, Post, Put, "),
+        ({"url": "ftp://x.test/", "verb": "Post"}, "[0].params.url: must be an absolute http"),
+        (
+            {"url": "/stop", "verb": "Post", "headers": {"X-A": "a\r\nb"}},
+            "[0].params.headers.X-A: must be a header value",
+        ),
+        (
+            {"url": "/stop", "verb": "Post", "headers": {f"H{i}": "v" for i in range(51)}},
+            "[0].params.headers: must have at most 50 entries",
+        ),
+    ],
+)
+def test_start_response_cancel_actions_are_validated_like_on_cancel(
+    conn, sink, start_worker, params, problem
+):
+    if params["url"].startswith("/"):
+        params = params | {"url": sink.url(params["url"])}
+    answer = [{"kind": "Webhook", "trigger": "Cancel", "params": params}]
+    error = _start_refused(conn, sink, answer, start_worker)
+    assert error.startswith(f"invalid cancel actions in the start response: {problem}"), error
+
+
 def test_cancel_while_start_in_flight_still_cancels_remote(conn, sink, start_worker):
     release = threading.Event()
     cancel = {

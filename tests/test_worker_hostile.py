@@ -29,18 +29,25 @@ from taskrunner.worker.webhooks import WebhookResult
 BENIGN = 7
 
 
-def _cancel_action(url: str) -> dict:
-    return {"kind": "Webhook", "trigger": "Cancel", "params": {"url": url, "verb": "Post"}}
+def _cancel_action(url: str, **params) -> dict:
+    return {
+        "kind": "Webhook",
+        "trigger": "Cancel",
+        "params": {"url": url, "verb": "Post", **params},
+    }
 
 
-# path -> (the start's answer, what its recorded error must say)
+BAD = "bad response: "
+INVALID = "invalid cancel actions in the start response: "
+
+# path -> (the start's answer, how its recorded error starts, what else it must say)
 HOSTILE = {
     # json.loads raises RecursionError
-    "/nested": (Reply(raw=b"[" * 100_000 + b"]" * 100_000), "RecursionError"),
-    # urlsplit raises ValueError ("Invalid IPv6 URL")
-    "/bad-url": (Reply(body=_cancel_action("http://a[b]/")), "ValueError"),
+    "/nested": (Reply(raw=b"[" * 100_000 + b"]" * 100_000), BAD, "RecursionError"),
+    # urlsplit would raise ValueError ("Invalid IPv6 URL"): the on_cancel rules refuse it
+    "/bad-url": (Reply(body=_cancel_action("http://a[b]/")), INVALID, "not a valid host name"),
     # valid JSON, but PostgreSQL cannot store \u0000 in jsonb or text
-    "/nul": (Reply(body=_cancel_action("http://example.com/\u0000")), "NUL"),
+    "/nul": (Reply(body=_cancel_action("http://example.com/", body={"x": "\u0000"})), BAD, "NUL"),
 }
 
 
@@ -96,10 +103,10 @@ def test_one_hostile_response_fails_only_its_own_delivery(db_url, conn, tmp_path
         sink.close()
 
     starts = _start_deliveries(conn)
-    for path, (_, reason) in HOSTILE.items():
+    for path, (_, prefix, reason) in HOSTILE.items():
         row = starts[path.strip("/")]
         assert (row["status"], row["attempts"]) == ("failed", 1), row
-        assert row["last_error"].startswith("bad response: ") and reason in row["last_error"]
+        assert row["last_error"].startswith(prefix) and reason in row["last_error"], row
         assert "\x00" not in row["last_error"]
         assert row["task_status"] == "failure"
         assert row["failure_reason"] == f"start webhook failed: {row['last_error']}"

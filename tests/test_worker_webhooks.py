@@ -9,6 +9,7 @@ import uuid
 import httpx
 import pytest
 
+from taskrunner.api.validation import Invalid
 from taskrunner.config import Config
 from taskrunner.worker import webhooks
 from taskrunner.worker.retrypolicy import retry_delay_ms
@@ -94,22 +95,38 @@ def test_a_single_action_is_normalised():
     ]
 
 
-def test_invalid_entries_of_a_list_are_skipped():
+def test_entries_that_are_not_webhook_actions_are_ignored():
     entries = [
         action(url="http://r.test/1"),
         {"kind": "Email", "params": {"url": "http://r.test/2", "verb": "POST"}},
-        action(url="ftp://r.test/3"),
-        action(verb="TRACE"),
-        action(headers=["not", "an", "object"]),
-        action() | {"trigger": "End"},
         "not an object",
-        {"kind": "Webhook"},
+        {"status": "ok"},
         action(url="http://r.test/4", verb="Post"),
     ]
     parsed = parse_cancel_actions(json.dumps(entries).encode(), TASK_ID)
     assert [(a["url"], a["verb"]) for a in parsed] == [
         ("http://r.test/1", "DELETE"),
         ("http://r.test/4", "POST"),
+    ]
+
+
+def test_one_invalid_webhook_action_refuses_them_all():
+    """Checked like on_cancel at creation (issue 13.8): every problem named, none kept.
+    (These entries used to be skipped one by one and the rest registered.)"""
+    entries = [
+        action(url="http://r.test/1"),
+        action(verb="TRACE"),
+        action(headers=["not", "an", "object"]),
+        action() | {"trigger": "End"},
+        {"kind": "Webhook"},
+    ]
+    with pytest.raises(Invalid) as raised:
+        parse_cancel_actions(json.dumps(entries).encode(), TASK_ID)
+    assert raised.value.details == [
+        "[1].params.verb: must be one of Get, Post, Put, Patch, Delete",
+        "[2].params.headers: must be an object",
+        "[3].trigger: must be Cancel (implied by its position)",
+        "[4].params: is required",
     ]
 
 
@@ -146,7 +163,10 @@ def test_a_header_value_httpx_cannot_encode_fails_the_attempt_for_good():
 
 def test_cancel_actions_holding_nul_are_refused():
     body = json.dumps(
-        {"kind": "Webhook", "params": {"url": "http://r.test/\u0000", "verb": "Post"}}
+        {
+            "kind": "Webhook",
+            "params": {"url": "http://r.test/", "verb": "Post", "body": {"x": "\u0000"}},
+        }
     )
 
     with pytest.raises(ValueError, match="NUL"):

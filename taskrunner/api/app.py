@@ -8,6 +8,7 @@ import psycopg_pool
 from taskrunner import db
 from taskrunner.api import errors, openapi
 from taskrunner.api.auth import BearerAuth
+from taskrunner.api.batches import BatchCollection, BatchDag, BatchItem, BatchRules, TaskHistory
 from taskrunner.api.counters import CounterBuffer
 from taskrunner.api.requestlog import RequestLog
 from taskrunner.api.resources import (
@@ -37,7 +38,9 @@ def create_app(
 ) -> falcon.App:
     """The API on ``pool``; ``counters`` is the PUT /task buffer (one per process)."""
     store = Store(pool)
-    counters = counters or CounterBuffer(pool, config.counter_flush_interval)
+    counters = counters or CounterBuffer(
+        pool, config.counter_flush_interval, config.counter_buffer_max
+    )
     middleware: list = [RequestLog()] if config.access_log else []
     if config.api_token:
         middleware.append(BearerAuth(config.api_token))
@@ -49,6 +52,11 @@ def create_app(
     app.add_route("/task/pause/{id}", TaskMove(store, "pause_task"))
     app.add_route("/task/resume/{id}", TaskMove(store, "resume_task"))
     app.add_route("/delivery/{id}/retry", DeliveryRetry(store))
+    app.add_route("/task/{id}/history", TaskHistory(store))
+    app.add_route("/batches", BatchCollection(store))
+    app.add_route("/batch/{id}", BatchItem(store))
+    app.add_route("/batch/{id}/rules", BatchRules(store))
+    app.add_route("/dag/{id}", BatchDag(store))
     app.add_route("/metrics", Metrics())
     app.add_route("/health", Health())
     app.add_route("/ready", Ready(store, newest_migration()))

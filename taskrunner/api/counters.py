@@ -6,6 +6,12 @@ flushes every ``interval`` seconds with one ``add_counters`` call. A failed flus
 increments back for the next round, so none are lost while the process lives. ``close``
 stops the thread and flushes what is left; it runs at interpreter exit and from gunicorn's
 ``worker_exit`` hook (``close_all``), through a registry of live buffers.
+
+The buffer is bounded, so an outage cannot grow it without end: ``add`` refuses (raises
+``Refused``, which the API answers with 503) once a flush found the database down, until
+one succeeds again, and whenever the increments would take the buffer past ``max_tasks``
+tasks. A refused request keeps nothing: what the buffer accepted is exactly what it
+writes.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Iterable
 
 import psycopg_pool
 
+from taskrunner.config import Config
 from taskrunner.db import QUERIES
 
 log = logging.getLogger(__name__)
@@ -27,25 +34,45 @@ _LIVE: weakref.WeakSet[CounterBuffer] = weakref.WeakSet()
 _CLOSE_ATTEMPTS = 3
 
 
-class CounterBuffer:
-    """Per-process, thread-safe sums of PUT /task increments."""
+class Refused(Exception):
+    """``add`` kept none of the increments: the database is down or the buffer is full."""
 
-    def __init__(self, pool: psycopg_pool.ConnectionPool, interval: float) -> None:
+    def __init__(self, error: str, detail: str) -> None:
+        super().__init__(f"{error}: {detail}")
+        self.error = error
+        self.detail = detail
+
+
+class CounterBuffer:
+    """Per-process, thread-safe, bounded sums of PUT /task increments."""
+
+    def __init__(
+        self,
+        pool: psycopg_pool.ConnectionPool,
+        interval: float,
+        max_tasks: int = Config.counter_buffer_max,
+    ) -> None:
         self._pool = pool
         self._interval = interval
+        self._max_tasks = max_tasks
         self._lock = threading.Lock()
         self._pending: dict[str, list[int]] = {}
+        self._flushing = 0  # tasks taken by a flush in progress (they may come back)
+        self._down = False  # the last flush could not reach the database
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         _LIVE.add(self)
 
     def add(self, updates: Iterable[tuple[str, int, int]]) -> None:
-        """Add ``(task_id, new_success, new_failures)`` increments."""
+        """Add ``(task_id, new_success, new_failures)`` increments, all or none.
+
+        Raises ``Refused`` while the database is known to be down, or when they would take
+        the buffer past its bound.
+        """
+        updates = list(updates)
         with self._lock:
-            for task_id, success, failures in updates:
-                sums = self._pending.setdefault(task_id, [0, 0])
-                sums[0] += success
-                sums[1] += failures
+            self._check_room(updates)
+            self._merge(updates)
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(
                     target=self._run, name="taskrunner-counter-flush", daemon=True
@@ -60,12 +87,15 @@ class CounterBuffer:
     def flush(self) -> int:
         """Write everything buffered in one statement; returns the tasks updated.
 
-        On failure the increments go back into the buffer and the error is raised.
+        On failure the increments go back into the buffer, the buffer counts the database
+        as down (``add`` refuses) and the error is raised. While it is down, a flush with
+        nothing to write still asks the database, so the buffer learns it is back.
         """
         with self._lock:
             taken, self._pending = self._pending, {}
-        if not taken:
-            return 0
+            self._flushing += len(taken)
+            if not taken and not self._down:
+                return 0
         updates = [
             {"task_id": t, "new_success": s, "new_failures": f} for t, (s, f) in taken.items()
         ]
@@ -75,8 +105,14 @@ class CounterBuffer:
                     QUERIES["add_counters"], {"updates": json.dumps(updates)}
                 ).fetchone()
         except Exception:
-            self.add((t, s, f) for t, (s, f) in taken.items())
+            with self._lock:
+                self._merge((t, s, f) for t, (s, f) in taken.items())
+                self._flushing -= len(taken)
+                self._down = True
             raise
+        with self._lock:
+            self._flushing -= len(taken)
+            self._down = False
         return row["updated"]
 
     def close(self) -> None:
@@ -91,6 +127,28 @@ class CounterBuffer:
             except Exception:
                 log.exception("counter flush at shutdown failed (attempt %d)", attempt)
         log.error("counter increments lost at shutdown: %s", self.pending())
+
+    def _check_room(self, updates: list[tuple[str, int, int]]) -> None:
+        """Raise ``Refused`` unless ``updates`` may be kept (the caller holds the lock)."""
+        if self._down:
+            raise Refused(
+                "database unavailable", "counters: the last write of buffered increments failed"
+            )
+        # tasks a flush in progress took count too: they come back into the buffer if it fails
+        new = {task_id for task_id, _, _ in updates if task_id not in self._pending}
+        if len(self._pending) + self._flushing + len(new) > self._max_tasks:
+            raise Refused(
+                "counter buffer full",
+                f"counters: {self._max_tasks} tasks' increments are waiting to be written"
+                " (COUNTER_BUFFER_MAX)",
+            )
+
+    def _merge(self, updates: Iterable[tuple[str, int, int]]) -> None:
+        """Sum increments into the buffer (the caller holds the lock)."""
+        for task_id, success, failures in updates:
+            sums = self._pending.setdefault(task_id, [0, 0])
+            sums[0] += success
+            sums[1] += failures
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

@@ -5,7 +5,8 @@ Every error body is ``{"error": "<short>", "details": ["<field>: <problem>", ...
 Domain errors from the state machine keep their status (400/404/409/503), with the status
 words of a 409 spelt as the JSON spells them (``Success``, not ``success``); a value that
 PostgreSQL refuses (``DataError``) is a 400; a database that cannot be reached within the
-pool timeout is a 503; anything unexpected is a logged 500 that never leaks internals.
+pool timeout, or a PUT /task the counter buffer refused, is a 503; anything unexpected is
+a logged 500 that never leaks internals.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ import falcon
 import psycopg
 import psycopg_pool
 
-from taskrunner.api.serialize import delivery_status
+from taskrunner.api.counters import Refused
 from taskrunner.api.validation import Invalid
 from taskrunner.db import DomainError
-from taskrunner.metrics import status_label
+from taskrunner.vocabulary import (
+    DELIVERY_STATUSES,
+    TASK_STATUSES,
+    delivery_status_label,
+    status_label,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +75,17 @@ def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTP
 # Status words in the state machine's messages (SQL spells them in lower case). Task
 # statuses are unambiguous words; a delivery status only where one is named ("delivery is
 # queued", "only failed deliveries"), since "failed" is also an ordinary word.
-_TASK_STATUS = re.compile(r"\b(waiting|pending|running|success|failure|canceled|paused)\b")
-_DELIVERY_STATUS = re.compile(r"\b(is|only) (queued|in_flight|delivered|failed|expired)\b")
+_TASK_STATUS = re.compile(r"\b(" + "|".join(TASK_STATUSES) + r")\b")
+_DELIVERY_STATUS = re.compile(
+    r"\b(is|only) (" + "|".join(s for s in DELIVERY_STATUSES if s not in TASK_STATUSES) + r")\b"
+)
 _NOT_FOUND = re.compile(r"^(task|delivery) (\S+) not found$")
 
 
 def json_spelling(text: str) -> str:
     """``task 1 is success`` -> ``task 1 is Success``: statuses as the JSON spells them."""
     text = _TASK_STATUS.sub(lambda m: status_label(m[1]), text)
-    return _DELIVERY_STATUS.sub(lambda m: f"{m[1]} {delivery_status(m[2])}", text)
+    return _DELIVERY_STATUS.sub(lambda m: f"{m[1]} {delivery_status_label(m[2])}", text)
 
 
 def _domain_details(exc: DomainError) -> list[str]:
@@ -122,6 +130,11 @@ def _database_down(req, resp, exc: Exception, params) -> None:
     raise ApiError(503, "database unavailable") from exc
 
 
+def _counters_refused(req, resp, exc: Refused, params) -> None:
+    # the PUT /task buffer is bounded: the client retries, nothing of its request was kept
+    raise ApiError(503, exc.error, [exc.detail], headers={"Retry-After": "1"}) from exc
+
+
 def _unexpected(req, resp, exc: Exception, params) -> None:
     log.exception("unhandled error on %s %s", req.method, req.path)
     raise ApiError(500, "internal error") from exc
@@ -138,3 +151,4 @@ def install(app: falcon.App) -> None:
     app.add_error_handler(psycopg.DataError, _bad_value)
     app.add_error_handler(psycopg_pool.PoolTimeout, _database_down)
     app.add_error_handler(psycopg.OperationalError, _database_down)
+    app.add_error_handler(Refused, _counters_refused)

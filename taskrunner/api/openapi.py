@@ -12,7 +12,9 @@ import copy
 import re
 from typing import Any
 
-from taskrunner.api.validation import DEFAULT_PER_PAGE, LIMITS, SCHEMAS, STATUSES
+from taskrunner import vocabulary as vocab
+from taskrunner.api.serialize import STATUS_COUNTS
+from taskrunner.api.validation import DEFAULT_PER_PAGE, LIMITS, SCHEMAS
 
 _ENUM_PATTERN = re.compile(r"^\^\(\?i:(.*)\)\$$")
 
@@ -65,7 +67,7 @@ _TASK = {
     "requester": _nullable(_STRING),
     "name": _STRING,
     "kind": _STRING,
-    "status": {"type": "string", "enum": list(STATUSES)},
+    "status": {"type": "string", "enum": list(vocab.STATUS_LABELS)},
     "status_reason": _nullable(_STRING),
     "priority": _INT,
     "timeout": _INT,
@@ -106,10 +108,7 @@ _SCHEMAS: dict[str, dict] = {
     "Delivery": _object(
         {
             "id": _UUID_OUT,
-            "status": {
-                "type": "string",
-                "enum": ["Queued", "InFlight", "Delivered", "Failed", "Canceled", "Expired"],
-            },
+            "status": {"type": "string", "enum": list(vocab.DELIVERY_STATUS_LABELS)},
             "attempt_count": _INT,
             "next_attempt_at": _TIME,
             "last_status_code": _nullable(_INT),
@@ -124,11 +123,11 @@ _SCHEMAS: dict[str, dict] = {
         {
             "id": _INT,
             "kind": {"type": "string", "enum": ["Webhook"]},
-            "trigger": {"type": "string", "enum": ["Start", "End", "Cancel"]},
+            "trigger": {"type": "string", "enum": list(vocab.TRIGGERS)},
             "params": _object(
                 {
                     "url": _STRING,
-                    "verb": {"type": "string", "enum": ["Get", "Post", "Put", "Patch", "Delete"]},
+                    "verb": {"type": "string", "enum": list(vocab.VERB_LABELS)},
                     "body": {},
                     "headers": {"type": "object", "additionalProperties": _STRING},
                 },
@@ -150,6 +149,7 @@ _SCHEMAS: dict[str, dict] = {
             "on_success": {"type": "array", "items": _ref("Action")},
             "on_failure": {"type": "array", "items": _ref("Action")},
             "on_cancel": {"type": "array", "items": _ref("Action")},
+            "why_not_running": _nullable(_ref("WhyNotRunning")),
         }
     ),
     "Accepted": _object({"accepted": _INT}),
@@ -160,6 +160,139 @@ _SCHEMAS: dict[str, dict] = {
     "CounterBatch": _for_document(SCHEMAS["put_batch"]),
 }
 _SCHEMAS["TaskBatch"]["items"]["properties"]["rules"]["items"] = _ref("Rule")
+_TASK_FIELDS = _SCHEMAS["TaskBatch"]["items"]["properties"]
+_TASK_FIELDS["timeout"]["default"] = vocab.DEFAULT_TIMEOUT_SECONDS
+_TASK_FIELDS["priority"]["default"] = vocab.DEFAULT_PRIORITY
+
+# -- the batch routes (taskrunner/api/batches.py): ArcRun's names ----------------------------
+_COUNT = {"type": "integer", "minimum": 0}
+_SCHEMAS.update(
+    {
+        "StatusCounts": {
+            **_object({name: _COUNT for name in STATUS_COUNTS}),
+            "description": (
+                "Tasks per status; `claimed` = Running tasks whose start webhook is not "
+                "acknowledged yet, `running` = the others"
+            ),
+        },
+        "BatchSummary": _object(
+            {
+                "batch_id": _UUID_OUT,
+                "total_tasks": _COUNT,
+                "first_created_at": _TIME,
+                "latest_updated_at": _TIME,
+                "status_counts": _ref("StatusCounts"),
+                "kinds": {"type": "array", "items": _STRING},
+            }
+        ),
+        "BatchStats": _object(
+            {
+                "batch_id": _UUID_OUT,
+                "total_tasks": _COUNT,
+                "total_success": _INT,
+                "total_failures": _INT,
+                "total_expected": {
+                    "type": "null",
+                    "description": "Always null: tasks have no expected_count yet",
+                },
+                "status_counts": _ref("StatusCounts"),
+                "kinds": {"type": "array", "items": _STRING},
+                "first_created_at": _TIME,
+                "latest_updated_at": _TIME,
+            }
+        ),
+        "StopBatchResponse": _object(
+            {
+                "batch_id": _UUID_OUT,
+                **{
+                    f"canceled_{name}": _COUNT
+                    for name in ("waiting", "pending", "claimed", "running", "paused")
+                },
+                "already_terminal": _COUNT,
+            }
+        ),
+        "BatchRulesUpdate": _for_document(SCHEMAS["batch_rules"]),
+        "BatchRulesUpdated": _object(
+            {"batch_id": _UUID_OUT, "kind": _STRING, "updated_count": _COUNT}
+        ),
+        "BasicTask": _object(
+            {
+                "id": _UUID_OUT,
+                "name": _STRING,
+                "kind": _STRING,
+                "status": {"type": "string", "enum": list(vocab.STATUS_LABELS)},
+                "created_at": _TIME,
+                "started_at": _nullable(_TIME),
+                "ended_at": _nullable(_TIME),
+                "success": _INT,
+                "failures": _INT,
+                "expected_count": {"type": "null", "description": "Always null (not yet)"},
+                "batch_id": _UUID_OUT,
+                "dead_end_barrier": {"type": "boolean", "description": "Always false"},
+                "priority": _INT,
+            }
+        ),
+        "Link": _object(
+            {
+                "parent_id": _UUID_OUT,
+                "child_id": _UUID_OUT,
+                "requires_success": {"type": "boolean"},
+            }
+        ),
+        "Dag": _object(
+            {
+                "tasks": {"type": "array", "items": _ref("BasicTask")},
+                "links": {
+                    "type": "array",
+                    "items": _ref("Link"),
+                    "description": "Links into the batch's tasks; a parent may be in another batch",
+                },
+            }
+        ),
+        "Transition": _object(
+            {
+                "at": _TIME,
+                "from": _nullable({"type": "string", "enum": list(vocab.STATUS_LABELS)}),
+                "to": {"type": "string", "enum": list(vocab.STATUS_LABELS)},
+                "reason": _nullable(_STRING),
+                "actor": _nullable(_STRING),
+            }
+        ),
+        "WhyNotRunning": {
+            "description": (
+                "Why a Waiting/Pending/Paused task is not running (null otherwise): "
+                "`unfinished_parents` (with `parents`), `rule` (with the `rules` at their "
+                "limit, each with its `count` and `max`), `ready` (the next claim may start "
+                "it) or `paused`"
+            ),
+            **_object(
+                {
+                    "reason": {
+                        "type": "string",
+                        "enum": ["unfinished_parents", "rule", "ready", "paused"],
+                    },
+                    "parents": {
+                        "type": "array",
+                        "items": _object(
+                            {
+                                "id": _UUID_OUT,
+                                "name": _STRING,
+                                "status": {"type": "string", "enum": list(vocab.STATUS_LABELS)},
+                                "requires_success": {"type": "boolean"},
+                            }
+                        ),
+                    },
+                    "rules": {
+                        "type": "array",
+                        "items": _object({"rule": _ref("Rule"), "count": _COUNT, "max": _INT}),
+                    },
+                },
+                optional=("parents", "rules"),
+            ),
+        },
+    }
+)
+_SCHEMAS["BatchRulesUpdate"]["properties"]["rules"]["items"] = _ref("Rule")
 _BATCH_EXAMPLE = [
     {
         "id": "ingest",
@@ -191,7 +324,7 @@ _BATCH_EXAMPLE = [
 _DESCRIPTIONS = {
     400: "Bad input; `details` lists every problem as `<field>: <problem>`",
     401: "`API_TOKEN` is set and the request has no valid `Authorization: Bearer` token",
-    404: "No such task (or delivery); ids that are not UUIDs are 404 too",
+    404: "No such task (or batch, or delivery); ids that are not UUIDs are 404 too",
     409: "Illegal transition for the task's current status",
     413: f"Body larger than {LIMITS['body_bytes']} bytes",
     415: "Body is not `application/json`",
@@ -243,6 +376,21 @@ def _query(name: str, schema: dict, description: str) -> dict:
     }
 
 
+_PAGING = [
+    _query("page", {"type": "integer", "minimum": 0, "maximum": LIMITS["page"]}, "0-based"),
+    _query(
+        "per_page",
+        {"type": "integer", "minimum": 1, "maximum": LIMITS["per_page"]},
+        f"page size (default {DEFAULT_PER_PAGE})",
+    ),
+    _query(
+        "page_size",
+        {"type": "integer", "minimum": 1, "maximum": LIMITS["per_page"]},
+        "alias of per_page",
+    ),
+]
+_BATCH_ID = {**_ID, "description": "A batch's UUID (the X-Batch-ID of POST /task)"}
+
 _PATHS: dict[str, dict] = {
     "/task": {
         "post": {
@@ -279,20 +427,12 @@ _PATHS: dict[str, dict] = {
             "operationId": "listTasks",
             "summary": "List tasks, newest first",
             "parameters": [
+                *_PAGING,
                 _query(
-                    "page", {"type": "integer", "minimum": 0, "maximum": LIMITS["page"]}, "0-based"
+                    "status",
+                    {"type": "string", "enum": list(vocab.STATUS_LABELS)},
+                    "any letter case",
                 ),
-                _query(
-                    "per_page",
-                    {"type": "integer", "minimum": 1, "maximum": LIMITS["per_page"]},
-                    f"page size (default {DEFAULT_PER_PAGE})",
-                ),
-                _query(
-                    "page_size",
-                    {"type": "integer", "minimum": 1, "maximum": LIMITS["per_page"]},
-                    "alias of per_page",
-                ),
-                _query("status", {"type": "string", "enum": list(STATUSES)}, "any letter case"),
                 _query("kind", {"type": "string", "maxLength": LIMITS["filter_chars"]}, "exact"),
                 _query(
                     "name", {"type": "string", "maxLength": LIMITS["filter_chars"]}, "substring"
@@ -354,6 +494,94 @@ _PATHS: dict[str, dict] = {
             "operationId": "resumeTask",
             "summary": "Paused -> Waiting or Pending",
             "responses": {**_TASK_OUT, **_errors(404, 409)},
+        },
+    },
+    "/task/{id}/history": {
+        "parameters": [_ID],
+        "get": {
+            "operationId": "getTaskHistory",
+            "summary": "Every transition of the task (time, from, to, reason), oldest first",
+            "responses": {
+                **_ok(200, "The transitions", {"type": "array", "items": _ref("Transition")}),
+                **_errors(404),
+            },
+        },
+    },
+    "/batches": {
+        "get": {
+            "operationId": "listBatches",
+            "summary": "One summary per batch, newest first",
+            "parameters": [
+                *_PAGING,
+                _query(
+                    "status",
+                    {"type": "string", "enum": list(vocab.BATCH_STATUS_LABELS)},
+                    "batches with a task in this status (Running includes Claimed); any case",
+                ),
+                _query(
+                    "kind",
+                    {"type": "string", "maxLength": LIMITS["filter_chars"]},
+                    "batches with a task of this kind",
+                ),
+                _query(
+                    "name",
+                    {"type": "string", "maxLength": LIMITS["filter_chars"]},
+                    "batches with a task whose name contains this",
+                ),
+                _query(
+                    "created_after",
+                    {"type": "string", "format": "date-time"},
+                    "first task created at or after (ISO 8601; UTC without an offset)",
+                ),
+                _query(
+                    "created_before",
+                    {"type": "string", "format": "date-time"},
+                    "first task created before (ISO 8601; UTC without an offset)",
+                ),
+            ],
+            "responses": {
+                **_ok(200, "One page of batches", {"type": "array", "items": _ref("BatchSummary")}),
+                **_errors(400),
+            },
+        },
+    },
+    "/batch/{id}": {
+        "parameters": [_BATCH_ID],
+        "get": {
+            "operationId": "getBatch",
+            "summary": "The batch's counts per status and sums of its task counters",
+            "responses": {**_ok(200, "The stats", _ref("BatchStats")), **_errors(404)},
+        },
+        "delete": {
+            "operationId": "stopBatch",
+            "summary": (
+                "Stop the batch: every unfinished task -> Canceled (reason `batch stopped`; "
+                "Running tasks fire their cancel webhooks), atomically"
+            ),
+            "responses": {
+                **_ok(200, "Counts per former status", _ref("StopBatchResponse")),
+                **_errors(404),
+            },
+        },
+    },
+    "/batch/{id}/rules": {
+        "parameters": [_BATCH_ID],
+        "patch": {
+            "operationId": "updateBatchRules",
+            "summary": "Replace the rules of one kind on the batch's unfinished tasks",
+            "requestBody": _body(_ref("BatchRulesUpdate"), "`rules: []` removes them"),
+            "responses": {
+                **_ok(200, "How many tasks changed", _ref("BatchRulesUpdated")),
+                **_errors(400, 404, 413, 415),
+            },
+        },
+    },
+    "/dag/{id}": {
+        "parameters": [_BATCH_ID],
+        "get": {
+            "operationId": "getBatchDag",
+            "summary": "The batch's tasks and the links into them",
+            "responses": {**_ok(200, "The DAG", _ref("Dag")), **_errors(404)},
         },
     },
     "/delivery/{id}/retry": {

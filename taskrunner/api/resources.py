@@ -132,16 +132,19 @@ class TaskItem:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
         p = {"id": _uuid_param(id, "task")}
-        task, deps, actions, deliveries, attempts = self.store.read(
+        task, deps, actions, deliveries, attempts, why = self.store.read(
             ("get_task", p),
             ("task_dependencies", p),
             ("task_actions", p),
             ("task_deliveries", p),
             ("task_attempts", p),
+            ("why_not_running", p),
         )
         if not task:
             raise not_found("task not found", [f"id: no task {p['id']}"])
-        _send(resp, serialize.task_detail(task[0], deps, actions, deliveries, attempts))
+        body = serialize.task_detail(task[0], deps, actions, deliveries, attempts)
+        body["why_not_running"] = serialize.why_not_running(why[0]["why"])
+        _send(resp, body)
 
     def on_patch(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
         task_id = _uuid_param(id, "task")

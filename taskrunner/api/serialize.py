@@ -7,16 +7,13 @@ import json
 import uuid
 from typing import Any
 
-from taskrunner.metrics import status_label
-
-_TRIGGERS = {"start": "Start", "success": "End", "failure": "End", "cancel": "Cancel"}
-_GROUPS = {
-    "start": "on_start",
-    "success": "on_success",
-    "failure": "on_failure",
-    "cancel": "on_cancel",
-}
-_DELIVERY_STATUS = {"in_flight": "InFlight"}
+from taskrunner.vocabulary import (
+    ACTION_FIELDS,
+    TRIGGER_LABELS,
+    delivery_status_label,
+    status_label,
+    verb_label,
+)
 
 
 def _default(value: Any) -> Any:
@@ -68,7 +65,7 @@ def task(row: dict) -> dict:
 
 
 def action(row: dict, deliveries: list[dict]) -> dict:
-    params: dict[str, Any] = {"url": row["url"], "verb": row["verb"].capitalize()}
+    params: dict[str, Any] = {"url": row["url"], "verb": verb_label(row["verb"])}
     if row["body"] is not None:
         params["body"] = row["body"]
     if row["headers"]:
@@ -76,22 +73,17 @@ def action(row: dict, deliveries: list[dict]) -> dict:
     return {
         "id": row["id"],
         "kind": "Webhook",
-        "trigger": _TRIGGERS[row["event"]],
+        "trigger": TRIGGER_LABELS[row["event"]],
         "params": params,
         "deliveries": deliveries,
     }
-
-
-def delivery_status(status: str) -> str:
-    """The API's name of a delivery status: ``in_flight`` -> ``InFlight``."""
-    return _DELIVERY_STATUS.get(status, status.capitalize())
 
 
 def delivery(row: dict, attempts: list[dict] | None = None) -> dict:
     """A delivery (one webhook call to make) with its attempts, when given."""
     body = {
         "id": row["id"],
-        "status": delivery_status(row["status"]),
+        "status": delivery_status_label(row["status"]),
         "attempt_count": row["attempts"],
         "next_attempt_at": row["next_attempt_at"],
         "last_status_code": row["last_status_code"],
@@ -132,10 +124,104 @@ def task_detail(
     body["dependencies"] = [
         {"id": d["parent_id"], "requires_success": d["requires_success"]} for d in dependencies
     ]
-    for group in _GROUPS.values():
+    for group in ACTION_FIELDS.values():
         body[group] = []
     for a in actions:
-        body[_GROUPS[a["event"]]].append(action(a, deliveries_of.get(a["id"], [])))
+        body[ACTION_FIELDS[a["event"]]].append(action(a, deliveries_of.get(a["id"], [])))
     # on_start is one action on input, so it is one action (or null) on output too
     body["on_start"] = next(iter(body["on_start"]), None)
     return body
+
+
+# -- batches (taskrunner/api/batches.py) ---------------------------------------------------
+
+# ArcRun's BatchStatusCounts, in its order
+STATUS_COUNTS = (
+    "waiting",
+    "pending",
+    "claimed",
+    "running",
+    "success",
+    "failure",
+    "paused",
+    "canceled",
+)
+
+
+def status_counts(row: dict) -> dict:
+    """ArcRun's ``BatchStatusCounts`` from a ``batch_summary`` row (claimed = running
+    tasks whose start is not acknowledged yet; running = the others)."""
+    return {status: row[status] for status in STATUS_COUNTS}
+
+
+def batch_summary(row: dict) -> dict:
+    """One row of ``GET /batches`` (ArcRun's ``BatchSummaryDto``)."""
+    return {
+        "batch_id": row["batch_id"],
+        "total_tasks": row["total_tasks"],
+        "first_created_at": row["first_created_at"],
+        "latest_updated_at": row["latest_updated_at"],
+        "status_counts": status_counts(row),
+        "kinds": row["kinds"],
+    }
+
+
+def batch_stats(row: dict) -> dict:
+    """``GET /batch/{id}`` (ArcRun's ``BatchStatsDto``, plus kinds and times). Tasks have no
+    ``expected_count`` yet, so ``total_expected`` is always null."""
+    return {
+        "batch_id": row["batch_id"],
+        "total_tasks": row["total_tasks"],
+        "total_success": row["total_success"],
+        "total_failures": row["total_failures"],
+        "total_expected": None,
+        "status_counts": status_counts(row),
+        "kinds": row["kinds"],
+        "first_created_at": row["first_created_at"],
+        "latest_updated_at": row["latest_updated_at"],
+    }
+
+
+def basic_task(row: dict) -> dict:
+    """ArcRun's ``BasicTaskDto`` (a DAG node). We have no ``expected_count`` and no dead-end
+    cancellation: those fields are always null and false."""
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "kind": row["kind"],
+        "status": status_label(row["status"]),
+        "created_at": row["created_at"],
+        "started_at": row["started_at"],
+        "ended_at": row["ended_at"],
+        "success": row["success"],
+        "failures": row["failures"],
+        "expected_count": None,
+        "batch_id": row["batch_id"],
+        "dead_end_barrier": False,
+        "priority": row["priority"],
+    }
+
+
+def transition(row: dict) -> dict:
+    """One ``task_history`` row: when, from (null at creation), to, why, and who
+    (``actor``: the session's application_name and role; null for old rows)."""
+    previous = row["from_status"]
+    return {
+        "at": row["at"],
+        "from": status_label(previous) if previous else None,
+        "to": status_label(row["to_status"]),
+        "reason": row["reason"],
+        "actor": row["actor"],
+    }
+
+
+def why_not_running(value: dict | None) -> dict | None:
+    """``taskrunner.why_not_running()`` with API spellings (statuses, the seed's rule form)."""
+    if value is None:
+        return None
+    out = dict(value)
+    if "parents" in out:
+        out["parents"] = [{**p, "status": status_label(p["status"])} for p in out["parents"]]
+    if "rules" in out:
+        out["rules"] = [{**r, "rule": rule(r["rule"])} for r in out["rules"]]
+    return out

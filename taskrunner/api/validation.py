@@ -1,7 +1,9 @@
 """Request validation: the user's JSON -> the normalised input of the SQL functions.
 
-Shapes are checked with JSON Schema (Draft 2020-12, every error collected), cross-field
-rules (local ids, dependencies, cycles, rule fields) in code. Every problem becomes one
+Shapes are checked with JSON Schema (Draft 2020-12; the first 100 problems worded, the
+rest counted, at a cost bounded by the compiled fast check), cross-field rules (local ids,
+dependencies, cycles, rule fields) in code. Enums, ranges and defaults come from
+``taskrunner.vocabulary``. Every problem becomes one
 ``"<path>: <problem>"`` detail, e.g. ``"[2].dependencies[0].id: unknown local id 'x'"``;
 ``Invalid`` carries them all. Enum values are accepted in any letter case. ``null`` for an
 optional field means "absent" (clients that serialise empty options as null work as is).
@@ -9,6 +11,7 @@ optional field means "absent" (clients that serialise empty options as null work
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,6 +21,7 @@ import fastjsonschema
 import httpx
 from jsonschema import Draft202012Validator, ValidationError
 
+from taskrunner import vocabulary as vocab
 from taskrunner.netguard import Policy
 
 # The limits the API enforces (name -> value). Anything above is a 400 (body: 413).
@@ -49,12 +53,11 @@ LIMITS: dict[str, int] = {
     "reported_errors": 100,  # details listed in one 400 response
 }
 
-STATUSES = ("Waiting", "Pending", "Running", "Success", "Failure", "Canceled", "Paused")
-VERBS = ("Get", "Post", "Put", "Patch", "Delete")
 DEFAULT_PER_PAGE = 50
 _RULE_NAMES = {"concurency", "concurrency"}
 _MAX_KEYS = ("max_concurency", "max_concurrency")
-_ACTION_LISTS = {"on_success": "success", "on_failure": "failure", "on_cancel": "cancel"}
+# the task fields that hold a list of actions -> their event
+_ACTION_LISTS = {field: event for event, field in vocab.ACTION_FIELDS.items() if event != "start"}
 
 
 class Invalid(Exception):
@@ -110,7 +113,7 @@ _UUID = {
 _MATCHER = _object(
     {
         "kind": _text(LIMITS["kind_chars"]),
-        "status": _one_of(*STATUSES),
+        "status": _one_of(*vocab.STATUS_LABELS),
         "fields": {
             "type": "array",
             "items": _text(LIMITS["field_chars"]),
@@ -126,11 +129,11 @@ _RULE_BODY = _object(
 )
 
 
-def _action(trigger: str) -> dict:
+def _action(event: str) -> dict:
     params = _object(
         {
             "url": {"type": "string", "maxLength": LIMITS["url_chars"]},
-            "verb": _one_of(*VERBS),
+            "verb": _one_of(*vocab.VERB_LABELS),
             "body": {},
             "headers": {
                 "type": "object",
@@ -156,6 +159,7 @@ def _action(trigger: str) -> dict:
         },
         required=["url", "verb"],
     )
+    trigger = vocab.TRIGGER_LABELS[event]
     return _object(
         {
             "kind": _one_of("Webhook"),
@@ -166,18 +170,20 @@ def _action(trigger: str) -> dict:
     )
 
 
+def _actions_list(event: str) -> dict:
+    return _array(_action(event), LIMITS["actions_per_list"])
+
+
 _TASK = _object(
     {
         "id": _text(LIMITS["local_id_chars"]),
         "name": _text(LIMITS["name_chars"]),
         "kind": _text(LIMITS["kind_chars"]),
-        "timeout": _int(1, 86400),
-        "priority": _int(-1000, 1000),
+        "timeout": _int(*vocab.TIMEOUT_SECONDS),
+        "priority": _int(*vocab.PRIORITY_RANGE),
         "metadata": {"type": "object"},
-        "on_start": _action("Start"),
-        "on_success": _array(_action("End"), LIMITS["actions_per_list"]),
-        "on_failure": _array(_action("End"), LIMITS["actions_per_list"]),
-        "on_cancel": _array(_action("Cancel"), LIMITS["actions_per_list"]),
+        "on_start": _action("start"),
+        **{field: _actions_list(event) for field, event in _ACTION_LISTS.items()},
         "dependencies": {
             "type": "array",
             "maxItems": LIMITS["dependencies"],
@@ -194,7 +200,7 @@ _TASK = _object(
 _BATCH = {"type": "array", "minItems": 1, "maxItems": LIMITS["batch_tasks"], "items": _TASK}
 _PATCH = _object(
     {
-        "status": _one_of("Success", "Failure"),
+        "status": _one_of(*vocab.REPORTED_STATUS_LABELS),
         "new_success": _COUNT,
         "new_failures": _COUNT,
         "metadata": {"type": "object"},
@@ -206,6 +212,10 @@ _PUT_ITEM = _object(
     {"task_id": _UUID, "new_success": _COUNT, "new_failures": _COUNT}, required=["task_id"]
 )
 _PUT_BATCH = {"type": "array", "maxItems": LIMITS["batch_tasks"], "items": _PUT_ITEM}
+_BATCH_RULES = _object(
+    {"kind": _text(LIMITS["kind_chars"]), "rules": _array({"type": "object"}, LIMITS["rules"])},
+    required=["kind", "rules"],
+)
 
 # The request schemas by name (the OpenAPI document reuses them, taskrunner/api/openapi.py)
 SCHEMAS: dict[str, dict] = {
@@ -215,13 +225,106 @@ SCHEMAS: dict[str, dict] = {
     "counters": _COUNTERS,
     "put_item": _PUT_ITEM,
     "put_batch": _PUT_BATCH,
+    # the cancel actions a start webhook's response registers: the same as on_cancel
+    "cancel_actions": _actions_list("cancel"),
+    "batch_rules": _BATCH_RULES,
 }
-_VALIDATORS = {name: Draft202012Validator(schema) for name, schema in SCHEMAS.items()}
-# The same schemas compiled to Python code: the fast yes/no for valid input (POST /task
-# spent ~80% of its time in jsonschema, docs/performance.md S5). Only a "no" goes on to
-# jsonschema, which words every error. The schemas use only keywords both libraries read
-# alike (tests/test_validation_fast_path.py checks the fast path is never more permissive).
-_FAST_VALIDATORS = {name: fastjsonschema.compile(schema) for name, schema in SCHEMAS.items()}
+# Schemas are checked in two passes. The fast one (fastjsonschema, compiled to Python code)
+# says yes or no: POST /task spent ~80% of its time in jsonschema (docs/performance.md S5).
+# Only a "no" goes on to jsonschema, which words every error, and only where the fast pass
+# points (_Finder). The schemas use only keywords both libraries read alike
+# (tests/test_validation_fast_path.py checks the fast path is never more permissive).
+_FAST: dict[int, tuple[dict, Any]] = {}  # id(schema) -> (schema, compiled check)
+_SLOW: dict[int, tuple[dict, Draft202012Validator]] = {}
+_SHALLOW: dict[int, tuple[dict, dict]] = {}  # id(schema) -> (schema, its shallow form)
+
+
+def _passes(schema: dict, instance: Any) -> bool:
+    """The fast yes/no (compiled on first use; schemas are module constants)."""
+    if id(schema) not in _FAST:
+        _FAST[id(schema)] = (schema, fastjsonschema.compile(schema))
+    try:
+        _FAST[id(schema)][1](instance)
+    except fastjsonschema.JsonSchemaException:
+        return False
+    return True
+
+
+# compiled at import, not on a request (the nested schemas compile when first needed)
+for _schema in SCHEMAS.values():
+    _passes(_schema, None)
+
+
+def _slow(schema: dict) -> Draft202012Validator:
+    if id(schema) not in _SLOW:
+        _SLOW[id(schema)] = (schema, Draft202012Validator(schema))
+    return _SLOW[id(schema)][1]
+
+
+def _shallow(schema: dict) -> dict:
+    """The schema without what it says about its children: the container's own rules
+    (type, size, required and unknown keys, key names)."""
+    if id(schema) not in _SHALLOW:
+        out = {k: v for k, v in schema.items() if k != "items"}
+        if "properties" in out:
+            out["properties"] = dict.fromkeys(out["properties"], {})
+        if isinstance(out.get("additionalProperties"), dict):
+            out["additionalProperties"] = True
+        _SHALLOW[id(schema)] = (schema, out)
+    return _SHALLOW[id(schema)][1]
+
+
+def _children(schema: dict, instance: Any) -> list[tuple[dict, Any, Any]] | None:
+    """``(schema, value, key)`` of each child the schema describes; None for a leaf."""
+    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        return [(schema["items"], v, i) for i, v in enumerate(instance)]
+    if isinstance(instance, dict) and "properties" in schema:
+        properties = schema["properties"]
+        return [(properties[k], v, k) for k, v in instance.items() if k in properties]
+    if isinstance(instance, dict) and isinstance(schema.get("additionalProperties"), dict):
+        return [(schema["additionalProperties"], v, k) for k, v in instance.items()]
+    return None
+
+
+class _Finder:
+    """Where an instance breaks a schema, at a cost bounded by the fast pass.
+
+    It descends only into the parts the fast pass refuses, words (with jsonschema) only a
+    container's own rules and the failing leaves, never looks inside a container that is
+    already too big, and once ``budget`` problems are worded it only counts further
+    failing places (``"<path>: invalid"``, beyond what Invalid lists), so a large invalid
+    body costs about what a valid one does (issue 13.11).
+    """
+
+    _SIZE_RULES = frozenset({"maxItems", "maxProperties"})
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.found: dict[str, None] = {}
+
+    def check(self, schema: dict, instance: Any, path: list[Any]) -> None:
+        if _passes(schema, instance):
+            return
+        children = _children(schema, instance)
+        if len(self.found) >= self.budget:
+            self._count(schema, instance, path, children)
+            return
+        own = schema if children is None else _shallow(schema)
+        errors = list(_slow(own).iter_errors(instance))
+        for error in errors:
+            self.found.update(dict.fromkeys(_messages(error, path)))
+        if children is None or any(e.validator in self._SIZE_RULES for e in errors):
+            return
+        for child_schema, value, key in children:
+            self.check(child_schema, value, [*path, key])
+
+    def _count(self, schema: dict, instance: Any, path: list[Any], children: list | None) -> None:
+        if children is None or not _passes(_shallow(schema), instance):
+            self.found[f"{path_text(path)}: invalid"] = None
+            return
+        for child_schema, value, key in children:
+            self.check(child_schema, value, [*path, key])
+
 
 # -- error messages --------------------------------------------------------------------
 
@@ -282,16 +385,11 @@ def _messages(error: ValidationError, base: Sequence[Any]) -> list[str]:
 
 
 def schema_errors(name: str, instance: Any, base: Sequence[Any] = ()) -> list[str]:
-    """Every problem the named schema finds, as details (duplicates removed)."""
-    try:
-        _FAST_VALIDATORS[name](instance)
-        return []
-    except fastjsonschema.JsonSchemaException:
-        pass
-    found: dict[str, None] = {}
-    for error in _VALIDATORS[name].iter_errors(instance):
-        found.update(dict.fromkeys(_messages(error, base)))
-    return list(found)
+    """The problems the named schema finds, as details (duplicates removed): the first
+    ``reported_errors`` worded, the rest only counted (see ``_Finder``)."""
+    finder = _Finder(LIMITS["reported_errors"])
+    finder.check(SCHEMAS[name], instance, list(base))
+    return list(finder.found)
 
 
 # -- small checks shared by the request types --------------------------------------------
@@ -396,6 +494,13 @@ def _actions(task: dict, i: int, policy: Policy | None) -> tuple[list[dict], lis
     placed = [("start", task["on_start"], [i, "on_start"])]
     for key, event in _ACTION_LISTS.items():
         placed += [(event, a, [i, key, j]) for j, a in enumerate(task.get(key, []))]
+    return _normalised_actions(placed, policy)
+
+
+def _normalised_actions(
+    placed: Iterable[tuple[str, dict, list[Any]]], policy: Policy | None
+) -> tuple[list[dict], list[str]]:
+    """Shape-valid ``(event, action, path)`` -> the create_batch form, with URL problems."""
     actions, errors = [], []
     for event, action, path in placed:
         params = _drop_nulls(action["params"])
@@ -410,6 +515,23 @@ def _actions(task: dict, i: int, policy: Policy | None) -> tuple[list[dict], lis
             }
         )
     return actions, errors
+
+
+def cancel_actions_input(entries: Any, policy: Policy | None = None) -> list[dict]:
+    """The cancel actions a start webhook's response registers -> the ``cancel_actions``
+    form of ``finish_deliveries`` (``{url, verb, body, headers}``).
+
+    The same rules as a task's ``on_cancel`` at creation (count, URL, verb, headers), by
+    the same code; raises Invalid (paths are positions in the response).
+    """
+    errors = schema_errors("cancel_actions", entries)
+    if errors:
+        raise Invalid(errors)
+    placed = [("cancel", action, [j]) for j, action in enumerate(entries)]
+    actions, errors = _normalised_actions(placed, policy)
+    if errors:
+        raise Invalid(errors)
+    return [{k: v for k, v in a.items() if k != "event"} for a in actions]
 
 
 def _dependencies(task: dict, i: int, local_ids: Mapping[str, int]) -> tuple[list, list[str]]:
@@ -484,8 +606,8 @@ def _task(
         "local_id": task["id"],
         "name": task["name"],
         "kind": task["kind"],
-        "timeout": int(task.get("timeout", 60)),
-        "priority": int(task.get("priority", 0)),
+        "timeout": int(task.get("timeout", vocab.DEFAULT_TIMEOUT_SECONDS)),
+        "priority": int(task.get("priority", vocab.DEFAULT_PRIORITY)),
         "metadata": metadata,
         "rules": rules,
         "dedupe": dedupe,
@@ -560,12 +682,9 @@ def update_input(body: Any) -> dict:
     if errors:
         raise Invalid(errors)
     status = body.get("status", "").lower() or None
+    # failure_reason iff Failure: update_task owns that rule (a TR400 the API shows as 400)
     reason = body.get("failure_reason")
     errors = _metadata_errors(body.get("metadata"), ["metadata"])
-    if status == "failure" and reason is None:
-        errors.append("failure_reason: is required when status is Failure")
-    if reason is not None and status != "failure":
-        errors.append("failure_reason: only allowed when status is Failure")
     if errors:
         raise Invalid(errors)
     metadata = body.get("metadata")
@@ -633,33 +752,86 @@ def _metadata_filter(raw: str | None) -> tuple[str | None, list[str]]:
     return json.dumps(value), []
 
 
-def list_filters(params: Mapping[str, str]) -> dict:
-    """GET /task query string -> the parameters of the ``list_tasks`` query."""
+def _common_filters(params: Mapping[str, str], statuses: Sequence[str]) -> tuple[dict, list[str]]:
+    """What GET /task and GET /batches share: ``page`` (0-based), ``per_page`` (alias
+    ``page_size``) -> ``limit``/``offset``; ``status``; the ``kind`` and ``name`` texts."""
     page, errors = _query_int(params, "page", 0, 0, LIMITS["page"])
     size_name = "per_page" if "per_page" in params else "page_size"
     per_page, size_errors = _query_int(params, size_name, DEFAULT_PER_PAGE, 1, LIMITS["per_page"])
-    metadata, metadata_errors = _metadata_filter(params.get("metadata"))
-    errors += size_errors + metadata_errors
+    errors += size_errors
     status = params.get("status") or None
-    if status is not None and status.capitalize() not in STATUSES:
-        errors.append(f"status: must be one of {', '.join(STATUSES)}")
-    batch_id = params.get("batch_id") or None
-    if batch_id is not None and parse_uuid(batch_id) is None:
-        errors.append("batch_id: must be a UUID")
+    if status is not None and status.capitalize() not in statuses:
+        errors.append(f"status: must be one of {', '.join(statuses)}")
     for name in ("kind", "name"):
         value = params.get(name) or ""
         if len(value) > LIMITS["filter_chars"]:
             errors.append(f"{name}: must be at most {LIMITS['filter_chars']} characters")
         elif "\x00" in value:
             errors.append(f"{name}: must not contain NUL characters")
-    if errors:
-        raise Invalid(errors)
-    return {
+    filters = {
         "status": status.lower() if status else None,
         "kind": params.get("kind") or None,
         "name": params.get("name") or None,
-        "batch_id": batch_id,
-        "metadata": metadata,
         "limit": per_page,
         "offset": page * per_page,
     }
+    return filters, errors
+
+
+def list_filters(params: Mapping[str, str]) -> dict:
+    """GET /task query string -> the parameters of the ``list_tasks`` query."""
+    filters, errors = _common_filters(params, vocab.STATUS_LABELS)
+    metadata, metadata_errors = _metadata_filter(params.get("metadata"))
+    errors += metadata_errors
+    batch_id = params.get("batch_id") or None
+    if batch_id is not None and parse_uuid(batch_id) is None:
+        errors.append("batch_id: must be a UUID")
+    if errors:
+        raise Invalid(errors)
+    return {**filters, "batch_id": batch_id, "metadata": metadata}
+
+
+# -- the batch routes (taskrunner/api/batches.py) ----------------------------------------
+
+# GET /batches?status=: a task status, or Claimed (running, start not yet acknowledged)
+
+
+def _time_filter(params: Mapping[str, str], name: str) -> tuple[dt.datetime | None, list[str]]:
+    raw = params.get(name) or None
+    if raw is None:
+        return None, []
+    try:
+        value = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        return None, [f"{name}: must be an ISO 8601 date-time, e.g. 2026-11-27T14:00:00Z"]
+    # a time without an offset is UTC (never the server's time zone)
+    return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)), []
+
+
+def batch_list_filters(params: Mapping[str, str]) -> dict:
+    """GET /batches query string -> the parameters of the ``list_batches`` query."""
+    filters, errors = _common_filters(params, vocab.BATCH_STATUS_LABELS)
+    after, after_errors = _time_filter(params, "created_after")
+    before, before_errors = _time_filter(params, "created_before")
+    errors += after_errors + before_errors
+    if errors:
+        raise Invalid(errors)
+    return {**filters, "created_after": after, "created_before": before}
+
+
+def batch_rules_input(body: Any) -> dict:
+    """PATCH /batch/{id}/rules body -> ``{kind, rules}`` with the rules normalised as at
+    creation (either rule form; the metadata fields are checked by ``set_batch_rules``,
+    which sees each task's metadata)."""
+    body = _drop_nulls(body)
+    errors = schema_errors("batch_rules", body)
+    if errors:
+        raise Invalid(errors)
+    rules = []
+    for j, raw in enumerate(body["rules"]):
+        rule, _, rule_errors = _rule(raw, ["rules", j])
+        errors += rule_errors
+        rules.append(rule)
+    if errors:
+        raise Invalid(errors)
+    return {"kind": body["kind"], "rules": rules}

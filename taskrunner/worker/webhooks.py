@@ -6,7 +6,9 @@ its JSON body and headers, plus ``X-Task-Id``, ``X-Task-Trigger`` and an
 ``Idempotency-Key`` (the delivery id, stable across retries). Redirects are never
 followed: a 3xx is a failure like any other non-2xx answer. Every connection goes through
 the SSRF guard (``taskrunner.netguard``); a refused URL is a final failure
-(``blocked: <reason>``), never retried.
+(``blocked: <reason>``), never retried. Cancel actions in a start's response are checked
+by the code that checks ``on_cancel`` at creation; a response that breaks those rules
+fails the start.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 
 from taskrunner import netguard
+from taskrunner.api.validation import Invalid, cancel_actions_input
 from taskrunner.config import Config
+from taskrunner.vocabulary import TRIGGER_LABELS
 
 log = logging.getLogger(__name__)
 
-# The API's trigger names for the SQL action events (success and failure are both "End").
-TRIGGERS = {"start": "Start", "success": "End", "failure": "End", "cancel": "Cancel"}
-VERBS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 # A start response bigger than this is not read for cancel actions (the start still counts).
 MAX_RESPONSE_BYTES = 1 << 20
 
@@ -100,7 +101,7 @@ def build_request(client: httpx.AsyncClient, item: WorkItem, host_url: str) -> h
     headers.update(
         {
             "X-Task-Id": str(item.task_id),
-            "X-Task-Trigger": TRIGGERS[item.event],
+            "X-Task-Trigger": TRIGGER_LABELS[item.event],
             "Idempotency-Key": str(item.delivery_id),
         }
     )
@@ -155,16 +156,27 @@ async def _attempt(
     if not response.is_success:
         status = response.status_code
         return _failed(started_at, f"HTTP {status}", status_code=status)
+    policy = netguard.Policy.from_config(config)
     try:
-        actions = start_response_actions(body, item.task_id) if body else None
+        actions = start_response_actions(body, item.task_id, policy)
+    except Invalid as exc:
+        # what the target asks us to register breaks the on_cancel rules: the start fails
+        # (another attempt would get the same answer)
+        error = f"invalid cancel actions in the start response: {_summary(exc.details)}"
+        return _failed(started_at, error, retryable=False, status_code=response.status_code)
     except Exception as exc:
-        # the target answered, but with something we cannot use or store: another attempt
-        # would get the same answer
+        # the target answered, but with something we cannot read or store
         error = f"bad response: {describe_exception(exc)}"
         return _failed(started_at, error, retryable=False, status_code=response.status_code)
     return WebhookResult(
         ok=True, started_at=started_at, status_code=response.status_code, cancel_actions=actions
     )
+
+
+def _summary(details: list[str], most: int = 5) -> str:
+    """The first few problems, for an error text that stays readable."""
+    more = f"; (and {len(details) - most} more)" if len(details) > most else ""
+    return "; ".join(details[:most]) + more
 
 
 async def _read_capped(response: httpx.Response) -> bytes:
@@ -214,10 +226,12 @@ def _root_os_error(exc: BaseException) -> OSError | None:
     return found
 
 
-def start_response_actions(body: bytes, task_id: uuid.UUID | str) -> list[dict] | None:
+def start_response_actions(
+    body: bytes, task_id: uuid.UUID | str, policy: netguard.Policy | None = None
+) -> list[dict] | None:
     """``parse_cancel_actions``, refusing actions PostgreSQL could not store (a NUL
     character anywhere in them): ValueError, so the start fails with the reason."""
-    actions = parse_cancel_actions(body, task_id)
+    actions = parse_cancel_actions(body, task_id, policy)
     if actions and _holds_nul(actions):
         raise ValueError(
             "the cancel actions hold a NUL character (\\u0000), which cannot be stored"
@@ -235,44 +249,36 @@ def _holds_nul(value: Any) -> bool:
     return False
 
 
-def parse_cancel_actions(body: bytes, task_id: uuid.UUID | str) -> list[dict[str, Any]] | None:
-    """The cancel actions in a start response: an action or a list of actions.
+def parse_cancel_actions(
+    body: bytes, task_id: uuid.UUID | str, policy: netguard.Policy | None = None
+) -> list[dict[str, Any]] | None:
+    """The cancel actions in a start response: a webhook action or a list of them.
 
-    Returns the valid ones normalised to ``{url, verb, body, headers}``, or None when the
-    body holds none; invalid entries are logged and skipped.
+    Entries that are not webhook actions (not an object, another ``kind``, neither
+    ``kind`` nor ``params``) are not meant for us and are ignored; None when nothing is
+    left. The webhook actions must pass the rules of a task's ``on_cancel`` at creation
+    (``validation.cancel_actions_input``: count, URL, verb, headers); any problem refuses
+    them all (raises Invalid, ``[n]`` counting the webhook actions of the response).
     """
+    if not body:
+        return None
     try:
         parsed = json.loads(body)
     except ValueError:
         return None
     entries = parsed if isinstance(parsed, list) else [parsed]
-    actions = []
-    for entry in entries:
-        action, problem = _normalise_action(entry)
-        if problem:
-            log.info("task %s: ignoring an entry of the start response: %s", task_id, problem)
-        else:
-            actions.append(action)
-    return actions or None
+    actions = [e for e in entries if _is_webhook_action(e)]
+    if len(actions) < len(entries):
+        log.info(
+            "task %s: ignoring %d entries of the start response that are not webhook actions",
+            task_id,
+            len(entries) - len(actions),
+        )
+    return cancel_actions_input(actions, policy) if actions else None
 
 
-def _normalise_action(entry: Any) -> tuple[dict[str, Any], str | None]:
+def _is_webhook_action(entry: Any) -> bool:
     if not isinstance(entry, dict):
-        return {}, "not an object"
-    if str(entry.get("kind", "")).lower() != "webhook":
-        return {}, "kind is not Webhook"
-    if str(entry.get("trigger") or "cancel").lower() != "cancel":
-        return {}, "trigger is not Cancel"
-    params = entry.get("params")
-    if not isinstance(params, dict):
-        return {}, "params is not an object"
-    url = params.get("url")
-    verb = str(params.get("verb", "")).upper()
-    headers = params.get("headers") or {}
-    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
-        return {}, "params.url is not an http(s) URL"
-    if verb not in VERBS:
-        return {}, f"params.verb must be one of {', '.join(sorted(VERBS))}"
-    if not isinstance(headers, dict):
-        return {}, "params.headers is not an object"
-    return {"url": url, "verb": verb, "body": params.get("body"), "headers": headers}, None
+        return False
+    kind = entry.get("kind")
+    return "params" in entry if kind is None else str(kind).lower() == "webhook"

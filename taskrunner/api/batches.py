@@ -1,0 +1,111 @@
+"""The batch routes (ArcRun's shapes) and a task's history.
+
+``GET /batches``, ``GET|DELETE /batch/{id}``, ``PATCH /batch/{id}/rules``, ``GET /dag/{id}``
+and ``GET /task/{id}/history``. Like every resource, each responder validates its input,
+runs named queries over the SQL views and functions a DBA can use too (``batch_summary``,
+``stop_batch``, ``set_batch_rules``, ``batch_links``, ``task_history``; docs/sql.md), and
+writes JSON. Unknown batches (and ids that are not UUIDs) are a 404.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import falcon
+
+from taskrunner.api import serialize
+from taskrunner.api.errors import not_found
+from taskrunner.api.resources import _send, _uuid_param, read_json
+from taskrunner.api.store import Store
+from taskrunner.api.validation import batch_list_filters, batch_rules_input
+
+log = logging.getLogger("taskrunner.api")
+
+
+def _no_batch(batch_id: str) -> falcon.HTTPError:
+    return not_found("batch not found", [f"id: no batch {batch_id}"])
+
+
+class BatchCollection:
+    """``GET /batches``: one summary per batch, newest first, filtered and paginated."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        filters = batch_list_filters({name: req.get_param(name) for name in req.params})
+        (rows,) = self.store.read(("list_batches", filters))
+        _send(resp, [serialize.batch_summary(r) for r in rows])
+
+
+class BatchItem:
+    """``/batch/{id}``: its stats (GET); stop it (DELETE: every unfinished task canceled)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        batch_id = _uuid_param(id, "batch")
+        (rows,) = self.store.read(("get_batch", {"id": batch_id}))
+        if not rows:
+            raise _no_batch(batch_id)
+        _send(resp, serialize.batch_stats(rows[0]))
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        batch_id = _uuid_param(id, "batch")
+        (row,) = self.store.call("stop_batch", {"id": batch_id})
+        log.info("batch %s stopped: %s", batch_id, row, extra={"batch_id": batch_id})
+        _send(resp, row)
+
+
+class BatchRules:
+    """``PATCH /batch/{id}/rules``: replace the rules of one kind on the unfinished tasks."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def on_patch(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        batch_id = _uuid_param(id, "batch")
+        change = batch_rules_input(read_json(req))
+        params = {"id": batch_id, "kind": change["kind"], "rules": json.dumps(change["rules"])}
+        (row,) = self.store.call("set_batch_rules", params)
+        log.info(
+            "batch %s: rules of kind %r replaced on %d tasks",
+            batch_id,
+            change["kind"],
+            row["updated_count"],
+            extra={"batch_id": batch_id},
+        )
+        _send(
+            resp,
+            {"batch_id": batch_id, "kind": change["kind"], "updated_count": row["updated_count"]},
+        )
+
+
+class BatchDag:
+    """``GET /dag/{id}``: the batch's tasks and the links into them."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        p = {"id": _uuid_param(id, "batch")}
+        tasks, links = self.store.read(("batch_tasks", p), ("batch_links", p))
+        if not tasks:
+            raise _no_batch(p["id"])
+        _send(resp, {"tasks": [serialize.basic_task(t) for t in tasks], "links": links})
+
+
+class TaskHistory:
+    """``GET /task/{id}/history``: every transition of the task, oldest first."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        p = {"id": _uuid_param(id, "task")}
+        task, history = self.store.read(("get_task", p), ("task_history", p))
+        if not task:
+            raise not_found("task not found", [f"id: no task {p['id']}"])
+        _send(resp, [serialize.transition(h) for h in history])
