@@ -74,6 +74,17 @@ def conn(db_url: str) -> Iterator[psycopg.Connection]:
         yield c
 
 
+# The metrics the seed's README lists: /metrics names every one of them from the start.
+SEED_METRICS = (
+    "tasks_created_total",
+    "tasks_completed_total",
+    "task_status_transitions_total",
+    "tasks_blocked_by_concurrency_total",
+    "dependency_propagations_total",
+    "worker_loop_duration_seconds",
+)
+
+
 # --- small builders for tests: only the fields a test cares about ---------------------
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
-from conftest import create_batch, task_spec, webhook
+from conftest import SEED_METRICS, create_batch, task_spec, webhook
 from procs import Reply, Sink, free_port, logged, service_env, wait_for, wait_healthy
 
 from taskrunner import metrics
@@ -28,14 +28,6 @@ pytestmark = pytest.mark.slow
 PASSWORD = "pw-Secret-4711"
 TOKEN = "tok-Secret-0815"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SEED_METRICS = [
-    "tasks_created_total",
-    "tasks_completed_total",
-    "task_status_transitions_total",
-    "tasks_blocked_by_concurrency_total",
-    "dependency_propagations_total",
-    "worker_loop_duration_seconds",
-]
 
 
 def with_password(url: str) -> str:
