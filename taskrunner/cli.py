@@ -308,7 +308,7 @@ _DEFAULTS = Config()  # the defaults every help text shows
 
 UP_EPILOG = f"""\
 defaults (environment variable: value when unset; README.md lists every setting):
-  DATABASE_URL            an embedded cluster in $TASKRUNNER_STATE_DIR or <checkout>/.taskrunner
+  DATABASE_URL            an embedded cluster in $TASKRUNNER_STATE_DIR or ./.taskrunner
   HOST / PORT             {_DEFAULTS.host} / {_DEFAULTS.port}
   HOST_URL                http://127.0.0.1:$PORT (the base of each webhook's handle)
   LOG_LEVEL               {_DEFAULTS.log_level}
@@ -395,7 +395,7 @@ def _add_migrate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dump",
         action="store_true",
-        help="also write the resulting schema to sql/schema.sql (needs pg_dump)",
+        help="also write the resulting schema to sql/schema.sql (in a checkout; needs pg_dump)",
     )
 
 
@@ -420,7 +420,8 @@ SUBCOMMANDS = [
         "Run everything on this machine: apply migrations, start the API (gunicorn) and "
         "WORKER_PROCESSES worker processes, wait until GET /health answers and print the "
         "URL. Without DATABASE_URL a private PostgreSQL cluster is started in "
-        ".taskrunner/ (kept between runs). Webhooks to private addresses are allowed "
+        "./.taskrunner/ of the current directory, or in TASKRUNNER_STATE_DIR (kept between "
+        "runs). Webhooks to private addresses are allowed "
         "unless WEBHOOK_ALLOW_PRIVATE is set. Ctrl-C or SIGTERM stops everything.",
         UP_EPILOG,
     ),
@@ -448,8 +449,9 @@ SUBCOMMANDS = [
         cmd_migrate,
         _add_migrate_options,
         "apply database migrations (dbmate)",
-        "Apply every pending migration in sql/migrations with dbmate (creating the "
-        "database if it does not exist). Needs DATABASE_URL.",
+        "Apply every pending migration shipped with the package (sql/migrations in the "
+        "checkout) with dbmate, creating the database if it does not exist. Needs "
+        "DATABASE_URL.",
         None,
     ),
     (

@@ -22,14 +22,6 @@ from taskrunner.db import QUERIES
 
 
 @pytest.fixture
-def pool(db_url: str) -> Iterator[Any]:
-    pool = db.create_pool(db_url, max_size=4, timeout=5)
-    pool.open(wait=True)
-    yield pool
-    pool.close()
-
-
-@pytest.fixture
 def buffer(pool) -> Iterator[CounterBuffer]:
     """A counter buffer that never flushes by itself: tests call flush()."""
     buffer = CounterBuffer(pool, interval=3600)

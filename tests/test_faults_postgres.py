@@ -30,7 +30,17 @@ from invariants import (
     assert_history_consistent,
     assert_no_double_start,
 )
-from procs import Reply, Sink, free_port, running, service_env, stop, wait_for, wait_healthy
+from procs import (
+    Reply,
+    Sink,
+    free_port,
+    running,
+    service,
+    service_env,
+    stop,
+    wait_for,
+    wait_healthy,
+)
 from psycopg.rows import dict_row
 
 from taskrunner import migrate, pgtools
@@ -71,11 +81,9 @@ def _open(conn: psycopg.Connection) -> int:
 def test_postgres_restart_mid_run(cluster, tmp_path):
     url = cluster.start()
     migrate.migrate(url)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     # WEBHOOK_TIMEOUT=2: leases of 14 s outlive the outage, so in-flight results are
     # recorded once the database is back rather than expiring
-    env = service_env(url, port, tmp_path, WEBHOOK_TIMEOUT="2", WORKER_CONCURRENCY="8")
+    settings = {"WEBHOOK_TIMEOUT": "2", "WORKER_CONCURRENCY": "8"}
     sink = Sink(respond=lambda req: Reply(delay=0.05))
     hook = {"kind": "Webhook", "params": {"url": f"{sink.url}/start", "verb": "Post"}}
     done = {"kind": "Webhook", "params": {"url": f"{sink.url}/done", "verb": "Post"}}
@@ -94,11 +102,9 @@ def test_postgres_restart_mid_run(cluster, tmp_path):
     ]
     outage: dict[str, float] = {}
     try:
-        with running(["api"], env), running(["worker", "--processes", "2"], env):
-            wait_healthy(base)
-            resp = httpx.post(f"{base}/task", json=batch)
-            assert resp.status_code == 201, resp.text
-            tasks = resp.json()
+        with service(url, tmp_path, **settings) as svc:
+            base = svc.base
+            tasks = svc.post(batch).json()
             with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
                 wait_for(
                     lambda: (

@@ -24,7 +24,7 @@ from invariants import (
     assert_no_double_start,
     assert_rule_respected,
 )
-from procs import Sink, free_port, running, service_env, wait_for, wait_healthy
+from procs import Sink, free_port, service, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -131,9 +131,7 @@ def counters_for(task_id: str) -> tuple[int, int]:
 def test_5000_tasks_4_apis_4_workers_nothing_lost_doubled_or_exceeded(db_url, conn, tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = service_env(
-        db_url, port, tmp_path, API_PROCESSES="4", WORKER_CONCURRENCY="16", POOL_MAX_SIZE="4"
-    )
+    settings = {"API_PROCESSES": "4", "WORKER_CONCURRENCY": "16", "POOL_MAX_SIZE": "4"}
     remote = Remote(base)
     sink = Sink(on_start=remote.on_start)
     rng = random.Random(3)
@@ -146,8 +144,7 @@ def test_5000_tasks_4_apis_4_workers_nothing_lost_doubled_or_exceeded(db_url, co
     ran: set[str] = set()
     started = time.monotonic()
     try:
-        with running(["api"], env), running(["worker", "--processes", "4"], env):
-            wait_healthy(base)
+        with service(db_url, tmp_path, port=port, worker_processes=4, **settings):
 
             def submit(dag: list[dict]) -> None:
                 resp = remote.client.post(f"{base}/task", json=dag)

@@ -28,7 +28,7 @@ from test_worker import (  # noqa: F401 (sink and start_worker are fixtures)
     wait_until,
 )
 
-from taskrunner import db, netguard
+from taskrunner import netguard
 from taskrunner.api.app import create_app
 from taskrunner.api.counters import CounterBuffer
 from taskrunner.api.validation import LIMITS
@@ -333,14 +333,6 @@ def test_worker_follows_the_allowlist_and_never_a_redirect(conn, start_worker, s
 
 
 # -- the API: obvious SSRF at creation, auth, limits ----------------------------------------
-
-
-@pytest.fixture
-def pool(db_url: str) -> Iterator[Any]:
-    pool = db.create_pool(db_url, max_size=4, timeout=5)
-    pool.open(wait=True)
-    yield pool
-    pool.close()
 
 
 @pytest.fixture

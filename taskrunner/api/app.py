@@ -23,14 +23,8 @@ from taskrunner.api.resources import (
 )
 from taskrunner.api.store import Store
 from taskrunner.config import Config
-from taskrunner.migrate import MIGRATIONS_DIR
+from taskrunner.migrate import newest_version
 from taskrunner.netguard import Policy
-
-
-def newest_migration() -> str | None:
-    """The version of the newest migration file, if the files are at hand."""
-    versions = [p.name.split("_", 1)[0] for p in MIGRATIONS_DIR.glob("*.sql")]
-    return max(versions, default=None)
 
 
 def create_app(
@@ -59,7 +53,7 @@ def create_app(
     app.add_route("/dag/{id}", BatchDag(store))
     app.add_route("/metrics", Metrics())
     app.add_route("/health", Health())
-    app.add_route("/ready", Ready(store, newest_migration()))
+    app.add_route("/ready", Ready(store, newest_version()))
     app.add_route("/openapi.json", OpenApi(openapi.document()))
     return app
 
