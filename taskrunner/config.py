@@ -40,6 +40,8 @@ class Config:
     host: str = "127.0.0.1"
     host_url: str = ""
     log_level: str = "info"
+    log_format: str = "text"
+    access_log: bool = True
     api_processes: int = 2
     api_threads: int = 4
     worker_processes: int = 2
@@ -75,6 +77,8 @@ class Config:
             host=env.get("HOST", "127.0.0.1"),
             host_url=env.get("HOST_URL", ""),
             log_level=(env.get("LOG_LEVEL") or env.get("RUST_LOG") or "info").lower(),
+            log_format=(env.get("LOG_FORMAT") or "text").lower(),
+            access_log=_bool(env.get("ACCESS_LOG"), default=True),
             api_processes=_int(env, "API_PROCESSES", 2),
             api_threads=_int(env, "API_THREADS", 4),
             worker_processes=_int(env, "WORKER_PROCESSES", 2),

@@ -10,6 +10,7 @@ from taskrunner.api import errors, openapi
 from taskrunner.api.auth import BearerAuth
 from taskrunner.api.batches import BatchCollection, BatchDag, BatchItem, BatchRules, TaskHistory
 from taskrunner.api.counters import CounterBuffer
+from taskrunner.api.requestlog import RequestLog
 from taskrunner.api.resources import (
     DeliveryRetry,
     Health,
@@ -34,7 +35,9 @@ def create_app(
     counters = counters or CounterBuffer(
         pool, config.counter_flush_interval, config.counter_buffer_max
     )
-    middleware = [BearerAuth(config.api_token)] if config.api_token else []
+    middleware: list = [RequestLog()] if config.access_log else []
+    if config.api_token:
+        middleware.append(BearerAuth(config.api_token))
     app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
