@@ -42,6 +42,9 @@ class Config:
     log_level: str = "info"
     api_processes: int = 2
     api_threads: int = 4
+    # seconds an idle keep-alive connection stays open: longer than the idle timeout of
+    # any load balancer or pooled client in front (60 s is common), so they close first
+    api_keepalive: int = 75
     worker_processes: int = 2
     worker_concurrency: int = 32
     webhook_timeout: float = 10.0
@@ -75,6 +78,7 @@ class Config:
             log_level=(env.get("LOG_LEVEL") or env.get("RUST_LOG") or "info").lower(),
             api_processes=_int(env, "API_PROCESSES", 2),
             api_threads=_int(env, "API_THREADS", 4),
+            api_keepalive=_int(env, "API_KEEPALIVE", 75),
             worker_processes=_int(env, "WORKER_PROCESSES", 2),
             worker_concurrency=_int(env, "WORKER_CONCURRENCY", 32),
             webhook_timeout=_float(env, "WEBHOOK_TIMEOUT", 10.0),
