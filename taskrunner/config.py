@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from taskrunner import signing
+
 
 def _bool(value: str | None, default: bool = False) -> bool:
     if value is None or value == "":
@@ -53,6 +55,8 @@ class Config:
     webhook_backoff_max: float = 60.0
     webhook_allow_private: bool = False
     webhook_allowlist: list[str] = field(default_factory=list)
+    # WEBHOOK_SIGNING_SECRET: sign every webhook with each (see taskrunner.signing)
+    webhook_signing_secrets: list[str] = field(default_factory=list)
     poll_interval: float = 1.0
     tick_interval: float = 1.0
     shutdown_grace: float = 10.0
@@ -87,6 +91,7 @@ class Config:
             webhook_backoff_max=_float(env, "WEBHOOK_BACKOFF_MAX", 60.0),
             webhook_allow_private=_bool(env.get("WEBHOOK_ALLOW_PRIVATE")),
             webhook_allowlist=allowlist,
+            webhook_signing_secrets=signing.parse_secrets(env.get("WEBHOOK_SIGNING_SECRET")),
             poll_interval=_float(env, "POLL_INTERVAL", 1.0),
             tick_interval=_float(env, "TICK_INTERVAL", 1.0),
             shutdown_grace=_float(env, "SHUTDOWN_GRACE", 10.0),

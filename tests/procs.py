@@ -100,6 +100,8 @@ class Sink:
                     "query": parse_qs(parts.query),
                     "headers": {k.lower(): v for k, v in self.headers.items()},
                     "body": json.loads(body) if body else None,
+                    "raw_body": body,
+                    "target": self.path,  # path and query, as requested
                     "at": time.time(),
                 }
                 with sink.lock:
