@@ -33,11 +33,25 @@ def _float(env: dict, name: str, default: float) -> float:
     return _number(env, name, default, float, "a number")
 
 
+def _choice(env: dict, name: str, allowed: tuple[str, ...]) -> str:
+    value = (env.get(name) or "").strip().lower()
+    if value not in allowed:
+        raise SystemExit(
+            f"{name} must be one of {', '.join(a for a in allowed if a)}, got {value!r}"
+        )
+    return value
+
+
 @dataclass
 class Config:
     """Every setting of the service. See the configuration table in README.md."""
 
     database_url: str | None = None
+    # the workers' LISTEN connection (unset: database_url): direct to PostgreSQL when
+    # database_url is a pooler in transaction mode
+    listen_database_url: str | None = None
+    # "pgbouncer": DATABASE_URL is PgBouncer in transaction mode (no prepared statements)
+    database_pooler: str = ""
     port: int = 8085
     host: str = "127.0.0.1"
     host_url: str = ""
@@ -76,6 +90,8 @@ class Config:
         allowlist = [h.strip() for h in env.get("WEBHOOK_ALLOWLIST", "").split(",") if h.strip()]
         return cls(
             database_url=env.get("DATABASE_URL") or None,
+            listen_database_url=env.get("LISTEN_DATABASE_URL") or None,
+            database_pooler=_choice(env, "DATABASE_POOLER", ("", "none", "pgbouncer")),
             port=port,
             host=env.get("HOST", "127.0.0.1"),
             host_url=env.get("HOST_URL", ""),

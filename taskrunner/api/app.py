@@ -65,6 +65,8 @@ def get_app() -> falcon.App:
     config = Config.from_env()
     if not config.database_url:
         raise SystemExit("DATABASE_URL is not set")
-    pool = db.create_pool(config.database_url, max_size=config.pool_max_size)
+    pool = db.create_pool(
+        config.database_url, max_size=config.pool_max_size, pooler=config.database_pooler
+    )
     pool.open(wait=False)
     return create_app(config, pool)
