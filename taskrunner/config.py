@@ -33,8 +33,9 @@ def _float(env: dict, name: str, default: float) -> float:
     return _number(env, name, default, float, "a number")
 
 
-def _choice(env: dict, name: str, allowed: tuple[str, ...]) -> str:
-    value = (env.get(name) or "").strip().lower()
+def _choice(name: str, raw: str | None, allowed: tuple[str, ...]) -> str:
+    """``raw`` (the value of ``name``), lower-cased, if it is one of ``allowed``."""
+    value = (raw or "").strip().lower()
     if value not in allowed:
         raise SystemExit(
             f"{name} must be one of {', '.join(a for a in allowed if a)}, got {value!r}"
@@ -91,7 +92,9 @@ class Config:
         return cls(
             database_url=env.get("DATABASE_URL") or None,
             listen_database_url=env.get("LISTEN_DATABASE_URL") or None,
-            database_pooler=_choice(env, "DATABASE_POOLER", ("", "none", "pgbouncer")),
+            database_pooler=_choice(
+                "DATABASE_POOLER", env.get("DATABASE_POOLER"), ("", "none", "pgbouncer")
+            ),
             port=port,
             host=env.get("HOST", "127.0.0.1"),
             host_url=env.get("HOST_URL", ""),
