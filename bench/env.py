@@ -4,16 +4,18 @@ sink and a small HTTP/1.1 keep-alive client (the load generator).
 The sink and the client are hand-rolled on asyncio streams on purpose: the bench measures
 taskrunner, so the other end must cost as little CPU as possible (httpx or http.server
 would take a good share of this machine's two cores).
+
+The helpers the tests use too (the database URL builder, ``free_port``, ``wait_for``,
+``wait_healthy``, ``stop``) come from ``tests/procs.py``: the bench runs from the checkout
+(``bin/bench`` or ``python -m bench`` in its root), where ``tests`` is importable as a
+namespace package just as ``bench`` is, so there is one copy of each instead of two.
 """
 
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,29 +30,20 @@ from psycopg.rows import dict_row
 
 from taskrunner import migrate
 from taskrunner.supervisor import die_with_parent
+from tests.procs import free_port, pg_url, stop, wait_healthy
 
 # --- the database ---------------------------------------------------------------------
-
-
-def server_url(dbname: str) -> str:
-    """A URL on the local server named by the libpq PG* variables (else 127.0.0.1:5432)."""
-    host = os.environ.get("PGHOST", "127.0.0.1")
-    port = os.environ.get("PGPORT", "5432")
-    user = os.environ.get("PGUSER") or getpass.getuser()
-    password = os.environ.get("PGPASSWORD")
-    auth = user if not password else f"{user}:{password}"
-    return f"postgresql://{auth}@{host}:{port}/{dbname}"
 
 
 @contextmanager
 def fresh_database(keep: bool = False) -> Iterator[str]:
     """Create and migrate ``trbench_<pid>``; drop it at the end (unless ``keep``)."""
     name = f"trbench_{os.getpid()}"
-    admin = server_url("postgres")
+    admin = pg_url("postgres")
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
         conn.execute(f'CREATE DATABASE "{name}"')
-    url = server_url(name)
+    url = pg_url(name)
     try:
         migrate.migrate(url)
         yield url
@@ -75,12 +68,6 @@ def reset(url: str) -> None:
 
 
 # --- the service's processes ----------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Service:
@@ -115,7 +102,7 @@ class Service:
 
     def start_api(self) -> None:
         self.api = self._spawn("api")
-        wait_for(lambda: _health_ok(self.port), 30, "the API's /health")
+        wait_healthy(self.base_url)
 
     def start_workers(self, processes: int = 1) -> None:
         self.stop_workers()
@@ -124,7 +111,7 @@ class Service:
 
     def stop_workers(self) -> None:
         if self.workers is not None:
-            _stop(self.workers)
+            stop(self.workers, timeout=15)
             self.workers = None
 
     def pids(self) -> list[int]:
@@ -138,36 +125,8 @@ class Service:
     def close(self) -> None:
         self.stop_workers()
         if self.api is not None:
-            _stop(self.api)
+            stop(self.api, timeout=15)
             self.api = None
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _health_ok(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            return s.recv(64).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-    return value
 
 
 # --- HTTP client ----------------------------------------------------------------------

@@ -21,8 +21,8 @@ from bench.env import (
     dumps,
     hammer,
     reset,
-    wait_for,
 )
+from tests.procs import wait_for
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def s1_hop_latency(db_url: str, service: Service, sink: Sink, sizes: Sizes) -> d
                 "SELECT status = 'success' AS done FROM taskrunner.task WHERE id = %s", (ids[-1],)
             ).fetchone()["done"],
             60 + n * 0.5,
-            "the end of S1's chain",
+            message="the end of S1's chain",
         )
         sink.wait_done(5)  # the last PATCH response
         sink_ms = [
@@ -210,7 +210,7 @@ def s2_throughput(
             ).fetchone()["n"]
 
         try:
-            wait_for(lambda: successes() >= tasks, 120 + tasks / 50, "S2's successes")
+            wait_for(lambda: successes() >= tasks, 120 + tasks / 50, message="S2's successes")
         finally:
             service.stop_workers()
         end = conn.execute(
@@ -491,8 +491,8 @@ def s6_counters(service: Service, sizes: Sizes, db_url: str) -> dict:
         return all([r["success"], r["failures"]] == expected[r["id"]] for r in rows)
 
     try:
-        exact = bool(wait_for(sums_match, 10, "the counter sums"))
-    except TimeoutError:
+        exact = bool(wait_for(sums_match, 10, message="the counter sums"))
+    except AssertionError:  # wait_for's time-out: the sums never matched
         exact = False
     return {
         "requests": done,

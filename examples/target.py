@@ -18,7 +18,9 @@ What it does, so a person can watch a task run:
 * ``GET /``: this description.
 
 Every webhook it gets, and every report it makes, is printed on stdout. With
-``API_TOKEN`` set, reports carry ``Authorization: Bearer $API_TOKEN``.
+``API_TOKEN`` set, reports carry ``Authorization: Bearer $API_TOKEN``. It is built on
+``taskrunner.target`` (``parse_webhook`` reads the webhook, its ``task()`` handle reports):
+a request without ``X-Task-Id``/``X-Task-Trigger`` is answered 400.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import falcon
-import httpx
+
+from taskrunner.client import TaskrunnerError
+from taskrunner.target import InvalidWebhook, Webhook, parse_webhook
 
 DEFAULTS = {
     "steps": 3,
@@ -48,27 +52,34 @@ def say(text: str) -> None:
 
 
 class Reporter:
-    """Reports progress and the outcome of one task through its handle URL."""
+    """Reports progress and the outcome of one task through its handle
+    (``taskrunner.target.TaskHandle``, with ``token`` as its bearer token)."""
 
     def __init__(self, token: str | None) -> None:
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.token = token
 
-    def patch(self, handle: str, body: dict) -> None:
+    def run(self, hook: Webhook, plan: dict) -> None:
+        task = hook.task(self.token, timeout=10)
         try:
-            answer = httpx.patch(handle, json=body, headers=self.headers, timeout=10)
-            say(f"PATCH {handle} {json.dumps(body)} -> {answer.status_code}")
-        except httpx.HTTPError as exc:
-            say(f"PATCH {handle} {json.dumps(body)} failed: {exc}")
-
-    def run(self, handle: str, plan: dict) -> None:
-        for _ in range(plan["steps"]):
+            for _ in range(plan["steps"]):
+                time.sleep(plan["delay"])
+                report(f"progress {hook.task_id} +1", lambda: task.progress(success=1))
             time.sleep(plan["delay"])
-            self.patch(handle, {"new_success": 1})
-        time.sleep(plan["delay"])
-        outcome = {"status": plan["outcome"]}
-        if plan["outcome"].lower() == "failure":
-            outcome["failure_reason"] = plan["reason"]
-        self.patch(handle, outcome)
+            if plan["outcome"].lower() == "failure":
+                report(f"fail {hook.task_id}", lambda: task.fail(plan["reason"]))
+            else:
+                report(f"succeed {hook.task_id}", task.succeed)
+        finally:
+            task.close()
+
+
+def report(what: str, call) -> None:
+    """Make one report and print how it went (the API's error, with its details)."""
+    try:
+        answer = call()
+        say(f"{what} -> {answer.status}")
+    except TaskrunnerError as exc:
+        say(f"{what} failed: {exc}")
 
 
 def _plan(body: object) -> dict:
@@ -92,13 +103,18 @@ class Webhooks:
         resp.text = __doc__
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, path: str = "") -> None:
-        body = req.get_media(default_when_empty=None) if req.content_length else None
-        task, trigger = req.get_header("X-Task-Id"), req.get_header("X-Task-Trigger")
-        say(f"{req.method} /{path} task={task} trigger={trigger} body={json.dumps(body)}")
-        handle = req.get_param("handle")
-        if path == "start" and handle and self._first_time(req.get_header("Idempotency-Key")):
-            plan = _plan(body)
-            threading.Thread(target=self.reporter.run, args=(handle, plan), daemon=True).start()
+        try:
+            hook = parse_webhook(req)
+        except InvalidWebhook as exc:
+            say(f"{req.method} /{path}: not a taskrunner webhook: {exc}")
+            raise falcon.HTTPBadRequest(description=str(exc)) from exc
+        body = hook.json()
+        who = f"task={hook.task_id} trigger={hook.trigger}"
+        say(f"{req.method} /{path} {who} body={json.dumps(body)}")
+        if path == "start" and hook.handle and self._first_time(hook.idempotency_key):
+            thread = threading.Thread(target=self.reporter.run, args=(hook, _plan(body)))
+            thread.daemon = True
+            thread.start()
         resp.status = falcon.HTTP_200
 
     on_put = on_patch = on_delete = on_post

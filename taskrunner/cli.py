@@ -1,4 +1,5 @@
-"""The ``taskrunner`` command: ``up``, ``api``, ``worker``, ``migrate`` and ``psql``.
+"""The ``taskrunner`` command: ``up``, ``api``, ``worker``, ``migrate`` and ``psql``; the
+``task``, ``batch`` and ``delivery`` groups (API clients) live in ``cli_client.py``.
 
 Settings come from the environment (``Config.from_env``); command-line flags override them.
 ``api`` and ``worker`` run one part of the service; ``up`` runs all of it on one machine
@@ -19,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
+from taskrunner.cli_client import COMMANDS as CLIENT_COMMANDS
 from taskrunner.config import Config
 from taskrunner.ports import port_is_free
 from taskrunner.supervisor import Supervisor
@@ -302,7 +304,7 @@ _DEFAULTS = Config()  # the defaults every help text shows
 
 UP_EPILOG = f"""\
 defaults (environment variable: value when unset; README.md lists every setting):
-  DATABASE_URL            an embedded cluster in $TASKRUNNER_STATE_DIR or <checkout>/.taskrunner
+  DATABASE_URL            an embedded cluster in $TASKRUNNER_STATE_DIR or ./.taskrunner
   HOST / PORT             {_DEFAULTS.host} / {_DEFAULTS.port}
   HOST_URL                http://127.0.0.1:$PORT (the base of each webhook's handle)
   LOG_LEVEL               {_DEFAULTS.log_level}
@@ -389,7 +391,7 @@ def _add_migrate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dump",
         action="store_true",
-        help="also write the resulting schema to sql/schema.sql (needs pg_dump)",
+        help="also write the resulting schema to sql/schema.sql (in a checkout; needs pg_dump)",
     )
 
 
@@ -414,7 +416,8 @@ SUBCOMMANDS = [
         "Run everything on this machine: apply migrations, start the API (gunicorn) and "
         "WORKER_PROCESSES worker processes, wait until GET /health answers and print the "
         "URL. Without DATABASE_URL a private PostgreSQL cluster is started in "
-        ".taskrunner/ (kept between runs). Webhooks to private addresses are allowed "
+        "./.taskrunner/ of the current directory, or in TASKRUNNER_STATE_DIR (kept between "
+        "runs). Webhooks to private addresses are allowed "
         "unless WEBHOOK_ALLOW_PRIVATE is set. Ctrl-C or SIGTERM stops everything.",
         UP_EPILOG,
     ),
@@ -442,8 +445,9 @@ SUBCOMMANDS = [
         cmd_migrate,
         _add_migrate_options,
         "apply database migrations (dbmate)",
-        "Apply every pending migration in sql/migrations with dbmate (creating the "
-        "database if it does not exist). Needs DATABASE_URL.",
+        "Apply every pending migration shipped with the package (sql/migrations in the "
+        "checkout) with dbmate, creating the database if it does not exist. Needs "
+        "DATABASE_URL.",
         None,
     ),
     (
@@ -456,6 +460,7 @@ SUBCOMMANDS = [
         "psql as they are. README.md's 'For DBAs' section is a quick start.",
         PSQL_EPILOG,
     ),
+    *CLIENT_COMMANDS,  # task, batch, delivery: the API through taskrunner.client
 ]
 
 

@@ -76,6 +76,7 @@ class Config:
     tick_interval: float = 1.0
     shutdown_grace: float = 10.0
     counter_flush_interval: float = 0.1
+    counter_buffer_max: int = 50_000  # tasks in a PUT /task buffer, a few hundred bytes each
     pool_max_size: int = 8
     api_token: str | None = None
 
@@ -115,6 +116,7 @@ class Config:
             tick_interval=_float(env, "TICK_INTERVAL", 1.0),
             shutdown_grace=_float(env, "SHUTDOWN_GRACE", 10.0),
             counter_flush_interval=_float(env, "COUNTER_FLUSH_INTERVAL", 0.1),
+            counter_buffer_max=_int(env, "COUNTER_BUFFER_MAX", 50_000),
             pool_max_size=_int(env, "POOL_MAX_SIZE", 8),
             api_token=env.get("API_TOKEN") or None,
         )

@@ -1,10 +1,12 @@
 """The embedded default database of ``taskrunner up``: a private PostgreSQL cluster.
 
-The cluster lives in ``<repo>/.taskrunner/`` (``pgdata/``, ``port``, ``run/`` for the unix
-socket, ``postgres.log``) and is run with the machine's own ``initdb`` and ``pg_ctl``
-(found by ``taskrunner.pgtools``). It listens on 127.0.0.1 only, on a free port picked at
-first start (never 5432, so it does not collide with a system server), and trusts local
-connections; its superuser is ``taskrunner``.
+The cluster lives in the state directory, ``$TASKRUNNER_STATE_DIR`` or else ``.taskrunner/``
+in the current directory (``bin/taskrunner`` runs from the checkout, so there it is
+``<repo>/.taskrunner/``): ``pgdata/``, ``port``, ``run/`` for the unix socket,
+``postgres.log``. It is run with the machine's own ``initdb`` and ``pg_ctl`` (found by
+``taskrunner.pgtools``). It listens on 127.0.0.1 only, on a free port picked at first start
+(never 5432, so it does not collide with a system server), and trusts local connections;
+its superuser is ``taskrunner``.
 
 PostgreSQL refuses to run as root, so when we are root the cluster belongs to, and runs as,
 the unprivileged ``postgres`` user. When that user cannot reach the checkout (a clone in
@@ -44,11 +46,12 @@ class EmbeddedError(RuntimeError):
 
 
 def state_dir() -> Path:
-    """Where ``up`` keeps its local state: ``$TASKRUNNER_STATE_DIR`` or ``<repo>/.taskrunner``."""
+    """Where ``up`` keeps its local state: ``$TASKRUNNER_STATE_DIR`` or ``./.taskrunner``.
+
+    The current directory, not the package's: an installed copy lives in site-packages,
+    which is no place for a database cluster (and may not be writable)."""
     override = os.environ.get("TASKRUNNER_STATE_DIR")
-    if override:
-        return Path(override).resolve()
-    return Path(__file__).resolve().parents[1] / ".taskrunner"
+    return Path(override or ".taskrunner").resolve()
 
 
 def _server_user_dirs(user: pwd.struct_passwd) -> list[Path]:

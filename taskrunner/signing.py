@@ -68,3 +68,13 @@ def verify(
         return False
     expected = [_digest(s, t, method, url, body) for s in secrets]
     return any(hmac.compare_digest(e, g) for e in expected for g in given)
+
+
+def verifier(secrets: Iterable[str], tolerance: float = DEFAULT_TOLERANCE):
+    """``verify`` bound to ``secrets``: the ``verify=`` of ``taskrunner.target.parse_webhook``."""
+    trusted = list(secrets)
+
+    def check(headers: Mapping[str, str], method: str, url: str, body: bytes) -> bool:
+        return verify(headers, method, url, body, trusted, tolerance)
+
+    return check

@@ -8,7 +8,6 @@ milliseconds per test. Database names carry the pid so parallel runs never colli
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import uuid
@@ -17,21 +16,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from procs import PG_HOST, PG_PASSWORD, PG_PORT, PG_USER, pg_url
+from psycopg import sql
 from psycopg.rows import dict_row
 from pytest_postgresql import factories
 
-from taskrunner import migrate
+from taskrunner import db, migrate
 
-PG_HOST = os.environ.get("PGHOST", "127.0.0.1")
-PG_PORT = int(os.environ.get("PGPORT", "5432"))
-PG_USER = os.environ.get("PGUSER") or getpass.getuser()
-PG_PASSWORD = os.environ.get("PGPASSWORD")
 DB_PREFIX = f"trtest_{os.getpid()}"
-
-
-def pg_url(dbname: str) -> str:
-    auth = PG_USER if not PG_PASSWORD else f"{PG_USER}:{PG_PASSWORD}"
-    return f"postgresql://{auth}@{PG_HOST}:{PG_PORT}/{dbname}"
 
 
 def _migrate_template(host, port, user, dbname, password, **_: Any) -> None:
@@ -72,6 +64,33 @@ def conn(db_url: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection to this test's database, returning dict rows."""
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
         yield c
+
+
+@pytest.fixture
+def fresh_db_url() -> Iterator[str]:
+    """An empty database of its own (not migrated) on the local server, dropped afterwards."""
+    name = f"trfresh_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg.connect(pg_url("postgres"), autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL server at {pg_url('postgres')}: {exc}")
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield pg_url(name)
+        finally:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture
+def pool(db_url: str) -> Iterator[Any]:
+    """An open connection pool (the API's kind) on this test's database."""
+    pool = db.create_pool(db_url, max_size=4, timeout=5)
+    pool.open(wait=True)
+    yield pool
+    pool.close()
 
 
 # --- small builders for tests: only the fields a test cares about ---------------------

@@ -3,10 +3,16 @@ webhook sink (a real HTTP server) that completes tasks through their ``handle`` 
 
 The sink can also misbehave on purpose (``Reply``: a status code, a delay, or closing the
 connection without an answer), which the fault and retry tests use.
+
+The bench (``bench/env.py``) imports this module too, as ``tests.procs``: the database URL
+builder, ``free_port`` (``taskrunner.ports``' picker), ``wait_for``, ``wait_healthy`` and
+``stop`` have one copy for both. So it imports nothing from ``tests/`` (conftest is
+pytest's, not the bench's), only the standard library, httpx and taskrunner.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -17,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,13 +31,23 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
+# The package's own free-port picker (``up`` uses it for the embedded cluster), under the
+# name tests and the bench use.
+from taskrunner.ports import pick_free_port as free_port
+
 TASKRUNNER = [sys.executable, "-m", "taskrunner.cli"]
 
+# The PostgreSQL server: the one the libpq PG* variables name, else CI's 127.0.0.1:5432.
+PG_HOST = os.environ.get("PGHOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("PGPORT", "5432"))
+PG_USER = os.environ.get("PGUSER") or getpass.getuser()
+PG_PASSWORD = os.environ.get("PGPASSWORD")
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def pg_url(dbname: str) -> str:
+    """The URL of database ``dbname`` on that server."""
+    auth = PG_USER if not PG_PASSWORD else f"{PG_USER}:{PG_PASSWORD}"
+    return f"postgresql://{auth}@{PG_HOST}:{PG_PORT}/{dbname}"
 
 
 def wait_for(
@@ -198,10 +214,54 @@ def service_env(db_url: str, port: int, metrics_dir: Path, **extra: str) -> dict
     return env
 
 
+@dataclass(frozen=True)
+class Service:
+    """A running API (``base`` is its URL) and its workers, as ``service()`` started them."""
+
+    base: str
+    env: dict[str, str]
+    api: subprocess.Popen
+
+    def post(self, tasks: list[dict], **kwargs: object) -> httpx.Response:
+        """POST /task, which must accept the batch (201); the response."""
+        resp = httpx.post(f"{self.base}/task", json=tasks, **kwargs)
+        assert resp.status_code == 201, resp.text
+        return resp
+
+
+def local_ids(resp: httpx.Response) -> dict[str, str]:
+    """``{local_id: task id}`` of a POST /task response."""
+    return {t["local_id"]: t["id"] for t in resp.json()}
+
+
 @contextmanager
-def running(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    """Run a taskrunner subcommand; SIGTERM it (then SIGKILL) when the block ends."""
-    proc = subprocess.Popen(TASKRUNNER + args, env=env, start_new_session=True)
+def service(
+    db_url: str,
+    metrics_dir: Path,
+    *,
+    worker_processes: int = 2,
+    port: int | None = None,
+    **settings: str,
+) -> Iterator[Service]:
+    """The API and ``worker --processes N`` (none for 0) on ``db_url`` with ``service_env``
+    plus ``settings``; yields once /health answers, stops both when the block ends."""
+    port = port or free_port()
+    env = service_env(db_url, port, metrics_dir, **settings)
+    base = f"http://127.0.0.1:{port}"
+    with running(["api"], env) as api, ExitStack() as workers:
+        if worker_processes:
+            workers.enter_context(running(["worker", "--processes", str(worker_processes)], env))
+        wait_healthy(base)
+        yield Service(base, env, api)
+
+
+@contextmanager
+def running(
+    args: list[str], env: dict[str, str], command: list[str] = TASKRUNNER, **popen: object
+) -> Iterator[subprocess.Popen]:
+    """Run a taskrunner subcommand (of ``command``: this checkout's by default); SIGTERM it
+    (then SIGKILL) when the block ends."""
+    proc = subprocess.Popen(command + args, env=env, start_new_session=True, **popen)
     try:
         yield proc
     finally:

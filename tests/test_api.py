@@ -13,19 +13,11 @@ from prometheus_client import REGISTRY
 
 from taskrunner import db, metrics
 from taskrunner.api.app import create_app
-from taskrunner.api.counters import CounterBuffer
+from taskrunner.api.counters import CounterBuffer, Refused
 from taskrunner.config import Config
 from taskrunner.db import QUERIES
 
 # -- setup -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pool(db_url: str) -> Iterator[Any]:
-    pool = db.create_pool(db_url, max_size=4, timeout=5)
-    pool.open(wait=True)
-    yield pool
-    pool.close()
 
 
 @pytest.fixture
@@ -529,11 +521,39 @@ def test_put_buffer_keeps_increments_when_a_flush_fails():
         buffer.add([("t1", 1, 2)])
         with pytest.raises(Exception):  # noqa: B017 - any connection error will do
             buffer.flush()
-        buffer.add([("t1", 1, 0)])
-        assert buffer.pending() == {"t1": (2, 2)}
+        # the database is now known down: nothing more is accepted, what was is kept
+        with pytest.raises(Refused, match="database unavailable"):
+            buffer.add([("t1", 1, 0)])
+        assert buffer.pending() == {"t1": (1, 2)}
     finally:
         buffer._stop.set()
         dead.close()
+
+
+def test_put_buffer_refuses_past_its_bound_all_or_nothing(pool, conn):
+    buffer = CounterBuffer(pool, interval=3600, max_tasks=3)
+    client = testing.TestClient(create_app(Config(), pool, buffer))
+    try:
+        tasks = create(client, spec("a"), spec("b"), spec("c"), spec("d"))
+        a, b, c, d = (tasks[k]["id"] for k in "abcd")
+        put = client.simulate_put
+        assert (
+            put("/task", json=[{"task_id": a, "new_success": 1}, {"task_id": b}]).status_code == 202
+        )
+        over = put("/task", json=[{"task_id": a, "new_success": 5}, {"task_id": c}, {"task_id": d}])
+        body = assert_error(over, 503, "COUNTER_BUFFER_MAX")
+        assert body["error"] == "counter buffer full" and over.headers["retry-after"] == "1"
+        assert buffer.pending() == {a: (1, 0), b: (0, 0)}  # nothing of the refused request
+        assert put(f"/task/{a}", json={"new_success": 2}).status_code == 202  # no new task
+        assert put(f"/task/{c}", json={"new_failures": 1}).status_code == 202  # the third
+        assert_error(put(f"/task/{d}", json={"new_success": 1}), 503)
+        assert buffer.flush() == 3
+        assert put(f"/task/{d}", json={"new_success": 1}).status_code == 202  # room again
+        assert buffer.flush() == 1
+        rows = [task_row(conn, t) for t in (a, b, c, d)]
+        assert [(r["success"], r["failures"]) for r in rows] == [(3, 0), (0, 0), (0, 1), (1, 0)]
+    finally:
+        buffer.close()
 
 
 @pytest.mark.parametrize(
@@ -553,6 +573,54 @@ def test_put_buffer_keeps_increments_when_a_flush_fails():
 def test_put_rejects_bad_input(client, buffer, path, body, detail):
     assert_error(client.simulate_put(path, json=body), 400, detail)
     assert buffer.pending() == {}
+
+
+def _dropped(reason: str) -> float:
+    return REGISTRY.get_sample_value("counter_increments_dropped_total", {"reason": reason}) or 0.0
+
+
+def test_put_for_a_task_that_does_not_exist_is_404_and_keeps_nothing(client, buffer):
+    known = create(client, spec("a"))["a"]["id"]
+    ghost, other = str(uuid.uuid4()), str(uuid.uuid4())
+
+    one = client.simulate_put(f"/task/{ghost}", json={"new_success": 1})
+    many = client.simulate_put(
+        "/task",
+        json=[{"task_id": known, "new_success": 1}, {"task_id": ghost}, {"task_id": other}],
+    )
+
+    assert_error(one, 404, f"task_id: no task {ghost}")
+    body = assert_error(many, 404, f"task_id: no task {ghost}", f"task_id: no task {other}")
+    assert not any(known in d for d in body["details"])
+    assert buffer.pending() == {}  # all or nothing: the known task's increment is not kept
+
+
+def test_put_for_an_ended_task_still_adds_to_its_counters(client, conn, buffer):
+    task = running_task(client, conn)
+    client.simulate_patch(f"/task/{task['id']}", json={"status": "Success"})
+
+    resp = client.simulate_put(f"/task/{task['id']}", json={"new_success": 3})
+
+    assert resp.status_code == 202
+    assert buffer.flush() == 1
+    assert task_row(conn, task["id"])["success"] == 3
+
+
+def test_put_for_a_task_deleted_before_the_flush_is_dropped_counted_and_logged(
+    client, conn, buffer, caplog
+):
+    tasks = create(client, spec("a"), spec("b"))
+    a, b = tasks["a"]["id"], tasks["b"]["id"]
+    assert client.simulate_put("/task", json=[{"task_id": a}, {"task_id": b}]).status_code == 202
+    before = _dropped("task_deleted")
+    conn.execute("DELETE FROM taskrunner.task WHERE id = %s", (b,))
+
+    assert buffer.flush() == 1
+
+    assert _dropped("task_deleted") - before == 1
+    assert any(b in r.getMessage() and "dropped" in r.getMessage() for r in caplog.records)
+    # the deleted task is forgotten: the next PUT naming it is a 404
+    assert_error(client.simulate_put(f"/task/{b}", json={"new_success": 1}), 404, b)
 
 
 # -- POST /delivery/{id}/retry ---------------------------------------------------------------
@@ -704,6 +772,14 @@ def test_database_down_is_503_and_health_still_200():
         client = testing.TestClient(create_app(Config(), dead, buffer))
         assert_error(client.simulate_get(f"/task/{uuid.uuid4()}"), 503)
         assert_error(client.simulate_post("/task", json=[spec("a")]), 503)
+        # PUT /task is buffered: accepted until a flush finds the database down, then 503
+        task_id = str(uuid.uuid4())
+        assert client.simulate_put(f"/task/{task_id}", json={"new_success": 1}).status_code == 202
+        with pytest.raises(Exception):  # noqa: B017 - any connection error will do
+            buffer.flush()
+        put = client.simulate_put("/task", json={"task_id": task_id, "new_success": 1})
+        assert assert_error(put, 503)["error"] == "database unavailable"
+        assert buffer.pending() == {task_id: (1, 0)}
         assert assert_error(client.simulate_get("/ready"), 503)["error"] == "not ready"
         health = client.simulate_get("/health")
         assert health.status_code == 200 and health.json == {"status": "ok"}

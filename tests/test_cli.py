@@ -3,13 +3,11 @@ and (once the API and worker exist) ``up`` end to end."""
 
 from __future__ import annotations
 
-import getpass
 import importlib.util
 import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,11 +15,11 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from procs import free_port, pg_url
 from psycopg import sql
 
 from taskrunner import cli, migrate, supervisor
@@ -29,13 +27,6 @@ from taskrunner.config import Config
 
 SUBCOMMANDS = ["up", "api", "worker", "migrate", "psql"]
 HAS_MIGRATIONS = any(migrate.MIGRATIONS_DIR.glob("*.sql"))
-
-
-def _server_url(dbname: str) -> str:
-    host = os.environ.get("PGHOST", "127.0.0.1")
-    port = os.environ.get("PGPORT", "5432")
-    user = os.environ.get("PGUSER") or getpass.getuser()
-    return f"postgresql://{user}@{host}:{port}/{dbname}"
 
 
 def _run_cli(*args: str, env: dict | None = None, timeout: float = 120):
@@ -46,24 +37,6 @@ def _run_cli(*args: str, env: dict | None = None, timeout: float = 120):
         env=env,
         timeout=timeout,
     )
-
-
-@pytest.fixture
-def fresh_db_url() -> Iterator[str]:
-    """An empty database of its own on the local server, dropped afterwards."""
-    name = f"trcli_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = psycopg.connect(_server_url("postgres"), autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server at {_server_url('postgres')}: {exc}")
-    with admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        try:
-            yield _server_url(name)
-        finally:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 # -- help and argument handling ------------------------------------------------------------
@@ -190,12 +163,12 @@ def test_migrate_creates_the_schema_and_rollback_undoes_a_step(fresh_db_url: str
 def test_migrate_creates_a_missing_database() -> None:
     name = f"trcli_new_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     try:
-        result = _run_cli("migrate", "--database-url", _server_url(name))
+        result = _run_cli("migrate", "--database-url", pg_url(name))
         assert result.returncode == 0, result.stdout + result.stderr
-        with psycopg.connect(_server_url(name)) as conn:
+        with psycopg.connect(pg_url(name)) as conn:
             assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] >= 1
     finally:
-        with psycopg.connect(_server_url("postgres"), autocommit=True) as admin:
+        with psycopg.connect(pg_url("postgres"), autocommit=True) as admin:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
@@ -267,12 +240,6 @@ HAS_SERVICE = all(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _lines(stream) -> queue.Queue:
     lines: queue.Queue = queue.Queue()
 
@@ -308,7 +275,7 @@ def _wait_for_line(lines: queue.Queue, text: str, timeout: float) -> list[str]:
 def test_up_serves_health_and_stops_cleanly(database: str, request: pytest.FixtureRequest) -> None:
     state_dir = Path(tempfile.mkdtemp(prefix="tr-up-", dir="/tmp"))
     state_dir.chmod(0o755)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "HOST_URL")}
     env |= {"TASKRUNNER_STATE_DIR": str(state_dir / ".taskrunner"), "PYTHONUNBUFFERED": "1"}
     if database == "given":

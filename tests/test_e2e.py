@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from invariants import assert_rule_respected
-from procs import Sink, free_port, hook, running, service_env, wait_for, wait_healthy
+from procs import Sink, hook, service, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -24,12 +24,9 @@ def _task(sink: Sink, local_id: str, deps=(), **extra) -> dict:
 
 def test_dag_runs_to_completion_through_real_processes(db_url, conn, tmp_path):
     sink = Sink()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = service_env(db_url, port, tmp_path)
     try:
-        with running(["api"], env), running(["worker", "--processes", "2"], env):
-            wait_healthy(base)
+        with service(db_url, tmp_path) as svc:
+            base = svc.base
             dag = [
                 _task(sink, "ingest-a"),
                 _task(sink, "ingest-b"),
@@ -37,9 +34,7 @@ def test_dag_runs_to_completion_through_real_processes(db_url, conn, tmp_path):
                 _task(sink, "report", ["cluster"]),
                 _task(sink, "notify", ["report"]),
             ]
-            resp = httpx.post(f"{base}/task", json=dag, headers={"X-Requester": "e2e"})
-            assert resp.status_code == 201, resp.text
-            batch = resp.headers["X-Batch-ID"]
+            batch = svc.post(dag, headers={"X-Requester": "e2e"}).headers["X-Batch-ID"]
 
             def all_done():
                 r = httpx.get(f"{base}/task", params={"batch_id": batch})
@@ -74,9 +69,6 @@ def test_dag_runs_to_completion_through_real_processes(db_url, conn, tmp_path):
 
 def test_max_one_rule_with_four_worker_processes(db_url, conn, tmp_path):
     sink = Sink()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = service_env(db_url, port, tmp_path, WORKER_CONCURRENCY="8", API_PROCESSES="2")
     rule = {
         "Concurency": {
             "matcher": {"kind": "exclusive", "status": "Running", "fields": []},
@@ -85,10 +77,9 @@ def test_max_one_rule_with_four_worker_processes(db_url, conn, tmp_path):
     }
     n = 40
     try:
-        with running(["api"], env), running(["worker", "--processes", "4"], env):
-            wait_healthy(base)
-            batch = [_task(sink, f"x{i}", kind="exclusive", rules=[rule]) for i in range(n)]
-            assert httpx.post(f"{base}/task", json=batch).status_code == 201
+        settings = {"WORKER_CONCURRENCY": "8", "API_PROCESSES": "2"}
+        with service(db_url, tmp_path, worker_processes=4, **settings) as svc:
+            svc.post([_task(sink, f"x{i}", kind="exclusive", rules=[rule]) for i in range(n)])
 
             def finished():
                 row = conn.execute(

@@ -31,12 +31,11 @@ from procs import (
     Sink,
     children,
     count,
-    free_port,
     hook,
+    local_ids,
     running,
-    service_env,
+    service,
     wait_for,
-    wait_healthy,
 )
 
 from taskrunner import db
@@ -66,9 +65,7 @@ def test_kill_9_workers_with_webhooks_in_flight_repeatedly(db_url, conn, tmp_pat
     replacement. Leases run out (WEBHOOK_TIMEOUT=1 -> 12 s), tick() puts the starts back
     to pending and requeues the end webhooks; everything still completes exactly once
     per claim, and the rule is never exceeded."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = service_env(db_url, port, tmp_path, WEBHOOK_TIMEOUT="1", WORKER_CONCURRENCY="8")
+    settings = {"WEBHOOK_TIMEOUT": "1", "WORKER_CONCURRENCY": "8"}
     # slow enough that a kill always finds webhooks in flight
     sink = Sink(respond=lambda req: Reply(delay=0.3))
     rule = {
@@ -93,12 +90,10 @@ def test_kill_9_workers_with_webhooks_in_flight_repeatedly(db_url, conn, tmp_pat
     kills = 0
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(running(["api"], env))
+            svc = stack.enter_context(service(db_url, tmp_path, worker_processes=0, **settings))
+            env = svc.env
             workers = [stack.enter_context(running(["worker"], env)) for _ in range(3)]
-            wait_healthy(base)
-            resp = httpx.post(f"{base}/task", json=batch)
-            assert resp.status_code == 201, resp.text
-            expected = {t["id"]: "success" for t in resp.json()}
+            expected = {t["id"]: "success" for t in svc.post(batch).json()}
 
             for _ in range(3):
                 seen = len(sink.requests)
@@ -153,9 +148,6 @@ def test_kill_9_api_process_mid_request(db_url, conn, tmp_path):
     """Clients create 10-task batches in a loop while an API process is SIGKILLed twice.
     A request cut short may or may not have committed -- but a batch is all or nothing,
     every acknowledged one exists, and the master replaces the dead process by itself."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = service_env(db_url, port, tmp_path, API_PROCESSES="2")
     sink = Sink()
     acked: list[str] = []
     cut = Counter()
@@ -186,8 +178,8 @@ def test_kill_9_api_process_mid_request(db_url, conn, tmp_path):
 
     kills = 0
     try:
-        with running(["api"], env) as api, running(["worker", "--processes", "2"], env):
-            wait_healthy(base)
+        with service(db_url, tmp_path, API_PROCESSES="2") as svc:
+            api, base = svc.api, svc.base
             wait_for(lambda: len(children(api.pid)) == 2, 30, message="2 API processes")
             threads = [threading.Thread(target=client) for _ in range(4)]
             for t in threads:
@@ -245,20 +237,15 @@ def test_webhook_targets_down_slow_5xx_or_closing(db_url, conn, tmp_path):
     with its error, the delivery gives up after WEBHOOK_MAX_ATTEMPTS, a start that gave up
     fails its task (its on_failure still delivered), an end that gave up is visible as
     failed -- and healthy tasks run beside them untouched."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         down = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused
-        env = service_env(
-            db_url,
-            port,
-            tmp_path,
-            WEBHOOK_TIMEOUT="2",
-            WEBHOOK_MAX_ATTEMPTS="3",
-            WEBHOOK_BACKOFF_BASE="0.05",
-            WEBHOOK_BACKOFF_MAX="0.2",
-        )
+        settings = {
+            "WEBHOOK_TIMEOUT": "2",
+            "WEBHOOK_MAX_ATTEMPTS": "3",
+            "WEBHOOK_BACKOFF_BASE": "0.05",
+            "WEBHOOK_BACKOFF_MAX": "0.2",
+        }
         sink = Sink(respond=lambda req: FAULTS.get(req["path"], (Reply(),))[0] or Reply())
 
         def url(path: str) -> str:
@@ -295,13 +282,10 @@ def test_webhook_targets_down_slow_5xx_or_closing(db_url, conn, tmp_path):
             }
         )
         try:
-            with running(["api"], env), running(["worker", "--processes", "2"], env):
-                wait_healthy(base)
-                resp = httpx.post(f"{base}/task", json=batch)
-                assert resp.status_code == 201, resp.text
-                ids = {t["local_id"]: t["id"] for t in resp.json()}
+            with service(db_url, tmp_path, **settings) as svc:
+                ids = local_ids(svc.post(batch))
                 wait_for(lambda: _all_ended(conn), 60, interval=0.2, message="every task to end")
-                details = {k: httpx.get(f"{base}/task/{v}").json() for k, v in ids.items()}
+                details = {k: httpx.get(f"{svc.base}/task/{v}").json() for k, v in ids.items()}
         finally:
             sink.close()
 

@@ -24,7 +24,7 @@ from invariants import (
     assert_no_double_start,
     assert_rule_respected,
 )
-from procs import Sink, free_port, running, service_env, wait_for, wait_healthy
+from procs import Sink, free_port, service, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -137,15 +137,8 @@ def run_load(db_url: str, conn, tmp_path, n_dags: int, **env_extra: str) -> None
     (``env_extra``: more settings for them), then every invariant checked on ``conn``."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = service_env(
-        db_url,
-        port,
-        tmp_path,
-        API_PROCESSES="4",
-        WORKER_CONCURRENCY="16",
-        POOL_MAX_SIZE="4",
-        **env_extra,
-    )
+    settings = {"API_PROCESSES": "4", "WORKER_CONCURRENCY": "16", "POOL_MAX_SIZE": "4"}
+    settings |= env_extra
     remote = Remote(base)
     sink = Sink(on_start=remote.on_start)
     rng = random.Random(3)
@@ -158,8 +151,7 @@ def run_load(db_url: str, conn, tmp_path, n_dags: int, **env_extra: str) -> None
     ran: set[str] = set()
     started = time.monotonic()
     try:
-        with running(["api"], env), running(["worker", "--processes", "4"], env):
-            wait_healthy(base)
+        with service(db_url, tmp_path, port=port, worker_processes=4, **settings):
 
             def submit(dag: list[dict]) -> None:
                 resp = remote.client.post(f"{base}/task", json=dag)

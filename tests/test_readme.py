@@ -8,11 +8,11 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+from procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -100,12 +100,6 @@ def test_walkthrough_blocks_are_marked_and_every_curl_says_its_status() -> None:
     assert len(expected_statuses(blocks)) >= 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_walkthrough(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run the script with bash in its own process group; whatever it leaves behind (on a
     failure: `up`, the target) is stopped afterwards."""
@@ -136,7 +130,7 @@ WALKTHROUGH_TIMEOUT = 300
 @pytest.mark.slow
 def test_the_walkthrough_works_when_pasted(db_url: str, conn, tmp_path: Path) -> None:
     blocks = walkthrough_blocks(README.read_text())
-    api_port, target_port = _free_port(), _free_port()
+    api_port, target_port = free_port(), free_port()
     # the README's ports, moved to free ones; nothing else is changed
     script = "\n".join(blocks).replace("8085", str(api_port)).replace("9000", str(target_port))
     env = {
@@ -179,3 +173,6 @@ def test_the_walkthrough_works_when_pasted(db_url: str, conn, tmp_path: Path) ->
     # the target got the start of ingest-1 and of cluster (/hold), and cluster's on_success
     for path in ("/start", "/hold", "/done"):
         assert f"target: POST {path} " in result.stdout, transcript
+    # the Python quick start: built with taskrunner.client, watched to its end
+    assert tasks["extract"]["status"] == tasks["load"]["status"] == "success"
+    assert "every task succeeded" in result.stdout, transcript

@@ -13,7 +13,7 @@ from collections import Counter
 import httpx
 import pytest
 from invariants import assert_deliveries_settled, assert_history_consistent
-from procs import Reply, Sink, free_port, hook, running, service_env, wait_for, wait_healthy
+from procs import Reply, Sink, hook, local_ids, service, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +28,11 @@ def _attempts(detail_delivery: dict) -> list[tuple]:
 def test_start_end_and_cancel_webhooks_retry_then_exhaust_then_retry_by_api_and_sql(
     db_url, conn, tmp_path
 ):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = service_env(
-        db_url,
-        port,
-        tmp_path,
-        WEBHOOK_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
-        WEBHOOK_BACKOFF_BASE="0.05",
-        WEBHOOK_BACKOFF_MAX="0.5",
-    )
+    settings = {
+        "WEBHOOK_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+        "WEBHOOK_BACKOFF_BASE": "0.05",
+        "WEBHOOK_BACKOFF_MAX": "0.5",
+    }
     seen: Counter = Counter()
     lock = threading.Lock()
     healthy = threading.Event()  # the always-failing target recovers (for the manual retries)
@@ -88,11 +83,9 @@ def test_start_end_and_cancel_webhooks_retry_then_exhaust_then_retry_by_api_and_
         },
     ]
     try:
-        with running(["api"], env), running(["worker", "--processes", "2"], env):
-            wait_healthy(base)
-            resp = httpx.post(f"{base}/task", json=batch)
-            assert resp.status_code == 201, resp.text
-            ids = {t["local_id"]: t["id"] for t in resp.json()}
+        with service(db_url, tmp_path, **settings) as svc:
+            base = svc.base
+            ids = local_ids(svc.post(batch))
 
             def detail(local_id: str) -> dict:
                 return httpx.get(f"{base}/task/{ids[local_id]}").json()

@@ -28,7 +28,7 @@ from test_worker import (  # noqa: F401 (sink and start_worker are fixtures)
     wait_until,
 )
 
-from taskrunner import db, netguard
+from taskrunner import netguard
 from taskrunner.api.app import create_app
 from taskrunner.api.counters import CounterBuffer
 from taskrunner.api.validation import LIMITS
@@ -129,6 +129,24 @@ BLOCKED = [
     ("http://[fc00::1]/", "unique-local"),
     ("http://[2002:7f00:1::]/", "embedding a loopback address (127.0.0.1)"),  # 6to4
     ("http://[64:ff9b::a00:1]/", "embedding a private address (10.0.0.1)"),  # NAT64
+    # IPv6 forms that embed or translate to a refused IPv4 address (issue 13, item 9)
+    ("http://[64:ff9b::a9fe:a9fe]/", "embedding a cloud metadata address (169.254.169.254)"),
+    ("http://[64:ff9b:1::a9fe:a9fe]/", "embedding a cloud metadata address (169.254.169.254)"),
+    ("http://[64:ff9b:1::7f00:1]/", "embedding a loopback address (127.0.0.1)"),  # RFC 8215
+    ("http://[64:ff9b:1::5db8:d822]/", "a local-use NAT64 address"),  # layout unknowable
+    ("http://[::169.254.169.254]/", "an IPv4-compatible IPv6 address (169.254.169.254)"),
+    ("http://[::127.0.0.1]/", "an IPv4-compatible IPv6 address (127.0.0.1)"),
+    ("http://[::7f00:1]/", "IPv4-compatible"),
+    ("http://[::ffff:0:127.0.0.1]/", "an IPv4-translated IPv6 address (127.0.0.1)"),  # RFC 2765
+    ("http://[::ffff:0:a9fe:a9fe]/", "IPv4-translated"),
+    ("http://[2002:a9fe:a9fe::1]/", "embedding a cloud metadata address"),  # 6to4
+    ("http://[2002:a00:1::1]/", "embedding a private address (10.0.0.1)"),  # 6to4
+    # Teredo: client 127.0.0.1 (stored inverted), then server 127.0.0.1
+    ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/", "embedding a loopback address"),
+    ("http://[2001:0:7f00:1:8000:63bf:a2c9:cbdd]/", "embedding a loopback address (127.0.0.1)"),
+    ("http://[2001:0:4136:e378:8000:63bf:5601:5601]/", "embedding a cloud metadata address"),
+    ("http://[fec0::1]/", "a site-local address"),  # RFC 3879, deprecated
+    ("http://[fec0:1:2::3%25eth0]/", "site-local"),
     ("http://224.0.0.1/", "multicast"),
     ("http://user:secret@127.0.0.1/", "loopback"),  # userinfo
     ("http://example.com@127.0.0.1/", "127.0.0.1, a loopback"),  # the host is after '@'
@@ -177,6 +195,12 @@ def test_allow_private_opens_loopback_and_private_addresses(url):
         "http://[fd00:ec2::254]/",
         "http://[::ffff:127.0.0.1]/",
         "http://0.0.0.0/",
+        "http://[64:ff9b:1::a9fe:a9fe]/",
+        "http://[64:ff9b:1::7f00:1]/",
+        "http://[::127.0.0.1]/",
+        "http://[::ffff:0:127.0.0.1]/",
+        "http://[2002:a9fe:a9fe::1]/",
+        "http://[2001:0:4136:e378:8000:63bf:5601:5601]/",
     ],
 )
 def test_allow_private_keeps_metadata_unspecified_and_mapped_addresses_shut(url):
@@ -203,6 +227,9 @@ def test_public_addresses_pass():
     assert asyncio.run(policy.vet("public.test", 443)) == ["93.184.216.34"]
     assert asyncio.run(policy.vet("8.8.8.8", 53)) == ["8.8.8.8"]
     assert asyncio.run(policy.vet("2606:4700:4700::1111", 443)) == ["2606:4700:4700::1111"]
+    # IPv6 forms leading to a public IPv4 address are as reachable as that address
+    for public in ("64:ff9b::5db8:d822", "2002:5db8:d822::1"):
+        assert asyncio.run(policy.vet(public, 443)) == [public]
 
 
 class _Recorder(httpcore.AsyncNetworkBackend):
@@ -309,14 +336,6 @@ def test_worker_follows_the_allowlist_and_never_a_redirect(conn, start_worker, s
 
 
 @pytest.fixture
-def pool(db_url: str) -> Iterator[Any]:
-    pool = db.create_pool(db_url, max_size=4, timeout=5)
-    pool.open(wait=True)
-    yield pool
-    pool.close()
-
-
-@pytest.fixture
 def make_client(pool) -> Iterator[Any]:
     buffers: list[CounterBuffer] = []
 
@@ -343,6 +362,10 @@ def spec(local_id: str = "a", **fields: Any) -> dict:
         ("http://127.0.0.1:9000/x", "[0].on_success[0].params.url: blocked: 127.0.0.1, a loopback"),
         ("http://2130706433/", "blocked: 2130706433 resolves to 127.0.0.1"),
         ("http://[::ffff:10.0.0.1]/", "IPv4-mapped"),
+        ("http://[64:ff9b:1::a9fe:a9fe]/", "embedding a cloud metadata address"),
+        ("http://[::127.0.0.1]/", "IPv4-compatible"),
+        ("http://[::ffff:0:127.0.0.1]/", "IPv4-translated"),
+        ("http://[fec0::1]/", "site-local"),
         ("http://169.254.169.254/", "cloud metadata address"),
         ("http://metadata.google.internal./", "cloud metadata host"),
         ("http://localhost:8085/", "loopback name"),

@@ -22,7 +22,7 @@ from invariants import (
     assert_history_consistent,
     assert_no_double_start,
 )
-from procs import Sink, count, free_port, running, service_env, wait_for, wait_healthy
+from procs import Sink, count, service, wait_for
 from psycopg.rows import dict_row
 from releases import copy_release, migration_files, version
 
@@ -117,11 +117,8 @@ def test_live_work_survives_the_upgrade_to_head(empty_db, tmp_path):
 def _run_to_completion(url: str, conn, ids: dict[str, str], sink: Sink, tmp_path) -> None:
     """Start the head's API and workers; the remote side finishes "started" and a client
     resumes "paused"; everything else is the service's own doing."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = service_env(url, port, tmp_path)
-    with running(["api"], env), running(["worker", "--processes", "2"], env):
-        wait_healthy(base)
+    with service(url, tmp_path) as svc:
+        base = svc.base
         done = httpx.patch(f"{base}/task/{ids['started']}", json={"status": "Success"})
         assert done.status_code == 200, done.text
         resumed = httpx.patch(f"{base}/task/resume/{ids['paused']}")

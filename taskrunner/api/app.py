@@ -22,14 +22,8 @@ from taskrunner.api.resources import (
 )
 from taskrunner.api.store import Store
 from taskrunner.config import Config
-from taskrunner.migrate import MIGRATIONS_DIR
+from taskrunner.migrate import newest_version
 from taskrunner.netguard import Policy
-
-
-def newest_migration() -> str | None:
-    """The version of the newest migration file, if the files are at hand."""
-    versions = [p.name.split("_", 1)[0] for p in MIGRATIONS_DIR.glob("*.sql")]
-    return max(versions, default=None)
 
 
 def create_app(
@@ -37,7 +31,9 @@ def create_app(
 ) -> falcon.App:
     """The API on ``pool``; ``counters`` is the PUT /task buffer (one per process)."""
     store = Store(pool)
-    counters = counters or CounterBuffer(pool, config.counter_flush_interval)
+    counters = counters or CounterBuffer(
+        pool, config.counter_flush_interval, config.counter_buffer_max
+    )
     middleware = [BearerAuth(config.api_token)] if config.api_token else []
     app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
@@ -54,7 +50,7 @@ def create_app(
     app.add_route("/dag/{id}", BatchDag(store))
     app.add_route("/metrics", Metrics())
     app.add_route("/health", Health())
-    app.add_route("/ready", Ready(store, newest_migration()))
+    app.add_route("/ready", Ready(store, newest_version()))
     app.add_route("/openapi.json", OpenApi(openapi.document()))
     return app
 

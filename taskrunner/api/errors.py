@@ -5,7 +5,8 @@ Every error body is ``{"error": "<short>", "details": ["<field>: <problem>", ...
 Domain errors from the state machine keep their status (400/404/409/503), with the status
 words of a 409 spelt as the JSON spells them (``Success``, not ``success``); a value that
 PostgreSQL refuses (``DataError``) is a 400; a database that cannot be reached within the
-pool timeout is a 503; anything unexpected is a logged 500 that never leaks internals.
+pool timeout, or a PUT /task the counter buffer refused, is a 503; anything unexpected is
+a logged 500 that never leaks internals.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import falcon
 import psycopg
 import psycopg_pool
 
+from taskrunner.api.counters import Refused
 from taskrunner.api.validation import Invalid
 from taskrunner.db import DomainError
 from taskrunner.vocabulary import (
@@ -128,6 +130,11 @@ def _database_down(req, resp, exc: Exception, params) -> None:
     raise ApiError(503, "database unavailable") from exc
 
 
+def _counters_refused(req, resp, exc: Refused, params) -> None:
+    # the PUT /task buffer is bounded: the client retries, nothing of its request was kept
+    raise ApiError(503, exc.error, [exc.detail], headers={"Retry-After": "1"}) from exc
+
+
 def _unexpected(req, resp, exc: Exception, params) -> None:
     log.exception("unhandled error on %s %s", req.method, req.path)
     raise ApiError(500, "internal error") from exc
@@ -144,3 +151,4 @@ def install(app: falcon.App) -> None:
     app.add_error_handler(psycopg.DataError, _bad_value)
     app.add_error_handler(psycopg_pool.PoolTimeout, _database_down)
     app.add_error_handler(psycopg.OperationalError, _database_down)
+    app.add_error_handler(Refused, _counters_refused)

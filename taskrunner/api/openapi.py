@@ -452,7 +452,10 @@ _PATHS: dict[str, dict] = {
                 {"oneOf": [_ref("CounterUpdate"), _ref("CounterBatch")]},
                 "One update or an array of them",
             ),
-            "responses": {**_ok(202, "Accepted", _ref("Accepted")), **_errors(400, 413, 415)},
+            "responses": {
+                **_ok(202, "Accepted", _ref("Accepted")),
+                **_errors(400, 404, 413, 415),
+            },
         },
     },
     "/task/{id}": {
@@ -477,7 +480,10 @@ _PATHS: dict[str, dict] = {
             "operationId": "addTaskCounters",
             "summary": "Alias of PUT /task for one task",
             "requestBody": _body(_ref("Counters")),
-            "responses": {**_ok(202, "Accepted", _ref("Accepted")), **_errors(400, 404, 413, 415)},
+            "responses": {
+                **_ok(202, "Accepted", _ref("Accepted")),
+                **_errors(400, 404, 413, 415),
+            },
         },
     },
     "/task/pause/{id}": {
