@@ -114,3 +114,25 @@ def test_only_a_listed_secret_verifies_and_the_secret_list_is_parsed() -> None:
         "old",
     ]
     assert Config.from_env({}).webhook_signing_secrets == []
+
+
+def test_the_target_helper_refuses_a_webhook_whose_signature_does_not_verify() -> None:
+    from taskrunner.target import InvalidWebhook, parse_webhook
+
+    url = "http://t.example/hook?handle=http%3A%2F%2Fapi%2Ftask%2Fx"
+    body = b'{"a": 1}'
+    parts = {
+        "query": {"handle": "http://api/task/x"},
+        "method": "POST",
+        "url": url,
+        "verify": signing.verifier(["s3cret"]),
+    }
+    signed = {
+        "x-task-id": "x",
+        "x-task-trigger": "Start",
+        "idempotency-key": "k",
+        "webhook-signature": signing.sign(["s3cret"], "POST", url, body),
+    }
+    assert parse_webhook(headers=signed, body=body, **parts).task_id == "x"
+    with pytest.raises(InvalidWebhook):
+        parse_webhook(headers=signed, body=b'{"a": 2}', **parts)
