@@ -195,6 +195,21 @@ def count(conn, sql: str, *params) -> int:
     return conn.execute(sql, params).fetchone()["n"]
 
 
+def start_up(
+    port: int, env: dict[str, str], *, worker_processes: int = 1, cwd: Path | None = None
+) -> subprocess.Popen:
+    """``taskrunner up`` with one API process, its output (stdout and stderr) on a pipe."""
+    return subprocess.Popen(
+        [*TASKRUNNER, "up", "--port", str(port), "--api-processes", "1"]
+        + ["--worker-processes", str(worker_processes)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
+
+
 def service_env(db_url: str, port: int, metrics_dir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(

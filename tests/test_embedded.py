@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from procs import free_port
+from procs import free_port, start_up
 
 from taskrunner import embedded, pgtools
 from taskrunner.embedded import EmbeddedError, EmbeddedPostgres
@@ -140,15 +140,7 @@ def _up(checkout: Path, port: int) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "HOST_URL")}
     env.pop("TASKRUNNER_STATE_DIR", None)
     env |= {"PYTHONPATH": str(checkout), "PYTHONUNBUFFERED": "1"}
-    up = subprocess.Popen(
-        [sys.executable, "-m", "taskrunner.cli", "up", "--port", str(port)]
-        + ["--api-processes", "1", "--worker-processes", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=checkout,
-    )
+    up = start_up(port, env, cwd=checkout)
     output = ""
     for line in up.stdout:
         output += line
