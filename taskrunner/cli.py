@@ -203,6 +203,12 @@ def cmd_up(args: argparse.Namespace) -> int:
                 raise CliError(str(exc)) from exc
             how = "started" if cluster.started_here else "already running"
             print(f"taskrunner: embedded PostgreSQL {how} in {cluster.data_dir}", flush=True)
+            if cluster.cluster_dir != cluster.base_dir:
+                print(
+                    f"taskrunner: (user {embedded.SERVER_USER_WHEN_ROOT} cannot enter "
+                    f"{cluster.base_dir}, so its cluster for this checkout lives there)",
+                    flush=True,
+                )
             config = dataclasses.replace(config, database_url=url)
         _migrate(config.database_url)
 

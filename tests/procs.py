@@ -116,6 +116,8 @@ class Sink:
                     "query": parse_qs(parts.query),
                     "headers": {k.lower(): v for k, v in self.headers.items()},
                     "body": json.loads(body) if body else None,
+                    "raw_body": body,
+                    "target": self.path,  # path and query, as requested
                     "at": time.time(),
                 }
                 with sink.lock:
@@ -191,6 +193,21 @@ def hook(url: str) -> dict:
 def count(conn, sql: str, *params) -> int:
     """The ``n`` column of a one-row query."""
     return conn.execute(sql, params).fetchone()["n"]
+
+
+def start_up(
+    port: int, env: dict[str, str], *, worker_processes: int = 1, cwd: Path | None = None
+) -> subprocess.Popen:
+    """``taskrunner up`` with one API process, its output (stdout and stderr) on a pipe."""
+    return subprocess.Popen(
+        [*TASKRUNNER, "up", "--port", str(port), "--api-processes", "1"]
+        + ["--worker-processes", str(worker_processes)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
 
 
 def service_env(db_url: str, port: int, metrics_dir: Path, **extra: str) -> dict[str, str]:

@@ -68,6 +68,7 @@ def get_app() -> falcon.App:
         config.database_url,
         max_size=config.pool_max_size,
         statement_timeout=config.statement_timeout,
+        pooler=config.database_pooler,
     )
     pool.open(wait=False)
     return create_app(config, pool)

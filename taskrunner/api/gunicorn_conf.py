@@ -21,6 +21,9 @@ bind = f"{_config.host}:{_config.port}"
 workers = _config.api_processes
 worker_class = "gthread"
 threads = _config.api_threads
+# gunicorn's own default (2 s) closes an idle connection while a load balancer or a pooled
+# client still counts on it: their next request meets a reset. Ours outlives theirs.
+keepalive = _config.api_keepalive
 graceful_timeout = int(_config.shutdown_grace)
 accesslog = None
 errorlog = "-"

@@ -114,8 +114,12 @@ class Worker:
         """Claim and deliver until stopped; then drain, release and close."""
         self._loop = asyncio.get_running_loop()
         url = self.config.database_url
-        self._pool = create_async_pool(url, max_size=self.config.pool_max_size)
-        listen_pool = create_async_pool(url, max_size=1, name="taskrunner-listen")
+        self._pool = create_async_pool(
+            url, max_size=self.config.pool_max_size, pooler=self.config.database_pooler
+        )
+        # LISTEN is session state: a transaction pooler would drop it, hence its own URL
+        listen_url = self.config.listen_database_url or url
+        listen_pool = create_async_pool(listen_url, max_size=1, name="taskrunner-listen")
         await self._pool.open(wait=False)
         await listen_pool.open(wait=False)
         log.info("worker %s started", self.worker_id, extra={"worker": self.worker_id})
