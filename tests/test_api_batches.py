@@ -11,7 +11,6 @@ import pytest
 from test_api import assert_error, claim, create, spec
 from test_api import buffer as buffer  # noqa: F401 (fixtures, by their fixture names)
 from test_api import client as client  # noqa: F401
-from test_api import pool as pool  # noqa: F401
 
 COUNTS = ("waiting", "pending", "claimed", "running", "success", "failure", "paused", "canceled")
 RULE = {
