@@ -392,7 +392,10 @@ def _leaf(
     summary: str,
     examples: str,
     extra_exit: str = "",
+    *,
+    takes_id: bool = False,
 ) -> argparse.ArgumentParser:
+    """One action of a group; ``takes_id``: it acts on one object, the ``id`` argument."""
     parser = group.add_parser(
         name,
         parents=[_connection_options()],
@@ -402,26 +405,14 @@ def _leaf(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(run=run)
+    if takes_id:
+        parser.add_argument("id")
     return parser
 
 
 def _actions(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
     """The ``ACTION`` sub-commands of a group (``task``, ``batch``, ``delivery``)."""
     return parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-
-
-def _id_leaf(
-    group: argparse._SubParsersAction,
-    name: str,
-    run: Callable[..., int],
-    summary: str,
-    examples: str,
-    extra_exit: str = "",
-) -> argparse.ArgumentParser:
-    """An action on one object, named by the ``id`` argument."""
-    parser = _leaf(group, name, run, summary, examples, extra_exit)
-    parser.add_argument("id")
-    return parser
 
 
 def _limit(parser: argparse.ArgumentParser) -> None:
@@ -443,7 +434,7 @@ def add_task_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("file", nargs="?", default="-", help="the tasks (default: - for stdin)")
     p.add_argument("--requester", help="recorded on every task (X-Requester)")
 
-    _id_leaf(group, "get", task_get, "show a task", "  taskrunner task get $TASK")
+    _leaf(group, "get", task_get, "show a task", "  taskrunner task get $TASK", takes_id=True)
 
     p = _leaf(
         group,
@@ -476,23 +467,25 @@ def add_task_commands(parser: argparse.ArgumentParser) -> None:
         )
         p.add_argument("ids", nargs="+", metavar="ID")
 
-    _id_leaf(
+    _leaf(
         group,
         "history",
         task_history,
         "a task's transitions",
         "  taskrunner task history $TASK",
+        takes_id=True,
     )
 
 
 def add_delivery_commands(parser: argparse.ArgumentParser) -> None:
     group = _actions(parser)
-    _id_leaf(
+    _leaf(
         group,
         "retry",
         delivery_retry,
         "queue again a webhook delivery that gave up (Failed)",
         "  taskrunner delivery retry $DELIVERY   # ids: taskrunner task get $TASK --json",
+        takes_id=True,
     )
 
 
@@ -513,16 +506,19 @@ def add_batch_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--created-before", metavar="TIME", help="ISO 8601")
     _limit(p)
 
-    _id_leaf(group, "get", batch_get, "a batch's counts", "  taskrunner batch get $BATCH")
-    _id_leaf(
+    _leaf(
+        group, "get", batch_get, "a batch's counts", "  taskrunner batch get $BATCH", takes_id=True
+    )
+    _leaf(
         group,
         "stop",
         batch_stop,
         "stop a batch: every unfinished task -> Canceled",
         "  taskrunner batch stop $BATCH",
+        takes_id=True,
     )
 
-    p = _id_leaf(
+    p = _leaf(
         group,
         "watch",
         batch_watch,
@@ -531,6 +527,7 @@ def add_batch_commands(parser: argparse.ArgumentParser) -> None:
         "  taskrunner batch watch $BATCH\n"
         "  taskrunner batch watch $BATCH --timeout 600 || echo 'the batch did not succeed'",
         f", {WATCH_TIMEOUT_EXIT} --timeout expired",
+        takes_id=True,
     )
     p.add_argument(
         "--interval", type=_positive_seconds, default=1.0, metavar="S", help="poll every S s (1)"
