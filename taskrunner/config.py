@@ -40,6 +40,8 @@ class Config:
     host: str = "127.0.0.1"
     host_url: str = ""
     log_level: str = "info"
+    log_format: str = "text"
+    access_log: bool = True
     api_processes: int = 2
     api_threads: int = 4
     worker_processes: int = 2
@@ -56,6 +58,7 @@ class Config:
     counter_flush_interval: float = 0.1
     counter_buffer_max: int = 50_000  # tasks in a PUT /task buffer, a few hundred bytes each
     pool_max_size: int = 8
+    statement_timeout: float = 30.0
     api_token: str | None = None
 
     def __post_init__(self) -> None:
@@ -74,6 +77,8 @@ class Config:
             host=env.get("HOST", "127.0.0.1"),
             host_url=env.get("HOST_URL", ""),
             log_level=(env.get("LOG_LEVEL") or env.get("RUST_LOG") or "info").lower(),
+            log_format=(env.get("LOG_FORMAT") or "text").lower(),
+            access_log=_bool(env.get("ACCESS_LOG"), default=True),
             api_processes=_int(env, "API_PROCESSES", 2),
             api_threads=_int(env, "API_THREADS", 4),
             worker_processes=_int(env, "WORKER_PROCESSES", 2),
@@ -90,5 +95,6 @@ class Config:
             counter_flush_interval=_float(env, "COUNTER_FLUSH_INTERVAL", 0.1),
             counter_buffer_max=_int(env, "COUNTER_BUFFER_MAX", 50_000),
             pool_max_size=_int(env, "POOL_MAX_SIZE", 8),
+            statement_timeout=_float(env, "STATEMENT_TIMEOUT", 30.0),
             api_token=env.get("API_TOKEN") or None,
         )

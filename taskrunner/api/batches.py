@@ -10,6 +10,7 @@ writes JSON. Unknown batches (and ids that are not UUIDs) are a 404.
 from __future__ import annotations
 
 import json
+import logging
 
 import falcon
 
@@ -18,6 +19,8 @@ from taskrunner.api.errors import not_found
 from taskrunner.api.resources import _send, _uuid_param, read_json
 from taskrunner.api.store import Store
 from taskrunner.api.validation import batch_list_filters, batch_rules_input
+
+log = logging.getLogger("taskrunner.api")
 
 
 class _Resource:
@@ -53,7 +56,9 @@ class BatchItem(_Resource):
         _send(resp, serialize.batch_stats(rows[0]))
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
-        (row,) = self.store.call("stop_batch", {"id": _uuid_param(id, "batch")})
+        batch_id = _uuid_param(id, "batch")
+        (row,) = self.store.call("stop_batch", {"id": batch_id})
+        log.info("batch %s stopped: %s", batch_id, row, extra={"batch_id": batch_id})
         _send(resp, row)
 
 
@@ -65,6 +70,13 @@ class BatchRules(_Resource):
         change = batch_rules_input(read_json(req))
         params = {"id": batch_id, "kind": change["kind"], "rules": json.dumps(change["rules"])}
         (row,) = self.store.call("set_batch_rules", params)
+        log.info(
+            "batch %s: rules of kind %r replaced on %d tasks",
+            batch_id,
+            change["kind"],
+            row["updated_count"],
+            extra={"batch_id": batch_id},
+        )
         _send(
             resp,
             {"batch_id": batch_id, "kind": change["kind"], "updated_count": row["updated_count"]},
