@@ -222,6 +222,39 @@ $$;
 
 
 --
+-- Name: _dedupe_match(text, taskrunner.task_status, jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._dedupe_match(p_kind text, p_status taskrunner.task_status, p_pattern jsonb) RETURNS TABLE(id uuid, seq bigint)
+    LANGUAGE plpgsql STABLE
+    SET enable_seqscan TO 'off'
+    SET enable_indexscan TO 'off'
+    AS $$
+BEGIN
+    IF p_pattern = '{}'::jsonb THEN
+        RETURN QUERY
+        SELECT x.id, x.seq FROM taskrunner.task x
+        WHERE x.kind = p_kind AND x.status = p_status
+        ORDER BY x.seq DESC LIMIT 1;
+    ELSE
+        RETURN QUERY
+        SELECT x.id, x.seq FROM taskrunner.task x
+        WHERE x.metadata @> p_pattern AND x.kind = p_kind AND x.status = p_status
+        ORDER BY x.seq DESC LIMIT 1;
+    END IF;
+END $$;
+
+
+--
+-- Name: FUNCTION _dedupe_match(p_kind text, p_status taskrunner.task_status, p_pattern jsonb); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._dedupe_match(p_kind text, p_status taskrunner.task_status, p_pattern jsonb) IS 'A dedupe probe of create_batch: the newest task of p_kind in p_status whose metadata
+contains p_pattern. Bitmap scans only, so it reads the tasks that carry the pattern''s
+values, never the table.';
+
+
+--
 -- Name: _failure_reason_problem(taskrunner.task_status, text); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -689,7 +722,10 @@ BEGIN
     ), upd AS (
         UPDATE taskrunner.task t
         SET success = t.success + u.s, failures = t.failures + u.f,
-            last_updated = CASE WHEN t.status = 'running' THEN now() ELSE t.last_updated END
+            last_updated = CASE WHEN t.status = 'running' THEN now() ELSE t.last_updated END,
+            -- a report acknowledges the start (see update_task)
+            started_at = CASE WHEN t.status = 'running' THEN coalesce(t.started_at, now())
+                              ELSE t.started_at END
         FROM u, locked l
         WHERE t.id = u.id AND l.id = u.id
         RETURNING 1
@@ -704,7 +740,8 @@ END $$;
 --
 
 COMMENT ON FUNCTION taskrunner.add_counters(p_updates jsonb) IS 'PUT /task: add progress counters to many tasks at once (rows locked in id order, so
-concurrent flushes cannot deadlock). Running tasks also get a heartbeat.';
+concurrent flushes cannot deadlock). Running tasks also get a heartbeat, and their
+start is acknowledged (started_at), as by update_task.';
 
 
 --
@@ -963,14 +1000,12 @@ BEGIN
         SELECT t, ord FROM jsonb_array_elements(p_tasks) WITH ORDINALITY x(t, ord)
     ), dedupe AS MATERIALIZED (
         -- the newest existing task that any dedupe matcher of the input task finds
+        -- (one probe per matcher, its pattern computed once: see _dedupe_match)
         SELECT i.ord, (
             SELECT e.id FROM jsonb_array_elements(i.t -> 'dedupe') m
-            CROSS JOIN LATERAL (
-                SELECT x.id, x.seq FROM taskrunner.task x
-                WHERE x.kind = m ->> 'kind'
-                  AND x.status = (m ->> 'status')::taskrunner.task_status
-                  AND x.metadata @> taskrunner._rule_pattern(m, i.t -> 'metadata')
-                ORDER BY x.seq DESC LIMIT 1) e
+            CROSS JOIN LATERAL taskrunner._dedupe_match(
+                m ->> 'kind', (m ->> 'status')::taskrunner.task_status,
+                taskrunner._rule_pattern(m, i.t -> 'metadata')) e
             ORDER BY e.seq DESC LIMIT 1) AS existing_id
         FROM input i
         WHERE jsonb_array_length(coalesce(i.t -> 'dedupe', '[]')) > 0
@@ -1023,15 +1058,19 @@ BEGIN
            (SELECT array_agg(DISTINCT e.parent_id) FROM edges e WHERE e.external)
     INTO v_created, v_existing;
 
-    -- Links to existing tasks: lock those (FOR SHARE, after our links exist) and read
-    -- their status. One that ends concurrently either committed before the lock (we see
-    -- it ended) or waits for our commit (its propagation then sees our links). Links to
-    -- tasks that had already ended count at once; a failed required parent fails the
-    -- child, which cascades through the batch.
+    -- Links to existing tasks (by id or through a dedupe hit): lock those (FOR SHARE,
+    -- after our links exist), then read their status. One that ends concurrently either
+    -- committed before the lock (we see it ended) or waits for our commit (its
+    -- propagation then sees our links). Links to tasks that had already ended count at
+    -- once; a failed required parent fails the child, which cascades through the batch.
+    -- Two statements on purpose: with the status test in the locking query, the planner
+    -- applies it below the lock, to the row as it was before a concurrent end committed,
+    -- so an ending parent was neither locked nor counted and the child waited forever.
+    -- The second statement takes a new snapshot, after every lock was granted.
+    PERFORM 1 FROM taskrunner.task WHERE id = ANY (v_existing) ORDER BY id FOR SHARE;
     SELECT array_agg(id) INTO v_ended
-    FROM (SELECT id, status FROM taskrunner.task WHERE id = ANY (v_existing)
-          ORDER BY id FOR SHARE) p
-    WHERE taskrunner.is_terminal(p.status);
+    FROM taskrunner.task
+    WHERE id = ANY (v_existing) AND taskrunner.is_terminal(status);
     IF v_ended IS NOT NULL THEN
         PERFORM taskrunner._propagate(v_ended, v_created);
     END IF;
@@ -1068,6 +1107,21 @@ DECLARE
     v_failed jsonb;   -- starts that gave up: [{task_id, error}]
     v_queued int;
 BEGIN
+    -- Locks first, each in id order (as add_counters does), so concurrent callers cannot
+    -- deadlock: the deliveries, then the tasks of starts, whose status decides what a
+    -- start's outcome means. The statements below see those rows as locked.
+    PERFORM 1 FROM taskrunner.delivery d
+    WHERE d.id IN (SELECT (r ->> 'delivery_id')::uuid FROM jsonb_array_elements(p_results) r)
+    ORDER BY d.id
+    FOR NO KEY UPDATE;
+    PERFORM 1 FROM taskrunner.task t
+    WHERE t.id IN (SELECT d.task_id FROM taskrunner.delivery d
+                   WHERE d.id IN (SELECT (r ->> 'delivery_id')::uuid
+                                  FROM jsonb_array_elements(p_results) r)
+                     AND d.event = 'start')
+    ORDER BY t.id
+    FOR NO KEY UPDATE;
+
     WITH input AS MATERIALIZED (
         SELECT DISTINCT ON (id) * FROM (
             SELECT (r ->> 'delivery_id')::uuid AS id,
@@ -1081,21 +1135,38 @@ BEGIN
             FROM jsonb_array_elements(p_results) WITH ORDINALITY x(r, ord)) i
         ORDER BY id, ord
     ), locked AS MATERIALIZED (
-        SELECT d.id, d.task_id, d.event, d.attempts, d.status, d.worker
+        SELECT d.id, d.task_id, d.event, d.attempts, d.status, d.worker,
+               t.status AS task_status, t.started_at
         FROM taskrunner.delivery d
+        LEFT JOIN taskrunner.task t ON t.id = d.task_id AND d.event = 'start'
         WHERE d.id IN (SELECT id FROM input)
-        ORDER BY d.id
-        FOR NO KEY UPDATE
     ), outcome AS MATERIALIZED (
-        -- a delivery that is no longer in flight for us: the lease ran out and it moved
-        -- on without us (tick() recorded our attempt as expired; another worker may own
-        -- the current one), so nothing changes
+        -- 'stale': a delivery that is no longer in flight for us: the lease ran out and
+        -- it moved on without us (tick() recorded our attempt as expired; another worker
+        -- may own the current one), so nothing changes.
+        -- 'canceled' (dropped): a start whose answer no longer matters. Its task left
+        -- running (canceled, timed out) before a 2xx came back; or the attempt failed
+        -- but the task ended, or its target already reported through the handle (it has
+        -- the start). Re-sending it would start an ended task, or start it twice.
         SELECT i.*, l.task_id, l.event, l.attempts,
                CASE WHEN l.id IS NULL THEN 'unknown'
                     WHEN l.status <> 'in_flight' OR l.worker IS DISTINCT FROM p_worker THEN 'stale'
+                    WHEN l.event = 'start' AND i.ok AND l.started_at IS NULL
+                         AND l.task_status IN ('canceled', 'failure') THEN 'canceled'
+                    WHEN l.event = 'start' AND NOT i.ok
+                         AND (l.task_status <> 'running' OR l.started_at IS NOT NULL)
+                         THEN 'canceled'
                     WHEN i.ok THEN 'delivered'
                     WHEN i.retry_delay_ms IS NOT NULL THEN 'queued'
-                    ELSE 'failed' END AS result
+                    ELSE 'failed' END AS result,
+               CASE WHEN l.task_status <> 'running' AND i.ok
+                        THEN format('dropped: task is %s (answered after the task ended)',
+                                    l.task_status)
+                    WHEN l.task_status <> 'running'
+                        THEN format('%s; dropped: task is %s', coalesce(i.error, 'failed'),
+                                    l.task_status)
+                    ELSE format('%s; dropped: the target already reported on the task',
+                                coalesce(i.error, 'failed')) END AS dropped_error
         FROM input i LEFT JOIN locked l ON l.id = i.id
     ), new_attempts AS (
         INSERT INTO taskrunner.delivery_attempt (delivery_id, attempt, worker, started_at,
@@ -1108,7 +1179,8 @@ BEGIN
         SET status = o.result::taskrunner.delivery_status,
             lease_until = NULL,
             last_status_code = o.status_code,
-            last_error = CASE WHEN o.ok THEN NULL ELSE coalesce(o.error, 'failed') END,
+            last_error = CASE WHEN o.result = 'canceled' THEN o.dropped_error
+                              WHEN o.ok THEN NULL ELSE coalesce(o.error, 'failed') END,
             next_attempt_at = CASE WHEN o.result = 'queued'
                                    THEN now() + make_interval(secs => o.retry_delay_ms / 1000.0)
                                    ELSE d.next_attempt_at END,
@@ -1118,20 +1190,13 @@ BEGIN
     )
     SELECT jsonb_agg(jsonb_build_object('delivery_id', o.id, 'status', o.result) ORDER BY o.ord),
            jsonb_agg(jsonb_build_object('task_id', o.task_id, 'cancel_actions', o.cancel_actions))
-               FILTER (WHERE o.event = 'start' AND o.result = 'delivered'),
+               FILTER (WHERE o.event = 'start' AND o.ok
+                              AND o.result IN ('delivered', 'canceled')),
            jsonb_agg(jsonb_build_object('task_id', o.task_id,
                                         'error', coalesce(o.error, 'failed')))
                FILTER (WHERE o.event = 'start' AND o.result = 'failed')
     INTO v_out, v_started, v_failed
     FROM outcome o;
-
-    IF v_started IS NOT NULL OR v_failed IS NOT NULL THEN
-        PERFORM 1 FROM taskrunner.task
-        WHERE id IN (SELECT (e ->> 'task_id')::uuid
-                     FROM jsonb_array_elements(coalesce(v_started, '[]') || coalesce(v_failed, '[]')) e)
-        ORDER BY id
-        FOR NO KEY UPDATE;
-    END IF;
 
     IF v_failed IS NOT NULL THEN
         -- a start that gave up fails its task (never overriding an end reached meanwhile)
@@ -1185,7 +1250,8 @@ END $$;
 COMMENT ON FUNCTION taskrunner.finish_deliveries(p_worker text, p_results jsonb) IS 'Record the outcomes of webhook attempts, many in one call (see docs/sql.md). Each
 element of p_results: {"delivery_id", "ok", "status_code", "error", "retry_delay_ms",
 "cancel_actions", "started_at"}. Returns each delivery''s new status, ''stale'' when our
-lease was lost, or ''unknown''. Set-based: a worker records a whole round of webhook
+lease was lost, or ''unknown''. A start whose task is no longer running is dropped
+(''canceled'', the reason in last_error): never requeued, never recorded as delivered. Set-based: a worker records a whole round of webhook
 results with a few statements, so the per-statement trigger work is paid once.
 
 Locks: deliveries, then the tasks of starts, each in id order (as add_counters does),
@@ -1796,6 +1862,41 @@ END $$;
 
 
 --
+-- Name: tg_task__freeze_rule_fields(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.tg_task__freeze_rule_fields() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_field text;
+BEGIN
+    IF taskrunner.is_terminal(OLD.status) THEN
+        RETURN NEW;
+    END IF;
+    SELECT f INTO v_field
+    FROM jsonb_array_elements(OLD.rules) r, jsonb_array_elements_text(r -> 'fields') f
+    WHERE OLD.metadata -> f IS DISTINCT FROM NEW.metadata -> f
+    ORDER BY f LIMIT 1;
+    IF v_field IS NOT NULL THEN
+        PERFORM taskrunner._raise('TR409',
+            format('cannot change metadata field %s of task %s', v_field, OLD.id),
+            format('metadata.%s: read by a concurrency rule of this task; cannot change '
+                   'until the task ends (is %s)', v_field, OLD.status));
+    END IF;
+    RETURN NEW;
+END $$;
+
+
+--
+-- Name: FUNCTION tg_task__freeze_rule_fields(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.tg_task__freeze_rule_fields() IS 'Trigger: the metadata values that a task''s rules read (their fields) cannot change until
+the task ends (TR409 naming metadata.<field>); admission keys and rule counts compare them.';
+
+
+--
 -- Name: tg_task__guard_insert(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -1875,15 +1976,16 @@ COMMENT ON FUNCTION taskrunner.tg_task__guard_transition() IS 'Guard every statu
 
 
 --
--- Name: tick(); Type: FUNCTION; Schema: taskrunner; Owner: -
+-- Name: tick(integer); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
-CREATE FUNCTION taskrunner.tick() RETURNS jsonb
+CREATE FUNCTION taskrunner.tick(p_max_attempts integer DEFAULT 5) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
 DECLARE
     v_timed_out int;
     v_expired int;
+    v_gave_up int;
 BEGIN
     IF NOT pg_try_advisory_xact_lock(hashtextextended('taskrunner.tick', 0)) THEN
         RETURN NULL;
@@ -1905,14 +2007,18 @@ BEGIN
         FROM taskrunner.delivery d JOIN expired e ON e.id = d.id
         ON CONFLICT DO NOTHING
     ), moved AS (
+        -- an expired lease was an attempt (its row is written above): a delivery that
+        -- used up p_max_attempts in this round gives up like one whose target failed
         UPDATE taskrunner.delivery d
         SET status = CASE WHEN d.event = 'start' THEN 'expired'::taskrunner.delivery_status
+                          WHEN d.attempts - d.round_base >= p_max_attempts THEN 'failed'
                           ELSE 'queued' END,
             lease_until = NULL, next_attempt_at = now(),
             last_error = 'lease expired (worker gone?)',
-            finished_at = CASE WHEN d.event = 'start' THEN now() END
+            finished_at = CASE WHEN d.event = 'start'
+                                 OR d.attempts - d.round_base >= p_max_attempts THEN now() END
         FROM expired e WHERE d.id = e.id
-        RETURNING d.task_id, d.event
+        RETURNING d.task_id, d.event, d.status
     ), requeued AS (
         UPDATE taskrunner.task t
         SET status = 'pending', status_reason = 'start lease expired'
@@ -1920,21 +2026,26 @@ BEGIN
         WHERE m.event = 'start' AND t.id = m.task_id AND t.status = 'running'
           AND t.started_at IS NULL
     )
-    SELECT count(*) INTO v_expired FROM moved;
-    IF v_expired > 0 THEN
+    SELECT count(*), count(*) FILTER (WHERE status = 'failed') INTO v_expired, v_gave_up
+    FROM moved;
+    IF v_expired > v_gave_up THEN
         PERFORM pg_notify('taskrunner_delivery', '');
     END IF;
 
-    RETURN jsonb_build_object('timed_out', v_timed_out, 'expired_leases', v_expired);
+    RETURN jsonb_build_object('timed_out', v_timed_out, 'expired_leases', v_expired,
+                              'gave_up', v_gave_up);
 END $$;
 
 
 --
--- Name: FUNCTION tick(); Type: COMMENT; Schema: taskrunner; Owner: -
+-- Name: FUNCTION tick(p_max_attempts integer); Type: COMMENT; Schema: taskrunner; Owner: -
 --
 
-COMMENT ON FUNCTION taskrunner.tick() IS 'Periodic housekeeping, one caller at a time: time out running tasks and recover
-deliveries whose worker vanished. Returns counts, or NULL if another tick is running.';
+COMMENT ON FUNCTION taskrunner.tick(p_max_attempts integer) IS 'Periodic housekeeping, one caller at a time: time out running tasks and recover
+deliveries whose worker vanished. An expired lease is an attempt: a start''s task goes
+back to pending (unless the start was acknowledged), another delivery is requeued, or
+failed once it used p_max_attempts attempts in its round (workers pass
+WEBHOOK_MAX_ATTEMPTS). Returns counts, or NULL if another tick is running.';
 
 
 --
@@ -1999,6 +2110,9 @@ BEGIN
         failure_reason = CASE WHEN p_status = 'failure' THEN p_failure_reason ELSE failure_reason END,
         status_reason = CASE WHEN p_status IS NULL THEN status_reason
                              ELSE format('reported %s', p_status) END,
+        -- a report through the handle proves the target got the start: acknowledged,
+        -- so an expired start lease no longer puts the task back to pending (tick())
+        started_at = coalesce(started_at, now()),
         last_updated = now()
     WHERE id = p_id
     RETURNING * INTO v_task;
@@ -2010,7 +2124,8 @@ END $$;
 -- Name: FUNCTION update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text); Type: COMMENT; Schema: taskrunner; Owner: -
 --
 
-COMMENT ON FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text) IS 'PATCH /task/{id}: counters, metadata and the outcome of a running task.';
+COMMENT ON FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text) IS 'PATCH /task/{id}: counters, metadata and the outcome of a running task. A report
+acknowledges the start (started_at), so tick() does not restart the task.';
 
 
 --
@@ -2740,6 +2855,13 @@ CREATE TRIGGER _100_guard_transition BEFORE UPDATE ON taskrunner.task FOR EACH R
 
 
 --
+-- Name: task _110_freeze_rule_fields; Type: TRIGGER; Schema: taskrunner; Owner: -
+--
+
+CREATE TRIGGER _110_freeze_rule_fields BEFORE UPDATE OF metadata ON taskrunner.task FOR EACH ROW WHEN (((old.metadata IS DISTINCT FROM new.metadata) AND (old.rules <> '[]'::jsonb))) EXECUTE FUNCTION taskrunner.tg_task__freeze_rule_fields();
+
+
+--
 -- Name: task _500_batch_counts_delete; Type: TRIGGER; Schema: taskrunner; Owner: -
 --
 
@@ -2850,6 +2972,12 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261127000700'),
     ('20261127000800'),
     ('20261127110000'),
+    ('20261127120000'),
+    ('20261127120100'),
+    ('20261127120200'),
+    ('20261127120300'),
+    ('20261127120400'),
+    ('20261127120500'),
     ('20261127130000'),
     ('20261127140000'),
     ('20261127140100');

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -19,7 +20,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 
+from taskrunner import logs
 from taskrunner.cli_client import COMMANDS as CLIENT_COMMANDS
 from taskrunner.config import Config
 from taskrunner.ports import port_is_free
@@ -28,6 +31,8 @@ from taskrunner.supervisor import Supervisor
 GUNICORN_CONFIG = "python:taskrunner.api.gunicorn_conf"
 WSGI_APP = "taskrunner.api.app:get_app()"
 HEALTH_TIMEOUT = 60.0
+
+log = logging.getLogger("taskrunner.cli")
 
 
 class CliError(Exception):
@@ -138,15 +143,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _require_database(config)
     if config.worker_processes < 1:
         raise CliError("--processes must be at least 1")
+    logs.configure(config)
     if config.worker_processes == 1:
         _require_module("taskrunner.worker.main", "the worker")
         from taskrunner.worker.main import run_worker
 
+        logs.log_start(log, "worker", config, pid=os.getpid())
         result = run_worker(config)
         return result if isinstance(result, int) else 0
 
     supervisor = Supervisor(grace=config.shutdown_grace + 5)
     env = _child_env(config)
+    logs.log_start(log, f"supervisor of {config.worker_processes} worker processes", config)
 
     def start() -> None:
         for i in range(config.worker_processes):
@@ -164,7 +172,7 @@ def _healthy(port: int) -> bool:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from taskrunner import embedded
+    from taskrunner import embedded, metrics
 
     config = _config(
         args,
@@ -173,6 +181,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         worker_processes=args.worker_processes,
         worker_concurrency=args.concurrency,
     )
+    logs.configure(config)
     _require_module("taskrunner.api.gunicorn_conf", "the API")
     _require_module("taskrunner.worker.main", "the worker")
     if not port_is_free(config.port):
@@ -181,9 +190,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     state = embedded.state_dir()
     cluster: embedded.EmbeddedPostgres | None = None
     supervisor = Supervisor(grace=config.shutdown_grace + 5)
+    metrics_dir: Path | None = None
 
     def start() -> None:
-        nonlocal cluster, config
+        nonlocal cluster, config, metrics_dir
+        logs.log_start(log, "up", config, state_dir=state)
         if not config.database_url:
             cluster = embedded.EmbeddedPostgres(state)
             try:
@@ -192,6 +203,12 @@ def cmd_up(args: argparse.Namespace) -> int:
                 raise CliError(str(exc)) from exc
             how = "started" if cluster.started_here else "already running"
             print(f"taskrunner: embedded PostgreSQL {how} in {cluster.data_dir}", flush=True)
+            if cluster.cluster_dir != cluster.base_dir:
+                print(
+                    f"taskrunner: (user {embedded.SERVER_USER_WHEN_ROOT} cannot enter "
+                    f"{cluster.base_dir}, so its cluster for this checkout lives there)",
+                    flush=True,
+                )
             config = dataclasses.replace(config, database_url=url)
         _migrate(config.database_url)
 
@@ -202,10 +219,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "taskrunner: WEBHOOK_ALLOW_PRIVATE=true (the `up` default, so webhooks may "
                 "call localhost; set WEBHOOK_ALLOW_PRIVATE=false to forbid private addresses)"
             )
-        # Prometheus' multiprocess mode: API and worker processes share one fresh directory.
-        metrics_dir = state / "metrics"
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir(parents=True)
+        # Prometheus' multiprocess mode: this instance's API and worker processes share a
+        # fresh directory of its own (another `up` in this checkout has another one).
+        metrics_dir = metrics.instance_dir(state / "metrics")
         extra["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         env = _child_env(config, **extra)
 
@@ -222,11 +238,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         supervisor.watch(until=ready)
         print(f"taskrunner is up: http://127.0.0.1:{config.port}", flush=True)
-        print(f"DATABASE_URL={config.database_url}", flush=True)
+        print(f"DATABASE_URL={logs.redact_url(config.database_url)}", flush=True)
 
     try:
         return supervisor.run(start, errors=(CliError,))
     finally:
+        if metrics_dir is not None:  # every process writing to it has stopped
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         if cluster is not None and cluster.started_here:
             print("taskrunner: stopping the embedded PostgreSQL", file=sys.stderr)
             cluster.stop()

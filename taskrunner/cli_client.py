@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from taskrunner import vocabulary as vocab
 from taskrunner.client import Client, StatusCounts, TaskrunnerError
 from taskrunner.client.core import DEFAULT_URL
+from taskrunner.client.models import BatchStats, Created, StopBatchResponse, TaskDetail
 
 WATCH_TIMEOUT_EXIT = 124  # as timeout(1)
 
@@ -101,28 +102,66 @@ def _load_yaml(source: str, text: str, json_error: ValueError) -> Any:
         raise InputError(f"{source}: neither JSON nor YAML: {exc}") from exc
 
 
+# -- commands: fetch a result, print it ----------------------------------------------------
+
+Fetch = Callable[[Client, argparse.Namespace], Any]
+
+
+def shown(fetch: Fetch, render: Callable[[Any, TextIO], None]) -> Callable[..., int]:
+    """A command printing what ``fetch`` returns: as JSON with ``--json``, else through
+    ``render`` (a table or a few lines)."""
+
+    def run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+        result = fetch(client, args)
+        if args.json:
+            dump(result, out)
+        else:
+            render(result, out)
+        return 0
+
+    return run
+
+
+def _by_id(method: Callable[[Client, str], Any]) -> Fetch:
+    """Fetch: ``method`` applied to the ``id`` argument."""
+    return lambda client, args: method(client, args.id)
+
+
+def _listed(method: Callable[..., Iterator[Any]], filters: tuple[str, ...]) -> Fetch:
+    """Fetch: the first ``--limit`` items of ``method`` (an ``iter_*``) filtered by the
+    arguments named ``filters``; only the pages needed are fetched."""
+
+    def fetch(client: Client, args: argparse.Namespace) -> list[Any]:
+        items = method(client, **{name: getattr(args, name) for name in filters})
+        return list(islice(items, args.limit or None))  # --limit 0: all
+
+    return fetch
+
+
+def _tabled(headers: list[str], row: Callable[[Any], list[Any]]) -> Callable[[Any, TextIO], None]:
+    """Render: one ``row`` of the table per item."""
+    return lambda items, out: table(headers, [row(item) for item in items], out)
+
+
 # -- task ---------------------------------------------------------------------------------
 
 
-def task_create(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    created = client.create_tasks(load_tasks(args.file), requester=args.requester)
-    if args.json:
-        dump({"batch_id": created.batch_id, "tasks": _plain(created.tasks)}, out)
-        return 0
+def _print_created(created: Created, out: TextIO) -> None:
     if not created.tasks:
         print("no task created: the dedupe strategy skipped every one", file=out)
-        return 0
+        return
     print(f"batch {created.batch_id}: {len(created.tasks)} tasks", file=out)
     rows = [[t.local_id, t.id, t.kind, t.status] for t in created.tasks]
     table(["LOCAL ID", "ID", "KIND", "STATUS"], rows, out)
-    return 0
 
 
-def task_get(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    task = client.get_task(args.id)
-    if args.json:
-        dump(task, out)
-        return 0
+task_create = shown(
+    lambda client, args: client.create_tasks(load_tasks(args.file), requester=args.requester),
+    _print_created,
+)
+
+
+def _print_task(task: TaskDetail, out: TextIO) -> None:
     fields = ["id", "name", "kind", "status", "status_reason", "failure_reason", "batch_id"]
     fields += ["local_id", "requester", "priority", "timeout", "success", "failures"]
     fields += ["created_at", "started_at", "ended_at", "last_updated"]
@@ -143,32 +182,25 @@ def task_get(client: Client, args: argparse.Namespace, out: TextIO) -> int:
             states = ", ".join(d.status for d in action.deliveries) or "not sent"
             line = f"{action.trigger} {action.params.verb} {action.params.url}: {states}"
             print(f"{'webhook:':16}{line}", file=out)
-    return 0
 
 
-def task_list(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    filters = {
-        "status": args.status,
-        "kind": args.kind,
-        "name": args.name,
-        "batch_id": args.batch,
-        "metadata": args.metadata,
-    }
-    tasks = _limited(client.iter_tasks(**filters), args.limit)
-    if args.json:
-        dump(tasks, out)
-        return 0
-    rows = [
-        [t.id, t.name, t.kind, t.status, t.success, t.failures, _short_time(t.created_at)]
-        for t in tasks
-    ]
-    table(["ID", "NAME", "KIND", "STATUS", "SUCCESS", "FAILURES", "CREATED"], rows, out)
-    return 0
+task_get = shown(_by_id(Client.get_task), _print_task)
 
-
-def _limited(items: Iterator[Any], limit: int) -> list[Any]:
-    """The first ``limit`` items (all of them for 0): only the pages needed are fetched."""
-    return list(islice(items, limit or None))
+task_list = shown(
+    _listed(Client.iter_tasks, ("status", "kind", "name", "batch_id", "metadata")),
+    _tabled(
+        ["ID", "NAME", "KIND", "STATUS", "SUCCESS", "FAILURES", "CREATED"],
+        lambda t: [
+            t.id,
+            t.name,
+            t.kind,
+            t.status,
+            t.success,
+            t.failures,
+            _short_time(t.created_at),
+        ],
+    ),
+)
 
 
 def _each_task(action: Callable[[Client, str], Any]) -> Callable[..., int]:
@@ -193,82 +225,62 @@ def _each_task(action: Callable[[Client, str], Any]) -> Callable[..., int]:
     return run
 
 
-def task_history(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    history = client.task_history(args.id)
-    if args.json:
-        dump(history, out)
-        return 0
-    rows = [[_short_time(t.at), t.from_, t.to, t.reason, t.actor] for t in history]
-    table(["AT", "FROM", "TO", "REASON", "ACTOR"], rows, out)
-    return 0
+task_history = shown(
+    _by_id(Client.task_history),
+    _tabled(
+        ["AT", "FROM", "TO", "REASON", "ACTOR"],
+        lambda t: [_short_time(t.at), t.from_, t.to, t.reason, t.actor],
+    ),
+)
 
-
-def delivery_retry(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    delivery = client.retry_delivery(args.id)
-    if args.json:
-        dump(delivery, out)
-    else:
-        print(
-            f"{delivery.id}  {delivery.status}  next attempt {delivery.next_attempt_at}", file=out
-        )
-    return 0
+delivery_retry = shown(
+    _by_id(Client.retry_delivery),
+    lambda d, out: print(f"{d.id}  {d.status}  next attempt {d.next_attempt_at}", file=out),
+)
 
 
 # -- batch --------------------------------------------------------------------------------
 
-
-def batch_list(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    filters = {
-        "status": args.status,
-        "kind": args.kind,
-        "name": args.name,
-        "created_after": args.created_after,
-        "created_before": args.created_before,
-    }
-    batches = _limited(client.iter_batches(**filters), args.limit)
-    if args.json:
-        dump(batches, out)
-        return 0
-    rows = [
-        [
+batch_list = shown(
+    _listed(Client.iter_batches, ("status", "kind", "name", "created_after", "created_before")),
+    _tabled(
+        ["BATCH", "TASKS", "STATUS", "KINDS", "CREATED"],
+        lambda b: [
             b.batch_id,
             b.total_tasks,
             counts_text(b.status_counts),
             ",".join(b.kinds),
             _short_time(b.first_created_at),
-        ]
-        for b in batches
-    ]
-    table(["BATCH", "TASKS", "STATUS", "KINDS", "CREATED"], rows, out)
-    return 0
+        ],
+    ),
+)
 
 
-def batch_get(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    stats = client.get_batch(args.id)
-    if args.json:
-        dump(stats, out)
-        return 0
+def _print_batch(stats: BatchStats, out: TextIO) -> None:
     print(f"batch {stats.batch_id}: {stats.total_tasks} tasks ({', '.join(stats.kinds)})", file=out)
     print(f"  {counts_text(stats.status_counts)}", file=out)
     print(f"  counters: success {stats.total_success}, failures {stats.total_failures}", file=out)
     print(f"  created {_short_time(stats.first_created_at)}, updated ", end="", file=out)
     print(_short_time(stats.latest_updated_at), file=out)
-    return 0
 
 
-def batch_stop(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    stopped = client.stop_batch(args.id)
-    if args.json:
-        dump(stopped, out)
-        return 0
+batch_get = shown(_by_id(Client.get_batch), _print_batch)
+
+
+def _print_stopped(stopped: StopBatchResponse, out: TextIO) -> None:
     canceled = {
         name: getattr(stopped, f"canceled_{name}")
         for name in ("waiting", "pending", "claimed", "running", "paused")
     }
     parts = [f"{n} {name}" for name, n in canceled.items() if n]
     text = ", ".join(parts) or "nothing"
-    print(f"batch {stopped.batch_id}: canceled {text}; already ended {stopped.already_terminal}")
-    return 0
+    print(
+        f"batch {stopped.batch_id}: canceled {text}; already ended {stopped.already_terminal}",
+        file=out,
+    )
+
+
+batch_stop = shown(_by_id(Client.stop_batch), _print_stopped)
 
 
 class Progress:
@@ -380,7 +392,10 @@ def _leaf(
     summary: str,
     examples: str,
     extra_exit: str = "",
+    *,
+    takes_id: bool = False,
 ) -> argparse.ArgumentParser:
+    """One action of a group; ``takes_id``: it acts on one object, the ``id`` argument."""
     parser = group.add_parser(
         name,
         parents=[_connection_options()],
@@ -390,7 +405,14 @@ def _leaf(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(run=run)
+    if takes_id:
+        parser.add_argument("id")
     return parser
+
+
+def _actions(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    """The ``ACTION`` sub-commands of a group (``task``, ``batch``, ``delivery``)."""
+    return parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
 
 def _limit(parser: argparse.ArgumentParser) -> None:
@@ -400,7 +422,7 @@ def _limit(parser: argparse.ArgumentParser) -> None:
 
 
 def add_task_commands(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    group = _actions(parser)
     p = _leaf(
         group,
         "create",
@@ -412,8 +434,7 @@ def add_task_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("file", nargs="?", default="-", help="the tasks (default: - for stdin)")
     p.add_argument("--requester", help="recorded on every task (X-Requester)")
 
-    p = _leaf(group, "get", task_get, "show a task", "  taskrunner task get $TASK")
-    p.add_argument("id")
+    _leaf(group, "get", task_get, "show a task", "  taskrunner task get $TASK", takes_id=True)
 
     p = _leaf(
         group,
@@ -427,7 +448,7 @@ def add_task_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--status", choices=vocab.STATUS_LABELS, type=str.capitalize)
     p.add_argument("--kind", help="exactly this kind")
     p.add_argument("--name", help="names containing this")
-    p.add_argument("--batch", metavar="BATCH_ID", help="one batch's tasks")
+    p.add_argument("--batch", dest="batch_id", metavar="BATCH_ID", help="one batch's tasks")
     p.add_argument("--metadata", metavar="JSON", help="a JSON object the metadata contains")
     _limit(p)
 
@@ -446,30 +467,30 @@ def add_task_commands(parser: argparse.ArgumentParser) -> None:
         )
         p.add_argument("ids", nargs="+", metavar="ID")
 
-    p = _leaf(
+    _leaf(
         group,
         "history",
         task_history,
         "a task's transitions",
         "  taskrunner task history $TASK",
+        takes_id=True,
     )
-    p.add_argument("id")
 
 
 def add_delivery_commands(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    p = _leaf(
+    group = _actions(parser)
+    _leaf(
         group,
         "retry",
         delivery_retry,
         "queue again a webhook delivery that gave up (Failed)",
         "  taskrunner delivery retry $DELIVERY   # ids: taskrunner task get $TASK --json",
+        takes_id=True,
     )
-    p.add_argument("id")
 
 
 def add_batch_commands(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    group = _actions(parser)
     p = _leaf(
         group,
         "list",
@@ -485,16 +506,17 @@ def add_batch_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--created-before", metavar="TIME", help="ISO 8601")
     _limit(p)
 
-    p = _leaf(group, "get", batch_get, "a batch's counts", "  taskrunner batch get $BATCH")
-    p.add_argument("id")
-    p = _leaf(
+    _leaf(
+        group, "get", batch_get, "a batch's counts", "  taskrunner batch get $BATCH", takes_id=True
+    )
+    _leaf(
         group,
         "stop",
         batch_stop,
         "stop a batch: every unfinished task -> Canceled",
         "  taskrunner batch stop $BATCH",
+        takes_id=True,
     )
-    p.add_argument("id")
 
     p = _leaf(
         group,
@@ -505,8 +527,8 @@ def add_batch_commands(parser: argparse.ArgumentParser) -> None:
         "  taskrunner batch watch $BATCH\n"
         "  taskrunner batch watch $BATCH --timeout 600 || echo 'the batch did not succeed'",
         f", {WATCH_TIMEOUT_EXIT} --timeout expired",
+        takes_id=True,
     )
-    p.add_argument("id")
     p.add_argument(
         "--interval", type=_positive_seconds, default=1.0, metavar="S", help="poll every S s (1)"
     )
@@ -532,48 +554,48 @@ examples:
 `taskrunner {name} ACTION --help` shows each action's options. The server is
 $TASKRUNNER_URL (default {url}); the token $API_TOKEN."""
 
-# (name, run, add its actions, one-line help, description, epilog): cli.SUBCOMMANDS' shape
+
+def _group(
+    name: str,
+    add: Callable[[argparse.ArgumentParser], None],
+    summary: str,
+    text: str,
+    examples: str,
+) -> tuple:
+    """One entry of ``cli.SUBCOMMANDS``: (name, run, add its actions, one-line help,
+    description, epilog)."""
+    epilog = _GROUP_EPILOG.format(name=name, url=DEFAULT_URL, examples=examples)
+    return (name, run, add, summary, text, epilog)
+
+
 COMMANDS = [
-    (
+    _group(
         "task",
-        run,
         add_task_commands,
         "create, show, list, cancel, pause and resume tasks (through the API)",
         "Tasks through the HTTP API: create a batch from a JSON/YAML file or stdin, get, "
         "list with filters, cancel, pause, resume, history.",
-        _GROUP_EPILOG.format(
-            name="task",
-            url=DEFAULT_URL,
-            examples="  taskrunner task create dag.json\n"
-            "  taskrunner task list --status Failure --json\n"
-            "  taskrunner task cancel $TASK",
-        ),
+        "  taskrunner task create dag.json\n"
+        "  taskrunner task list --status Failure --json\n"
+        "  taskrunner task cancel $TASK",
     ),
-    (
+    _group(
         "batch",
-        run,
         add_batch_commands,
         "list, show, stop and watch batches (through the API)",
         "Batches through the HTTP API: list with filters, get counts, stop, and watch "
         "until the batch ends (exit 0 when every task succeeded, 1 when one failed or "
         "was canceled: usable in CI).",
-        _GROUP_EPILOG.format(
-            name="batch",
-            url=DEFAULT_URL,
-            examples="  taskrunner batch watch $BATCH\n"
-            "  taskrunner batch stop $BATCH\n"
-            "  BATCH=$(taskrunner task create dag.json --json | "
-            "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"batch_id\"])')",
-        ),
+        "  taskrunner batch watch $BATCH\n"
+        "  taskrunner batch stop $BATCH\n"
+        "  BATCH=$(taskrunner task create dag.json --json | "
+        "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"batch_id\"])')",
     ),
-    (
+    _group(
         "delivery",
-        run,
         add_delivery_commands,
         "retry a webhook delivery that gave up (through the API)",
         "Webhook deliveries through the HTTP API: queue again one that gave up.",
-        _GROUP_EPILOG.format(
-            name="delivery", url=DEFAULT_URL, examples="  taskrunner delivery retry $DELIVERY"
-        ),
+        "  taskrunner delivery retry $DELIVERY",
     ),
 ]

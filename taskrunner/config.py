@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from taskrunner import signing
+
 
 def _bool(value: str | None, default: bool = False) -> bool:
     if value is None or value == "":
@@ -31,17 +33,37 @@ def _float(env: dict, name: str, default: float) -> float:
     return _number(env, name, default, float, "a number")
 
 
+def _choice(name: str, raw: str | None, allowed: tuple[str, ...]) -> str:
+    """``raw`` (the value of ``name``), lower-cased, if it is one of ``allowed``."""
+    value = (raw or "").strip().lower()
+    if value not in allowed:
+        raise SystemExit(
+            f"{name} must be one of {', '.join(a for a in allowed if a)}, got {value!r}"
+        )
+    return value
+
+
 @dataclass
 class Config:
     """Every setting of the service. See the configuration table in README.md."""
 
     database_url: str | None = None
+    # the workers' LISTEN connection (unset: database_url): direct to PostgreSQL when
+    # database_url is a pooler in transaction mode
+    listen_database_url: str | None = None
+    # "pgbouncer": DATABASE_URL is PgBouncer in transaction mode (no prepared statements)
+    database_pooler: str = ""
     port: int = 8085
     host: str = "127.0.0.1"
     host_url: str = ""
     log_level: str = "info"
+    log_format: str = "text"
+    access_log: bool = True
     api_processes: int = 2
     api_threads: int = 4
+    # seconds an idle keep-alive connection stays open: longer than the idle timeout of
+    # any load balancer or pooled client in front (60 s is common), so they close first
+    api_keepalive: int = 75
     worker_processes: int = 2
     worker_concurrency: int = 32
     webhook_timeout: float = 10.0
@@ -50,12 +72,15 @@ class Config:
     webhook_backoff_max: float = 60.0
     webhook_allow_private: bool = False
     webhook_allowlist: list[str] = field(default_factory=list)
+    # WEBHOOK_SIGNING_SECRET: sign every webhook with each (see taskrunner.signing)
+    webhook_signing_secrets: list[str] = field(default_factory=list)
     poll_interval: float = 1.0
     tick_interval: float = 1.0
     shutdown_grace: float = 10.0
     counter_flush_interval: float = 0.1
     counter_buffer_max: int = 50_000  # tasks in a PUT /task buffer, a few hundred bytes each
     pool_max_size: int = 8
+    statement_timeout: float = 30.0
     api_token: str | None = None
 
     def __post_init__(self) -> None:
@@ -70,12 +95,19 @@ class Config:
         allowlist = [h.strip() for h in env.get("WEBHOOK_ALLOWLIST", "").split(",") if h.strip()]
         return cls(
             database_url=env.get("DATABASE_URL") or None,
+            listen_database_url=env.get("LISTEN_DATABASE_URL") or None,
+            database_pooler=_choice(
+                "DATABASE_POOLER", env.get("DATABASE_POOLER"), ("", "none", "pgbouncer")
+            ),
             port=port,
             host=env.get("HOST", "127.0.0.1"),
             host_url=env.get("HOST_URL", ""),
             log_level=(env.get("LOG_LEVEL") or env.get("RUST_LOG") or "info").lower(),
+            log_format=(env.get("LOG_FORMAT") or "text").lower(),
+            access_log=_bool(env.get("ACCESS_LOG"), default=True),
             api_processes=_int(env, "API_PROCESSES", 2),
             api_threads=_int(env, "API_THREADS", 4),
+            api_keepalive=_int(env, "API_KEEPALIVE", 75),
             worker_processes=_int(env, "WORKER_PROCESSES", 2),
             worker_concurrency=_int(env, "WORKER_CONCURRENCY", 32),
             webhook_timeout=_float(env, "WEBHOOK_TIMEOUT", 10.0),
@@ -84,11 +116,13 @@ class Config:
             webhook_backoff_max=_float(env, "WEBHOOK_BACKOFF_MAX", 60.0),
             webhook_allow_private=_bool(env.get("WEBHOOK_ALLOW_PRIVATE")),
             webhook_allowlist=allowlist,
+            webhook_signing_secrets=signing.parse_secrets(env.get("WEBHOOK_SIGNING_SECRET")),
             poll_interval=_float(env, "POLL_INTERVAL", 1.0),
             tick_interval=_float(env, "TICK_INTERVAL", 1.0),
             shutdown_grace=_float(env, "SHUTDOWN_GRACE", 10.0),
             counter_flush_interval=_float(env, "COUNTER_FLUSH_INTERVAL", 0.1),
             counter_buffer_max=_int(env, "COUNTER_BUFFER_MAX", 50_000),
             pool_max_size=_int(env, "POOL_MAX_SIZE", 8),
+            statement_timeout=_float(env, "STATEMENT_TIMEOUT", 30.0),
             api_token=env.get("API_TOKEN") or None,
         )

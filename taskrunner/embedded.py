@@ -9,11 +9,17 @@ in the current directory (``bin/taskrunner`` runs from the checkout, so there it
 its superuser is ``taskrunner``.
 
 PostgreSQL refuses to run as root, so when we are root the cluster belongs to, and runs as,
-the unprivileged ``postgres`` user.
+the unprivileged ``postgres`` user. When that user cannot reach the checkout (a clone in
+root's home, or in a ``mktemp -d`` directory, mode 700), the cluster's files (``pgdata/``,
+``run/``, ``postgres.log``) live in a directory of its own instead, one per checkout:
+``~postgres/taskrunner/<hash of the state dir>/`` (else ``/var/tmp/taskrunner-postgres/...``),
+with a ``checkout`` file naming the state dir it belongs to. A cluster found in either
+place is reused, so the choice is stable across restarts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shlex
@@ -48,15 +54,19 @@ def state_dir() -> Path:
     return Path(override or ".taskrunner").resolve()
 
 
+def _server_user_dirs(user: pwd.struct_passwd) -> list[Path]:
+    """Where a cluster of ``user`` may live when it cannot reach the checkout, in order."""
+    return [Path(user.pw_dir) / "taskrunner", Path("/var/tmp") / f"taskrunner-{user.pw_name}"]
+
+
 class EmbeddedPostgres:
-    """A private cluster under ``base_dir`` (default: ``state_dir()``)."""
+    """A private cluster for the state dir ``base_dir`` (default: ``state_dir()``); its
+    files are in ``cluster_dir``: ``base_dir`` itself unless the server's user cannot
+    reach it (see the module docstring)."""
 
     def __init__(self, base_dir: Path | str | None = None) -> None:
         self.base_dir = Path(base_dir).resolve() if base_dir else state_dir()
-        self.data_dir = self.base_dir / "pgdata"
-        self.socket_dir = self.base_dir / "run"
         self.port_file = self.base_dir / "port"
-        self.log_file = self.base_dir / "postgres.log"
         self.started_here = False
         self._bindir: Path | None = None
         self._as_user: pwd.struct_passwd | None = None
@@ -65,6 +75,10 @@ class EmbeddedPostgres:
                 self._as_user = pwd.getpwnam(SERVER_USER_WHEN_ROOT)
             except KeyError:
                 self._as_user = None
+        self.cluster_dir = self._choose_cluster_dir()
+        self.data_dir = self.cluster_dir / "pgdata"
+        self.socket_dir = self.cluster_dir / "run"
+        self.log_file = self.cluster_dir / "postgres.log"
 
     # -- public ---------------------------------------------------------------------------
 
@@ -120,6 +134,29 @@ class EmbeddedPostgres:
                 raise EmbeddedError(str(exc)) from exc
         return self._bindir
 
+    def _choose_cluster_dir(self) -> Path:
+        """``base_dir``, unless we run the server as another user who cannot reach it:
+        then its own directory for this checkout (an existing cluster wins, so a restart
+        finds its data). ``_check_server_user`` says so when none of them can work."""
+        if self._as_user is None or (self.base_dir / "pgdata" / "PG_VERSION").is_file():
+            return self.base_dir
+        key = hashlib.sha256(str(self.base_dir).encode()).hexdigest()[:16]
+        elsewhere = [d / key for d in _server_user_dirs(self._as_user)]
+        for candidate in elsewhere:
+            if (candidate / "pgdata" / "PG_VERSION").is_file():
+                return candidate
+        for candidate in [self.base_dir, *elsewhere]:
+            if self._reachable(candidate):
+                return candidate
+        return self.base_dir
+
+    def _reachable(self, path: Path) -> bool:
+        """Whether the server's user can enter ``path``, or, while it does not exist, its
+        nearest existing parent (we create the rest, reachable, with a 022 umask)."""
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return self._pg(["test", "-x", str(path)], check=False, tool=False).returncode == 0
+
     def _check_server_user(self) -> None:
         if os.geteuid() != 0:
             return
@@ -130,15 +167,15 @@ class EmbeddedPostgres:
                 f"(useradd --system {SERVER_USER_WHEN_ROOT}), run as a normal user, or set "
                 "DATABASE_URL to use an existing server"
             )
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        probe = self._pg(["test", "-x", str(self.base_dir)], check=False, tool=False)
-        if probe.returncode != 0:
+        if not self._reachable(self.cluster_dir):
+            own_dirs = ", ".join(str(d) for d in _server_user_dirs(self._as_user))
             raise EmbeddedError(
                 f"PostgreSQL refuses to run as root, so the embedded cluster runs as user "
-                f"'{SERVER_USER_WHEN_ROOT}', which cannot reach {self.base_dir}: give it "
-                "search permission on every parent directory (chmod o+x), move the checkout "
-                "(or set TASKRUNNER_STATE_DIR) somewhere it can reach, or set DATABASE_URL to "
-                "use an existing server"
+                f"'{SERVER_USER_WHEN_ROOT}', which cannot reach {self.base_dir} nor a "
+                f"directory of its own ({own_dirs}): give it search permission on every "
+                "parent directory (chmod o+x), move the checkout (or set "
+                "TASKRUNNER_STATE_DIR) somewhere it can reach, or set DATABASE_URL to use an "
+                "existing server"
             )
 
     def _pg(
@@ -181,6 +218,11 @@ class EmbeddedPostgres:
     def _prepare_dirs(self) -> None:
         """Create the directories the server writes to, owned by the server's user."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        if self.cluster_dir != self.base_dir:
+            for path in (self.cluster_dir.parent, self.cluster_dir):
+                path.mkdir(mode=0o755, exist_ok=True)  # 0o755 whatever our umask
+            self._own(self.cluster_dir)
+            (self.cluster_dir / "checkout").write_text(f"{self.base_dir}\n")
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         self.data_dir.chmod(0o700)
         self._own(self.data_dir)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
-    CollectorRegistry,
     Counter,
     Histogram,
+    Metric,
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -48,6 +50,8 @@ COUNTER_DROPS = Counter(
     ["reason"],
 )
 WORKER_LOOP = Histogram("worker_loop_duration_seconds", "Duration of one worker loop iteration")
+# every metric above: /metrics lists each of them from the start, used or not
+DECLARED = (TASKS_CREATED, TASKS_COMPLETED, TRANSITIONS, BLOCKED, PROPAGATIONS, WORKER_LOOP)
 
 
 def record_stats(text: str | None) -> None:
@@ -94,11 +98,50 @@ def observe_worker_loop(seconds: float) -> None:
 def render() -> tuple[bytes, str]:
     """The Prometheus text exposition and its content type.
 
-    In multiprocess mode a fresh registry aggregates every process's files (the API's
-    ``/metrics`` then includes the workers running on the same host).
+    In multiprocess mode the families come from every process's files (the API's
+    ``/metrics`` then includes the workers running on the same host), and a metric no
+    process has written yet (a labelled one before its first use) is listed all the same,
+    as a single-process exporter lists it: its HELP and TYPE, no samples. (An unlabelled
+    one is written, 0, by every process that imports this module.)
     """
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        written = list(MultiProcessCollector(None).collect())
+        names = {family.name for family in written}
+        unwritten = [f for m in DECLARED for f in m.describe() if f.name not in names]
+        return generate_latest(_Families(written + unwritten)), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class _Families:
+    """Metric families already collected, in the shape ``generate_latest`` reads."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def instance_dir(parent: Path) -> Path:
+    """A fresh multiprocess directory for this instance, ``parent/<pid>``; directories of
+    instances that are gone (killed before they could remove theirs) are removed first.
+    Each instance has its own, so a second ``up`` in the same checkout never wipes or
+    mixes with the first one's metrics."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for old in parent.iterdir():
+        if old.is_dir() and old.name.isdigit() and not _alive(int(old.name)):
+            shutil.rmtree(old, ignore_errors=True)
+    mine = parent / str(os.getpid())
+    shutil.rmtree(mine, ignore_errors=True)
+    mine.mkdir()
+    return mine
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

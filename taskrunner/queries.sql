@@ -79,8 +79,10 @@ SELECT taskrunner.release_deliveries(%(worker)s::text, %(ids)s::uuid[]) AS relea
 SELECT * FROM taskrunner.retry_delivery(%(delivery_id)s::uuid);
 
 -- name: tick
--- Housekeeping: timeouts and expired leases, then fold the batch count deltas.
-SELECT taskrunner.tick() AS result, taskrunner.fold_batch_deltas() AS batch_deltas_folded;
+-- Housekeeping: timeouts and expired leases (a lease that expired is an attempt: gives up
+-- at max_attempts), then fold the batch count deltas.
+SELECT taskrunner.tick(%(max_attempts)s::int) AS result,
+       taskrunner.fold_batch_deltas() AS batch_deltas_folded;
 
 -- name: take_stats
 SELECT taskrunner.take_stats() AS stats;

@@ -17,11 +17,11 @@ What a webhook carries (``taskrunner/worker/webhooks.py`` builds it): headers
 ``Idempotency-Key`` (the delivery id: the same on every retry of one delivery), and the
 query parameter ``handle`` (``<HOST_URL>/task/<id>``: where to report).
 
-Signatures: taskrunner does not sign webhooks yet (the operations issue adds
-``WEBHOOK_SIGNING_SECRET``). ``parse_webhook(..., verify=check)`` calls
+Signatures: with ``WEBHOOK_SIGNING_SECRET`` set, webhooks carry ``Webhook-Signature``
+(``taskrunner.signing``). ``parse_webhook(..., verify=check)`` calls
 ``check(headers, method, url, body)`` (headers in lower case, the raw body) and refuses
-the webhook (``InvalidWebhook``) when it raises or returns False: that is where a
-signature check plugs in, today one of your own, later the package's.
+the webhook (``InvalidWebhook``) when it raises or returns False; pass
+``verify=taskrunner.signing.verifier(["<secret>"])`` to refuse forged or replayed calls.
 """
 
 from __future__ import annotations

@@ -93,6 +93,17 @@ def pool(db_url: str) -> Iterator[Any]:
     pool.close()
 
 
+# The metrics the seed's README lists: /metrics names every one of them from the start.
+SEED_METRICS = (
+    "tasks_created_total",
+    "tasks_completed_total",
+    "task_status_transitions_total",
+    "tasks_blocked_by_concurrency_total",
+    "dependency_propagations_total",
+    "worker_loop_duration_seconds",
+)
+
+
 # --- small builders for tests: only the fields a test cares about ---------------------
 
 

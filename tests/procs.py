@@ -116,6 +116,8 @@ class Sink:
                     "query": parse_qs(parts.query),
                     "headers": {k.lower(): v for k, v in self.headers.items()},
                     "body": json.loads(body) if body else None,
+                    "raw_body": body,
+                    "target": self.path,  # path and query, as requested
                     "at": time.time(),
                 }
                 with sink.lock:
@@ -191,6 +193,21 @@ def hook(url: str) -> dict:
 def count(conn, sql: str, *params) -> int:
     """The ``n`` column of a one-row query."""
     return conn.execute(sql, params).fetchone()["n"]
+
+
+def start_up(
+    port: int, env: dict[str, str], *, worker_processes: int = 1, cwd: Path | None = None
+) -> subprocess.Popen:
+    """``taskrunner up`` with one API process, its output (stdout and stderr) on a pipe."""
+    return subprocess.Popen(
+        [*TASKRUNNER, "up", "--port", str(port), "--api-processes", "1"]
+        + ["--worker-processes", str(worker_processes)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
 
 
 def service_env(db_url: str, port: int, metrics_dir: Path, **extra: str) -> dict[str, str]:
@@ -302,3 +319,54 @@ def wait_healthy(base_url: str, timeout: float = 30.0) -> None:
             return False
 
     wait_for(ok, timeout, message=f"{base_url}/health")
+
+
+class Logged:
+    """A taskrunner subcommand whose output (stdout and stderr together) is collected
+    line by line, for tests that read what a process logs."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            TASKRUNNER + args,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._pump = threading.Thread(target=self._read, daemon=True)
+        self._pump.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, *parts: str, timeout: float = 60.0) -> str:
+        """The first line containing every one of ``parts``."""
+
+        def found() -> str | None:
+            return next((ln for ln in list(self.lines) if all(p in ln for p in parts)), None)
+
+        try:
+            return wait_for(found, timeout, 0.1, f"a line with {parts!r}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; output:\n{self.text()}") from None
+
+    def stop(self) -> str:
+        """Stop it (SIGTERM to its group) and return everything it printed."""
+        stop(self.proc)
+        self._pump.join(timeout=10)
+        return self.text()
+
+
+@contextmanager
+def logged(args: list[str], env: dict[str, str]) -> Iterator[Logged]:
+    process = Logged(args, env)
+    try:
+        yield process
+    finally:
+        process.stop()

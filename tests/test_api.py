@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import SEED_METRICS
 from falcon import testing
 from prometheus_client import REGISTRY
 
@@ -828,14 +829,7 @@ def test_metrics_count_activity_including_cascades(client):
 
     result = client.simulate_get("/metrics")
     assert result.status_code == 200 and result.headers["content-type"].startswith("text/plain")
-    for name in (
-        "tasks_created_total",
-        "tasks_completed_total",
-        "task_status_transitions_total",
-        "tasks_blocked_by_concurrency_total",
-        "dependency_propagations_total",
-        "worker_loop_duration_seconds",
-    ):
+    for name in SEED_METRICS:
         assert f"# TYPE {name.removesuffix('_total')}" in result.text
     assert 'tasks_completed_total{kind="metrics-k",outcome="Canceled"}' in result.text
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from procs import free_port, pg_url
+from procs import free_port, pg_url, start_up
 from psycopg import sql
 
 from taskrunner import cli, migrate, supervisor
@@ -280,14 +280,7 @@ def test_up_serves_health_and_stops_cleanly(database: str, request: pytest.Fixtu
     env |= {"TASKRUNNER_STATE_DIR": str(state_dir / ".taskrunner"), "PYTHONUNBUFFERED": "1"}
     if database == "given":
         env["DATABASE_URL"] = request.getfixturevalue("fresh_db_url")
-    up = subprocess.Popen(
-        [sys.executable, "-m", "taskrunner.cli", "up", "--port", str(port)]
-        + ["--api-processes", "1", "--worker-processes", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    up = start_up(port, env, worker_processes=2)
     try:
         lines = _wait_for_line(_lines(up.stdout), "taskrunner is up", timeout=90)
         output = "".join(lines)

@@ -6,18 +6,22 @@ Run as root (as in CI) these exercise the path where the cluster runs as ``postg
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from procs import free_port, start_up
 
-from taskrunner import pgtools
+from taskrunner import embedded, pgtools
 from taskrunner.embedded import EmbeddedError, EmbeddedPostgres
 
 try:
@@ -106,13 +110,85 @@ def test_start_picks_a_new_port_when_the_old_one_is_taken(cluster: EmbeddedPostg
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the cluster as 'postgres'")
-def test_root_gets_a_clear_error_when_postgres_cannot_reach_the_dir(base_dir: Path) -> None:
+def test_root_gets_a_clear_error_when_postgres_can_reach_no_dir(
+    base_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hidden = base_dir / "private"
     hidden.mkdir(mode=0o700)
+    # the places of its own that postgres would use instead are out of its reach too
+    monkeypatch.setattr(embedded, "_server_user_dirs", lambda user: [hidden / "own"])
     pg = EmbeddedPostgres(hidden / ".taskrunner")
 
     with pytest.raises(EmbeddedError, match="'postgres', which cannot reach"):
         pg.start()
+
+
+def _checkout_in_private_dir() -> Path:
+    """A copy of this checkout's code and SQL in a fresh ``mktemp -d`` (mode 700)."""
+    private = Path(tempfile.mkdtemp(prefix="tr-private-"))
+    assert private.stat().st_mode & 0o777 == 0o700
+    checkout = private / "taskrunner"
+    repo = Path(__file__).resolve().parents[1]
+    ignore = shutil.ignore_patterns("__pycache__")
+    for part in ("taskrunner", "sql"):
+        shutil.copytree(repo / part, checkout / part, ignore=ignore)
+    return checkout
+
+
+def _up(checkout: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """``taskrunner up`` running the checkout's own code (its state dir is inside it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "HOST_URL")}
+    env.pop("TASKRUNNER_STATE_DIR", None)
+    env |= {"PYTHONPATH": str(checkout), "PYTHONUNBUFFERED": "1"}
+    up = start_up(port, env, cwd=checkout)
+    output = ""
+    for line in up.stdout:
+        output += line
+        if line.startswith("DATABASE_URL="):  # printed right after "taskrunner is up"
+            break  # (else it ends: `up` gives up after its health timeout)
+    assert "taskrunner is up" in output, output
+    return up, output
+
+
+def _stop(up: subprocess.Popen) -> None:
+    up.send_signal(signal.SIGTERM)
+    assert up.wait(timeout=60) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the cluster as 'postgres'")
+def test_up_as_root_in_a_directory_postgres_cannot_enter(request: pytest.FixtureRequest) -> None:
+    checkout = _checkout_in_private_dir()
+    request.addfinalizer(lambda: shutil.rmtree(checkout.parent, ignore_errors=True))
+    state = checkout / ".taskrunner"
+    pg = EmbeddedPostgres(state)
+    request.addfinalizer(lambda: (pg.stop(), shutil.rmtree(pg.cluster_dir, ignore_errors=True)))
+    assert pg.cluster_dir != state  # postgres cannot enter the checkout: its own dir
+    assert pg.cluster_dir.parent == Path(pwd.getpwnam("postgres").pw_dir) / "taskrunner"
+    port = free_port()
+
+    up, output = _up(checkout, port)
+    try:
+        assert f"embedded PostgreSQL started in {pg.data_dir}" in output
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as resp:
+            assert resp.status == 200
+        url = output.split("DATABASE_URL=", 1)[1].split()[0]
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept (note text)")
+            conn.execute("INSERT INTO kept VALUES ('still here')")
+    finally:
+        _stop(up)
+    assert not pg.is_running()
+    assert (pg.cluster_dir / "checkout").read_text().strip() == str(state)
+
+    up, output = _up(checkout, port)  # the same checkout again: the same cluster
+    try:
+        assert f"embedded PostgreSQL started in {pg.data_dir}" in output
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as resp:
+            assert resp.status == 200
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT note FROM kept").fetchall() == [("still here",)]
+    finally:
+        _stop(up)
 
 
 def _psql(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -346,6 +346,9 @@ def test_api_reruns_a_transaction_postgres_chose_as_deadlock_victim(db_url, conn
 
     try:
         with db.connect(db_url) as other:
+            # only PATCH(A)'s backend may run the deadlock check: on a loaded machine the
+            # two checks (deadlock_timeout after each began to wait) could otherwise race
+            other.execute("SET deadlock_timeout = '60s'")
             with other.transaction():
                 other.execute("SELECT 1 FROM taskrunner.task WHERE id = %s FOR UPDATE", (b,))
                 thread = threading.Thread(target=patch_a)
@@ -362,8 +365,8 @@ def test_api_reruns_a_transaction_postgres_chose_as_deadlock_victim(db_url, conn
                     10,
                     message="PATCH(A) to wait for B",
                 )
-                # closes the cycle; PATCH(A) waited first, so its backend detects the
-                # deadlock (deadlock_timeout) and is the one rolled back
+                # closes the cycle; PATCH(A)'s backend detects the deadlock (its
+                # deadlock_timeout, 1 s, is the only short one) and is the one rolled back
                 other.execute("SELECT 1 FROM taskrunner.task WHERE id = %s FOR UPDATE", (a,))
             thread.join(30)
     finally:

@@ -129,13 +129,20 @@ def counters_for(task_id: str) -> tuple[int, int]:
 
 
 def test_5000_tasks_4_apis_4_workers_nothing_lost_doubled_or_exceeded(db_url, conn, tmp_path):
+    run_load(db_url, conn, tmp_path, DAGS)
+
+
+def run_load(db_url: str, conn, tmp_path, n_dags: int, **env_extra: str) -> None:
+    """``n_dags`` DAGs of 25 tasks through 4 API and 4 worker processes on ``db_url``
+    (``env_extra``: more settings for them), then every invariant checked on ``conn``."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     settings = {"API_PROCESSES": "4", "WORKER_CONCURRENCY": "16", "POOL_MAX_SIZE": "4"}
+    settings |= env_extra
     remote = Remote(base)
     sink = Sink(on_start=remote.on_start)
     rng = random.Random(3)
-    dags = [build_dag(n, sink.url, rng) for n in range(DAGS)]
+    dags = [build_dag(n, sink.url, rng) for n in range(n_dags)]
     # the sink learns from X-Task-Name which tasks to fail: put it in the start headers
     for dag in dags:
         for t in dag:
@@ -157,7 +164,7 @@ def test_5000_tasks_4_apis_4_workers_nothing_lost_doubled_or_exceeded(db_url, co
 
             with ThreadPoolExecutor(4) as pool:
                 list(pool.map(submit, dags))
-            assert len(expected) == DAGS * 25
+            assert len(expected) == n_dags * 25
 
             def settled() -> bool:
                 row = conn.execute(

@@ -70,7 +70,8 @@ _EXPECTED = re.compile(r"#\s([1-5]\d\d)\b")
 CURL_RECORDER = r"""
 curl() {
   if [ "${FUNCNAME[1]:-main}" = main ]; then
-    command curl -w '%{stderr}@@status %{http_code}\n' "$@"
+    # to a file of its own: the background processes (up, the target) share stderr
+    command curl -w '%{stderr}@@status %{http_code}\n' "$@" 2>>"$CURL_STATUS_FILE"
   else
     command curl "$@"
   fi
@@ -140,13 +141,15 @@ def test_the_walkthrough_works_when_pasted(db_url: str, conn, tmp_path: Path) ->
         "TASKRUNNER_STATE_DIR": str(tmp_path),
         "API_PROCESSES": "1",
         "WORKER_PROCESSES": "1",
+        "CURL_STATUS_FILE": str(tmp_path / "curl-statuses"),
     }
     env.pop("WEBHOOK_ALLOW_PRIVATE", None)  # as a newcomer has it: `up` allows localhost
 
     result = _run_walkthrough(CURL_RECORDER + script, env)
     transcript = f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
 
-    statuses = [int(s) for s in re.findall(r"^@@status (\d+)$", result.stderr, flags=re.M)]
+    recorded = Path(env["CURL_STATUS_FILE"]).read_text()
+    statuses = [int(s) for s in re.findall(r"^@@status (\d+)$", recorded, flags=re.M)]
     assert statuses == expected_statuses(blocks), transcript
     assert result.returncode == 0, transcript
     assert "taskrunner is up" in result.stdout, transcript

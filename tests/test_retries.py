@@ -94,16 +94,17 @@ def test_start_end_and_cancel_webhooks_retry_then_exhaust_then_retry_by_api_and_
                 (action,) = detail(local_id)["on_success"]
                 return next(iter(action["deliveries"]), None)
 
+            def delivered(deliveries: list[dict]) -> bool:
+                return bool(deliveries) and deliveries[0]["status"] == "Delivered"
+
             # the cancelable task starts (third attempt), then we cancel it
             wait_for(
-                lambda: detail("cancel")["on_start"]["deliveries"][0]["status"] == "Delivered",
+                # no delivery yet until a worker claimed the task
+                lambda: delivered(detail("cancel")["on_start"]["deliveries"]),
                 30,
                 message="the cancelable task to start",
             )
             assert httpx.delete(f"{base}/task/{ids['cancel']}").status_code == 200
-
-            def delivered(deliveries: list[dict]) -> bool:
-                return bool(deliveries) and deliveries[0]["status"] == "Delivered"
 
             wait_for(
                 lambda: delivered(detail("flaky")["on_success"][0]["deliveries"]),

@@ -17,6 +17,7 @@ from taskrunner.api.batches import (
     TaskHistory,
 )
 from taskrunner.api.counters import CounterBuffer
+from taskrunner.api.requestlog import RequestLog
 from taskrunner.api.resources import (
     DeliveryRetry,
     Health,
@@ -41,7 +42,9 @@ def create_app(
     counters = counters or CounterBuffer(
         pool, config.counter_flush_interval, config.counter_buffer_max
     )
-    middleware = [BearerAuth(config.api_token)] if config.api_token else []
+    middleware: list = [RequestLog()] if config.access_log else []
+    if config.api_token:
+        middleware.append(BearerAuth(config.api_token))
     app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
@@ -70,6 +73,11 @@ def get_app() -> falcon.App:
     config = Config.from_env()
     if not config.database_url:
         raise SystemExit("DATABASE_URL is not set")
-    pool = db.create_pool(config.database_url, max_size=config.pool_max_size)
+    pool = db.create_pool(
+        config.database_url,
+        max_size=config.pool_max_size,
+        statement_timeout=config.statement_timeout,
+        pooler=config.database_pooler,
+    )
     pool.open(wait=False)
     return create_app(config, pool)

@@ -11,6 +11,7 @@ and writes JSON. Unknown batches (and ids that are not UUIDs) are a 404.
 from __future__ import annotations
 
 import json
+import logging
 
 import falcon
 
@@ -20,16 +21,27 @@ from taskrunner.api.resources import _send, _uuid_param, read_json
 from taskrunner.api.store import Store
 from taskrunner.api.validation import batch_list_filters, batch_rules_input, problems_filters
 
-
-def _no_batch(batch_id: str) -> falcon.HTTPError:
-    return not_found("batch not found", [f"id: no batch {batch_id}"])
+log = logging.getLogger("taskrunner.api")
 
 
-class BatchCollection:
-    """``GET /batches``: one summary per batch, newest first, filtered and paginated."""
+class _Resource:
+    """What every route here shares: the store, and reading about one id."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
+
+    def _read_about(self, id: str, what: str, *queries: str) -> list[list[dict]]:
+        """The rows of each named query for ``{"id": id}``; a 404 when ``id`` is not a UUID
+        or the first query finds nothing (no such ``what``: ``batch`` or ``task``)."""
+        p = {"id": _uuid_param(id, what)}
+        results = self.store.read(*((query, p) for query in queries))
+        if not results[0]:
+            raise not_found(f"{what} not found", [f"id: no {what} {p['id']}"])
+        return results
+
+
+class BatchCollection(_Resource):
+    """``GET /batches``: one summary per batch, newest first, filtered and paginated."""
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         filters = batch_list_filters({name: req.get_param(name) for name in req.params})
@@ -37,75 +49,60 @@ class BatchCollection:
         _send(resp, [serialize.batch_summary(r) for r in rows])
 
 
-class BatchItem:
+class BatchItem(_Resource):
     """``/batch/{id}``: its stats (GET); stop it (DELETE: every unfinished task canceled)."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
     def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
-        batch_id = _uuid_param(id, "batch")
-        (rows,) = self.store.read(("get_batch", {"id": batch_id}))
-        if not rows:
-            raise _no_batch(batch_id)
+        (rows,) = self._read_about(id, "batch", "get_batch")
         _send(resp, serialize.batch_stats(rows[0]))
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
-        (row,) = self.store.call("stop_batch", {"id": _uuid_param(id, "batch")})
+        batch_id = _uuid_param(id, "batch")
+        (row,) = self.store.call("stop_batch", {"id": batch_id})
+        log.info("batch %s stopped: %s", batch_id, row, extra={"batch_id": batch_id})
         _send(resp, row)
 
 
-class BatchRules:
+class BatchRules(_Resource):
     """``PATCH /batch/{id}/rules``: replace the rules of one kind on the unfinished tasks."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
 
     def on_patch(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
         batch_id = _uuid_param(id, "batch")
         change = batch_rules_input(read_json(req))
         params = {"id": batch_id, "kind": change["kind"], "rules": json.dumps(change["rules"])}
         (row,) = self.store.call("set_batch_rules", params)
+        log.info(
+            "batch %s: rules of kind %r replaced on %d tasks",
+            batch_id,
+            change["kind"],
+            row["updated_count"],
+            extra={"batch_id": batch_id},
+        )
         _send(
             resp,
             {"batch_id": batch_id, "kind": change["kind"], "updated_count": row["updated_count"]},
         )
 
 
-class BatchDag:
+class BatchDag(_Resource):
     """``GET /dag/{id}``: the batch's tasks and the links into them."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
     def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
-        p = {"id": _uuid_param(id, "batch")}
-        tasks, links = self.store.read(("batch_tasks", p), ("batch_links", p))
-        if not tasks:
-            raise _no_batch(p["id"])
+        tasks, links = self._read_about(id, "batch", "batch_tasks", "batch_links")
         _send(resp, {"tasks": [serialize.basic_task(t) for t in tasks], "links": links})
 
 
-class TaskHistory:
+class TaskHistory(_Resource):
     """``GET /task/{id}/history``: every transition of the task, oldest first."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
     def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
-        p = {"id": _uuid_param(id, "task")}
-        task, history = self.store.read(("get_task", p), ("task_history", p))
-        if not task:
-            raise not_found("task not found", [f"id: no task {p['id']}"])
+        _task, history = self._read_about(id, "task", "get_task", "task_history")
         _send(resp, [serialize.transition(h) for h in history])
 
 
-class Problems:
+class Problems(_Resource):
     """``GET /problems``: failing webhook deliveries and the tasks running longest, over
     all batches or one (``batch_id``)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         filters = problems_filters({name: req.get_param(name) for name in req.params})

@@ -8,6 +8,7 @@ delivery can have such an id.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import falcon
@@ -28,6 +29,8 @@ from taskrunner.api.validation import (
 )
 from taskrunner.db import DomainError
 from taskrunner.netguard import Policy
+
+log = logging.getLogger("taskrunner.api")
 
 
 def read_json(req: falcon.Request) -> Any:
@@ -70,6 +73,13 @@ def _requester(req: falcon.Request) -> str | None:
     return requester
 
 
+def _log_task(row: dict, what: str) -> None:
+    """The info line of a change the API made to a task: ``task X updated -> Success``."""
+    task_id = str(row["id"])
+    status = metrics.status_label(str(row["status"]))
+    log.info("task %s %s -> %s", task_id, what, status, extra={"task_id": task_id})
+
+
 class TaskCollection:
     """``/task``: create a batch (POST), list (GET), add counters (PUT). ``url_policy``
     refuses webhook URLs the SSRF guard would block for sure (literal private addresses)."""
@@ -87,9 +97,18 @@ class TaskCollection:
             "create_batch", {"tasks": json.dumps(tasks), "requester": _requester(req)}
         )
         if not rows:  # dedupe skipped every task
+            log.info("batch of %d tasks: every task deduplicated, none created", len(tasks))
             resp.status = 204
             return
-        resp.set_header("X-Batch-ID", str(rows[0]["batch_id"]))
+        batch_id = str(rows[0]["batch_id"])
+        log.info(
+            "batch %s created: %d tasks (requester %s)",
+            batch_id,
+            len(rows),
+            rows[0].get("requester"),
+            extra={"batch_id": batch_id},
+        )
+        resp.set_header("X-Batch-ID", batch_id)
         _send(resp, [serialize.task(r) for r in rows], 201)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -131,10 +150,12 @@ class TaskItem:
         task_id = _uuid_param(id, "task")
         params = update_input(read_json(req))
         (row,) = self.store.call("update_task", {"id": task_id, **params})
+        _log_task(row, "updated")
         _send(resp, serialize.task(row))
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
         (row,) = self.store.call("cancel_task", {"id": _uuid_param(id, "task")})
+        _log_task(row, "canceled")
         _send(resp, serialize.task(row))
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
@@ -152,6 +173,7 @@ class TaskMove:
 
     def on_patch(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
         (row,) = self.store.call(self.query, {"id": _uuid_param(id, "task")})
+        _log_task(row, self.query.split("_", 1)[0] + "d")  # "paused", "resumed"
         _send(resp, serialize.task(row))
 
 
@@ -164,6 +186,12 @@ class DeliveryRetry:
     def on_post(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
         delivery_id = _uuid_param(id, "delivery")
         (row,) = self.store.call("retry_delivery", {"delivery_id": delivery_id})
+        log.info(
+            "delivery %s queued again (%s)",
+            delivery_id,
+            metrics.status_label(str(row.get("status"))),
+            extra={"delivery_id": delivery_id},
+        )
         _send(resp, serialize.delivery(row))
 
 

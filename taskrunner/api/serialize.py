@@ -29,6 +29,13 @@ def dumps(value: Any) -> str:
     return json.dumps(value, default=_default)
 
 
+def _fields(row: dict, names: str, **derived: Any) -> dict:
+    """The fields ``names`` (space-separated) of ``row`` as they are, in that order, but
+    those in ``derived``: their value stands in the same place (a converted column, a
+    renamed one, a constant)."""
+    return {name: derived[name] if name in derived else row[name] for name in names.split()}
+
+
 def rule(rule: dict) -> dict:
     """A stored rule ``{kind,status,fields,max}`` in the seed's form."""
     matcher = {
@@ -41,27 +48,14 @@ def rule(rule: dict) -> dict:
 
 def task(row: dict) -> dict:
     """One task row (without its actions)."""
-    return {
-        "id": row["id"],
-        "local_id": row["local_id"],
-        "batch_id": row["batch_id"],
-        "requester": row["requester"],
-        "name": row["name"],
-        "kind": row["kind"],
-        "status": status_label(row["status"]),
-        "status_reason": row["status_reason"],
-        "priority": row["priority"],
-        "timeout": row["timeout"],
-        "metadata": row["metadata"],
-        "rules": [rule(r) for r in row["rules"]],
-        "success": row["success"],
-        "failures": row["failures"],
-        "failure_reason": row["failure_reason"],
-        "created_at": row["created_at"],
-        "started_at": row["started_at"],
-        "ended_at": row["ended_at"],
-        "last_updated": row["last_updated"],
-    }
+    return _fields(
+        row,
+        "id local_id batch_id requester name kind status status_reason priority timeout"
+        " metadata rules success failures failure_reason created_at started_at ended_at"
+        " last_updated",
+        status=status_label(row["status"]),
+        rules=[rule(r) for r in row["rules"]],
+    )
 
 
 def action(row: dict, deliveries: list[dict]) -> dict:
@@ -81,26 +75,20 @@ def action(row: dict, deliveries: list[dict]) -> dict:
 
 def delivery(row: dict, attempts: list[dict] | None = None) -> dict:
     """A delivery (one webhook call to make) with its attempts, when given."""
-    body = {
-        "id": row["id"],
-        "status": delivery_status_label(row["status"]),
-        "attempt_count": row["attempts"],
-        "next_attempt_at": row["next_attempt_at"],
-        "last_status_code": row["last_status_code"],
-        "last_error": row["last_error"],
-        "created_at": row["created_at"],
-        "finished_at": row["finished_at"],
-    }
+    body = _fields(
+        row,
+        "id status attempt_count next_attempt_at last_status_code last_error created_at"
+        " finished_at",
+        status=delivery_status_label(row["status"]),
+        attempt_count=row["attempts"],
+    )
     if attempts is not None:
         body["attempts"] = [attempt(a) for a in attempts]
     return body
 
 
 def attempt(row: dict) -> dict:
-    return {
-        key: row[key]
-        for key in ("attempt", "worker", "started_at", "finished_at", "status_code", "error")
-    }
+    return _fields(row, "attempt worker started_at finished_at status_code error")
 
 
 def task_detail(
@@ -156,50 +144,36 @@ def status_counts(row: dict) -> dict:
 
 def batch_summary(row: dict) -> dict:
     """One row of ``GET /batches`` (ArcRun's ``BatchSummaryDto``)."""
-    return {
-        "batch_id": row["batch_id"],
-        "total_tasks": row["total_tasks"],
-        "first_created_at": row["first_created_at"],
-        "latest_updated_at": row["latest_updated_at"],
-        "status_counts": status_counts(row),
-        "kinds": row["kinds"],
-    }
+    return _fields(
+        row,
+        "batch_id total_tasks first_created_at latest_updated_at status_counts kinds",
+        status_counts=status_counts(row),
+    )
 
 
 def batch_stats(row: dict) -> dict:
     """``GET /batch/{id}`` (ArcRun's ``BatchStatsDto``, plus kinds and times). Tasks have no
     ``expected_count`` yet, so ``total_expected`` is always null."""
-    return {
-        "batch_id": row["batch_id"],
-        "total_tasks": row["total_tasks"],
-        "total_success": row["total_success"],
-        "total_failures": row["total_failures"],
-        "total_expected": None,
-        "status_counts": status_counts(row),
-        "kinds": row["kinds"],
-        "first_created_at": row["first_created_at"],
-        "latest_updated_at": row["latest_updated_at"],
-    }
+    return _fields(
+        row,
+        "batch_id total_tasks total_success total_failures total_expected status_counts"
+        " kinds first_created_at latest_updated_at",
+        total_expected=None,
+        status_counts=status_counts(row),
+    )
 
 
 def basic_task(row: dict) -> dict:
     """ArcRun's ``BasicTaskDto`` (a DAG node). We have no ``expected_count`` and no dead-end
     cancellation: those fields are always null and false."""
-    return {
-        "id": row["id"],
-        "name": row["name"],
-        "kind": row["kind"],
-        "status": status_label(row["status"]),
-        "created_at": row["created_at"],
-        "started_at": row["started_at"],
-        "ended_at": row["ended_at"],
-        "success": row["success"],
-        "failures": row["failures"],
-        "expected_count": None,
-        "batch_id": row["batch_id"],
-        "dead_end_barrier": False,
-        "priority": row["priority"],
-    }
+    return _fields(
+        row,
+        "id name kind status created_at started_at ended_at success failures expected_count"
+        " batch_id dead_end_barrier priority",
+        status=status_label(row["status"]),
+        expected_count=None,
+        dead_end_barrier=False,
+    )
 
 
 def transition(row: dict) -> dict:
@@ -229,17 +203,12 @@ def why_not_running(value: dict | None) -> dict | None:
 
 def problem_delivery(row: dict) -> dict:
     """One ``delivery_problems`` row with its task's name and batch (``GET /problems``)."""
-    return {
-        "id": row["id"],
-        "task_id": row["task_id"],
-        "task_name": row["task_name"],
-        "batch_id": row["batch_id"],
-        "trigger": TRIGGER_LABELS[row["event"]],
-        "status": delivery_status_label(row["status"]),
-        "attempt_count": row["attempts"],
-        "next_attempt_at": row["next_attempt_at"],
-        "last_status_code": row["last_status_code"],
-        "last_error": row["last_error"],
-        "url": row["url"],
-        "verb": verb_label(row["verb"]),
-    }
+    return _fields(
+        row,
+        "id task_id task_name batch_id trigger status attempt_count next_attempt_at"
+        " last_status_code last_error url verb",
+        trigger=TRIGGER_LABELS[row["event"]],
+        status=delivery_status_label(row["status"]),
+        attempt_count=row["attempts"],
+        verb=verb_label(row["verb"]),
+    )

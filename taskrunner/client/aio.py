@@ -10,27 +10,15 @@ from typing import Any
 import httpx
 
 from taskrunner.client import models
-from taskrunner.client.core import Call, RetryPolicy, Routes, auth_headers, outcome_of, settings
+from taskrunner.client.core import Call, Routes, outcome_of
 from taskrunner.client.sync import DEFAULT_PER_PAGE
 
 
 class AsyncClient(Routes):
     """Like ``Client``; ``async with AsyncClient(...) as client:`` or ``await aclose()``."""
 
-    def __init__(
-        self,
-        url: str | None = None,
-        token: str | None = None,
-        *,
-        timeout: float = 30.0,
-        retry: RetryPolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.url, token = settings(url, token)
-        self.retry = retry or RetryPolicy()
-        self._http = httpx.AsyncClient(
-            base_url=self.url, headers=auth_headers(token), timeout=timeout, transport=transport
-        )
+    HTTP = httpx.AsyncClient
+    _http: httpx.AsyncClient
 
     async def _send(self, call: Call) -> Any:  # type: ignore[override]
         attempt = 0

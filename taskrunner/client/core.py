@@ -26,7 +26,7 @@ import os
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -162,7 +162,29 @@ def _counters(new_success: int, new_failures: int) -> dict[str, int]:
 
 
 class Routes:
-    """Every route of the API, once; ``_send`` runs a ``Call``."""
+    """Every route of the API, once; ``_send`` runs a ``Call`` on ``self._http``, an
+    instance of the subclass's ``HTTP`` (``httpx.Client`` or ``httpx.AsyncClient``;
+    ``transport`` must be of its kind)."""
+
+    HTTP: ClassVar[type[httpx.Client] | type[httpx.AsyncClient]]
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url, token = settings(url, token)
+        self.retry = retry or RetryPolicy()
+        self._http = self.HTTP(
+            base_url=self.url,
+            headers=auth_headers(token),
+            timeout=timeout,
+            transport=transport,  # type: ignore[arg-type]
+        )
 
     def _send(self, call: Call) -> Any:
         raise NotImplementedError

@@ -358,6 +358,10 @@ class Created:
     batch_id: str | None
     tasks: list[Task]
 
+    def to_json(self) -> dict[str, Any]:
+        """``{"batch_id", "tasks"}``, as ``taskrunner task create --json`` prints it."""
+        return {"batch_id": self.batch_id, "tasks": _plain(self.tasks)}
+
     def __getitem__(self, local_id: str) -> Task:
         """The created task of a local id: ``created["ingest"].id``."""
         for task in self.tasks:

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from taskrunner.client import models
-from taskrunner.client.core import Call, RetryPolicy, Routes, auth_headers, outcome_of, settings
+from taskrunner.client.core import Call, Routes, outcome_of
 
 DEFAULT_PER_PAGE = 100
 
@@ -18,20 +18,8 @@ class Client(Routes):
     """``Client(url, token)``; both default to ``TASKRUNNER_URL`` / ``API_TOKEN`` (the URL
     to ``http://127.0.0.1:8085``). Use it as a context manager, or ``close()`` it."""
 
-    def __init__(
-        self,
-        url: str | None = None,
-        token: str | None = None,
-        *,
-        timeout: float = 30.0,
-        retry: RetryPolicy | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self.url, token = settings(url, token)
-        self.retry = retry or RetryPolicy()
-        self._http = httpx.Client(
-            base_url=self.url, headers=auth_headers(token), timeout=timeout, transport=transport
-        )
+    HTTP = httpx.Client
+    _http: httpx.Client
 
     def _send(self, call: Call) -> Any:
         attempt = 0

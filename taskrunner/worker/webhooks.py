@@ -3,7 +3,9 @@
 A work item (a row of ``claim_tasks`` / ``claim_deliveries``) becomes one HTTP request:
 the action's verb; its URL with ``handle=<HOST_URL>/task/<task_id>`` added to the query;
 its JSON body and headers, plus ``X-Task-Id``, ``X-Task-Trigger`` and an
-``Idempotency-Key`` (the delivery id, stable across retries). Redirects are never
+``Idempotency-Key`` (the delivery id, stable across retries), and with
+``WEBHOOK_SIGNING_SECRET`` set a ``Webhook-Signature`` of the request as sent
+(``taskrunner.signing``). Redirects are never
 followed: a 3xx is a failure like any other non-2xx answer. Every connection goes through
 the SSRF guard (``taskrunner.netguard``); a refused URL is a final failure
 (``blocked: <reason>``), never retried. Cancel actions in a start's response are checked
@@ -17,6 +19,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 
-from taskrunner import netguard
+from taskrunner import netguard, signing
 from taskrunner.api.validation import Invalid, cancel_actions_input
 from taskrunner.config import Config
 from taskrunner.vocabulary import TRIGGER_LABELS
@@ -95,8 +98,10 @@ def with_handle(url: str, handle: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def build_request(client: httpx.AsyncClient, item: WorkItem, host_url: str) -> httpx.Request:
-    """The HTTP request for a work item."""
+def build_request(
+    client: httpx.AsyncClient, item: WorkItem, host_url: str, secrets: Sequence[str] = ()
+) -> httpx.Request:
+    """The HTTP request for a work item, signed with ``secrets`` when there are any."""
     headers = {str(k): str(v) for k, v in item.headers.items()}
     headers.update(
         {
@@ -107,7 +112,13 @@ def build_request(client: httpx.AsyncClient, item: WorkItem, host_url: str) -> h
     )
     content = {} if item.body is None else {"json": item.body}
     url = with_handle(item.url, f"{host_url}/task/{item.task_id}")
-    return client.build_request(item.verb.upper(), url, headers=headers, **content)
+    request = client.build_request(item.verb.upper(), url, headers=headers, **content)
+    if secrets:
+        # of the request as httpx will send it: its normalised URL, its encoded body
+        request.headers[signing.HEADER] = signing.sign(
+            secrets, request.method, str(request.url), request.content
+        )
+    return request
 
 
 async def call(client: httpx.AsyncClient, item: WorkItem, config: Config) -> WebhookResult:
@@ -132,7 +143,7 @@ async def _attempt(
     client: httpx.AsyncClient, item: WorkItem, config: Config, started_at: datetime
 ) -> WebhookResult:
     try:
-        request = build_request(client, item, config.host_url)
+        request = build_request(client, item, config.host_url, config.webhook_signing_secrets)
     except httpx.InvalidURL as exc:
         # never sent, and no later attempt can fix it
         return _failed(started_at, f"invalid URL: {exc}", retryable=False)

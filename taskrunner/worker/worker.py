@@ -48,6 +48,19 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _log_tick(rows: list[dict[str, Any]]) -> None:
+    """Warn about what ``tick()`` did: tasks it failed by Timeout, webhooks whose worker
+    vanished (their leases expired: requeued, or for a start, the task back to Pending)."""
+    counts = (rows[0]["result"] if rows else None) or {}  # NULL: another worker's tick ran
+    if counts.get("timed_out"):
+        log.warning("%d running tasks timed out (failure_reason Timeout)", counts["timed_out"])
+    if counts.get("expired_leases"):
+        log.warning(
+            "%d webhook deliveries abandoned (lease expired) and requeued",
+            counts["expired_leases"],
+        )
+
+
 class Backoff:
     """Exponential delay for reconnecting to the database (0.2 s doubling to 5 s)."""
 
@@ -101,11 +114,15 @@ class Worker:
         """Claim and deliver until stopped; then drain, release and close."""
         self._loop = asyncio.get_running_loop()
         url = self.config.database_url
-        self._pool = create_async_pool(url, max_size=self.config.pool_max_size)
-        listen_pool = create_async_pool(url, max_size=1, name="taskrunner-listen")
+        self._pool = create_async_pool(
+            url, max_size=self.config.pool_max_size, pooler=self.config.database_pooler
+        )
+        # LISTEN is session state: a transaction pooler would drop it, hence its own URL
+        listen_url = self.config.listen_database_url or url
+        listen_pool = create_async_pool(listen_url, max_size=1, name="taskrunner-listen")
         await self._pool.open(wait=False)
         await listen_pool.open(wait=False)
-        log.info("worker %s started", self.worker_id)
+        log.info("worker %s started", self.worker_id, extra={"worker": self.worker_id})
         async with webhooks.create_client(self.config) as self._client:
             listener = asyncio.create_task(self._listen(listen_pool))
             try:
@@ -143,7 +160,7 @@ class Worker:
     async def _round(self) -> None:
         now = asyncio.get_running_loop().time()
         if now >= self._next_tick:
-            await self._call("tick", {})
+            _log_tick(await self._call("tick", {"max_attempts": self.config.webhook_max_attempts}))
             self._next_tick = now + self.config.tick_interval
         if self._next_retry is not None and now >= self._next_retry:
             self._next_retry = None
@@ -196,6 +213,10 @@ class Worker:
     # --- one webhook ---------------------------------------------------------------------
 
     def _start(self, item: WorkItem) -> None:
+        # a claimed start moved its task Pending -> Running
+        self._log(
+            item, logging.INFO, "claimed%s", " (task Running)" if item.event == "start" else ""
+        )
         self._unrecorded.add(item.delivery_id)
         task = asyncio.create_task(self._deliver(item), name=f"delivery {item.delivery_id}")
         self._in_flight[item.delivery_id] = task
@@ -213,23 +234,36 @@ class Worker:
         deadline = asyncio.get_running_loop().time() + self.lease_seconds
         result = await webhooks.call(self._client, item, self.config)
         delay_ms = retrypolicy.delay_ms(result.ok, result.retryable, item.attempt, self.config)
-        if result.ok:
-            log.debug("delivery %s (%s of task %s) ok", item.delivery_id, item.event, item.task_id)
-        else:
-            log.info(
-                "delivery %s (%s of task %s) attempt %d failed: %s; %s",
+        if not result.ok:
+            then = "giving up" if delay_ms is None else f"retry in {delay_ms} ms"
+            self._log(item, logging.WARNING, "failed: %s; %s", result.error, then)
+        status = await self._record(Outcome(item.delivery_id, result, delay_ms), deadline)
+        if status == "failed":
+            self._log(item, logging.WARNING, "gave up: %s", result.error)
+        elif status is not None:
+            self._log(item, logging.INFO, "recorded: %s", status)
+
+    def _log(self, item: WorkItem, level: int, message: str, *args: Any) -> None:
+        """A line about one attempt, naming its delivery, task, event and attempt."""
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "delivery %s (%s of task %s) attempt %d " + message,
                 item.delivery_id,
                 item.event,
                 item.task_id,
                 item.attempt,
-                result.error,
-                "giving up" if delay_ms is None else f"retry in {delay_ms} ms",
+                *args,
+                extra={
+                    "delivery_id": str(item.delivery_id),
+                    "task_id": str(item.task_id),
+                    "worker": self.worker_id,
+                },
             )
-        await self._record(Outcome(item.delivery_id, result, delay_ms), deadline)
 
-    async def _record(self, outcome: Outcome, deadline: float) -> None:
+    async def _record(self, outcome: Outcome, deadline: float) -> str | None:
         """Record the attempt (group commit, see ``outcomes``), retried through a database
-        outage until the lease runs out."""
+        outage until the lease runs out; the delivery's new status, None if not recorded."""
         delivery_id, delay_ms = outcome.delivery_id, outcome.retry_delay_ms
         backoff = Backoff()
         while True:
@@ -243,13 +277,14 @@ class Worker:
                         delivery_id,
                         exc.__cause__,
                     )
-                    return
+                    return None
                 await asyncio.sleep(backoff.next())
         self._unrecorded.discard(delivery_id)
         if status == "stale":
             log.info("delivery %s: lease lost before recording", delivery_id)
         if delay_ms is not None:
             self._retry_due(delay_ms / 1000)
+        return status
 
     def _retry_due(self, seconds: float) -> None:
         due = asyncio.get_running_loop().time() + seconds
@@ -266,6 +301,7 @@ class Worker:
             try:
                 async with pool.connection() as conn:
                     await conn.execute(QUERIES["listen"])
+                    log.debug("listening for notifications")
                     backoff.reset()
                     self._wake.set()  # notifications may have been missed while away
                     async for _ in conn.notifies():
