@@ -143,3 +143,23 @@ WHERE task_id = %(id)s::uuid ORDER BY id;
 
 -- name: why_not_running
 SELECT taskrunner.why_not_running(%(id)s::uuid) AS why;
+
+-- name: problem_deliveries
+-- The webhook deliveries that gave up or are retrying after an error (delivery_problems),
+-- gave-up ones first, then by attempts made.
+SELECT p.id, p.task_id, t.name AS task_name, t.batch_id, p.event, p.status, p.attempts,
+       p.next_attempt_at, p.last_status_code, p.last_error, p.url, p.verb
+FROM taskrunner.delivery_problems p
+JOIN taskrunner.task t ON t.id = p.task_id
+WHERE %(batch_id)s::uuid IS NULL OR t.batch_id = %(batch_id)s::uuid
+ORDER BY p.status = 'failed' DESC, p.attempts DESC, p.id
+LIMIT %(limit)s::int;
+
+-- name: stuck_tasks
+-- Running tasks, those running longest first (running_tasks).
+SELECT r.id, r.name, r.kind, r.batch_id, r.claimed_by, r.claimed_at, r.started_at,
+       r.last_updated, r.timeout_at
+FROM taskrunner.running_tasks r
+WHERE %(batch_id)s::uuid IS NULL OR r.batch_id = %(batch_id)s::uuid
+ORDER BY coalesce(r.started_at, r.claimed_at), r.id
+LIMIT %(limit)s::int;

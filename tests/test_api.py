@@ -627,8 +627,9 @@ def test_put_for_a_task_deleted_before_the_flush_is_dropped_counted_and_logged(
 # -- POST /delivery/{id}/retry ---------------------------------------------------------------
 
 
-def test_retry_a_delivery_that_gave_up(client, conn):
-    task = running_task(client, conn, on_success=[hook("http://x.test/ok")])
+def give_up_end_delivery(client, conn, task: dict) -> str:
+    """Report the running ``task`` successful, then record its one end delivery as given
+    up after an HTTP 500, as a worker does; returns the delivery's id."""
     client.simulate_patch(f"/task/{task['id']}", json={"status": "Success"})
     (item,) = conn.execute(
         QUERIES["claim_deliveries"], {"worker": "w", "max": 10, "lease_seconds": 60}
@@ -646,7 +647,12 @@ def test_retry_a_delivery_that_gave_up(client, conn):
             "started_at": None,
         },
     )
-    delivery_id = str(item["delivery_id"])
+    return str(item["delivery_id"])
+
+
+def test_retry_a_delivery_that_gave_up(client, conn):
+    task = running_task(client, conn, on_success=[hook("http://x.test/ok")])
+    delivery_id = give_up_end_delivery(client, conn, task)
 
     result = client.simulate_post(f"/delivery/{delivery_id}/retry")
     assert result.status_code == 200 and result.json["status"] == "Queued"

@@ -112,6 +112,10 @@ def test_the_wheel_holds_every_package_and_migration(installed: Path, elsewhere:
     subpackages = {p.parent.relative_to(ROOT) for p in (ROOT / "taskrunner").rglob("__init__.py")}
     for sub in subpackages:
         assert (package.parent / sub / "__init__.py").is_file(), f"{sub} is not in the wheel"
+    # the web UI's files (package data, not a package)
+    for path in (ROOT / "taskrunner" / "ui").rglob("*"):
+        if path.is_file():
+            assert (package.parent / path.relative_to(ROOT)).is_file(), f"{path}: not in wheel"
 
 
 def test_installed_migrate_then_api_is_ready(
@@ -128,6 +132,8 @@ def test_installed_migrate_then_api_is_ready(
         ready = httpx.get(f"{base}/ready")
         assert ready.status_code == 200, ready.text
         assert ready.json() == {"status": "ready", "migration": migrate.newest_version()}
+        for path in ("/ui", "/ui/static/app.js", "/ui/static/vendor/dagre.esm.js"):
+            assert httpx.get(f"{base}{path}").status_code == 200, path  # the web UI
 
         # The installed copy knows the newest migration: a database behind it is not ready.
         with psycopg.connect(fresh_db_url, autocommit=True) as conn:

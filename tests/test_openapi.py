@@ -189,5 +189,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(app, conn):
         ("PATCH /batch/{id}/rules", 200),
         ("GET /dag/{id}", 200),
         ("DELETE /batch/{id}", 200),
+        ("GET /problems", 200),
+        ("GET /ui", 200),
     ]:
         assert statuses[label, code], f"{label} never answered {code}: {statuses}"

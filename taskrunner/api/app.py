@@ -6,9 +6,16 @@ import falcon
 import psycopg_pool
 
 from taskrunner import db
-from taskrunner.api import errors, openapi
+from taskrunner.api import errors, openapi, ui
 from taskrunner.api.auth import BearerAuth
-from taskrunner.api.batches import BatchCollection, BatchDag, BatchItem, BatchRules, TaskHistory
+from taskrunner.api.batches import (
+    BatchCollection,
+    BatchDag,
+    BatchItem,
+    BatchRules,
+    Problems,
+    TaskHistory,
+)
 from taskrunner.api.counters import CounterBuffer
 from taskrunner.api.requestlog import RequestLog
 from taskrunner.api.resources import (
@@ -51,10 +58,12 @@ def create_app(
     app.add_route("/batch/{id}", BatchItem(store))
     app.add_route("/batch/{id}/rules", BatchRules(store))
     app.add_route("/dag/{id}", BatchDag(store))
+    app.add_route("/problems", Problems(store))
     app.add_route("/metrics", Metrics())
     app.add_route("/health", Health())
     app.add_route("/ready", Ready(store, newest_version()))
     app.add_route("/openapi.json", OpenApi(openapi.document()))
+    ui.install(app)
     return app
 
 

@@ -10,8 +10,10 @@ import falcon
 from taskrunner.api.errors import ApiError
 
 # Liveness/readiness probes and Prometheus scrapes carry no token; the OpenAPI document
-# describes the API and holds no data.
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})
+# describes the API and the web UI's files are code: neither holds data (the UI asks for
+# the token and sends it on its API calls).
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/ui", "/view"})
+OPEN_PREFIX = "/ui/static/"
 
 
 class BearerAuth:
@@ -21,7 +23,7 @@ class BearerAuth:
         self._token = token.encode()
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if req.path in OPEN_PATHS:
+        if req.path in OPEN_PATHS or req.path.startswith(OPEN_PREFIX):
             return
         header = req.get_header("Authorization") or ""
         scheme, _, credentials = header.partition(" ")

@@ -1,10 +1,11 @@
-"""The batch routes (ArcRun's shapes) and a task's history.
+"""The batch routes (ArcRun's shapes), a task's history, and the problems list.
 
-``GET /batches``, ``GET|DELETE /batch/{id}``, ``PATCH /batch/{id}/rules``, ``GET /dag/{id}``
-and ``GET /task/{id}/history``. Like every resource, each responder validates its input,
-runs named queries over the SQL views and functions a DBA can use too (``batch_summary``,
-``stop_batch``, ``set_batch_rules``, ``batch_links``, ``task_history``; docs/sql.md), and
-writes JSON. Unknown batches (and ids that are not UUIDs) are a 404.
+``GET /batches``, ``GET|DELETE /batch/{id}``, ``PATCH /batch/{id}/rules``, ``GET /dag/{id}``,
+``GET /task/{id}/history`` and ``GET /problems`` (ours: the web UI's problems view). Like
+every resource, each responder validates its input, runs named queries over the SQL views
+and functions a DBA can use too (``batch_summary``, ``stop_batch``, ``set_batch_rules``,
+``batch_links``, ``task_history``, ``delivery_problems``, ``running_tasks``; docs/sql.md),
+and writes JSON. Unknown batches (and ids that are not UUIDs) are a 404.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from taskrunner.api import serialize
 from taskrunner.api.errors import not_found
 from taskrunner.api.resources import _send, _uuid_param, read_json
 from taskrunner.api.store import Store
-from taskrunner.api.validation import batch_list_filters, batch_rules_input
+from taskrunner.api.validation import batch_list_filters, batch_rules_input, problems_filters
 
 log = logging.getLogger("taskrunner.api")
 
@@ -97,3 +98,21 @@ class TaskHistory(_Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
         _task, history = self._read_about(id, "task", "get_task", "task_history")
         _send(resp, [serialize.transition(h) for h in history])
+
+
+class Problems(_Resource):
+    """``GET /problems``: failing webhook deliveries and the tasks running longest, over
+    all batches or one (``batch_id``)."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        filters = problems_filters({name: req.get_param(name) for name in req.params})
+        deliveries, stuck = self.store.read(
+            ("problem_deliveries", filters), ("stuck_tasks", filters)
+        )
+        _send(
+            resp,
+            {
+                "deliveries": [serialize.problem_delivery(d) for d in deliveries],
+                "running": stuck,
+            },
+        )

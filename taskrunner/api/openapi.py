@@ -249,6 +249,45 @@ _SCHEMAS.update(
                 },
             }
         ),
+        "ProblemDelivery": _object(
+            {
+                "id": _UUID_OUT,
+                "task_id": _UUID_OUT,
+                "task_name": _STRING,
+                "batch_id": _UUID_OUT,
+                "trigger": {"type": "string", "enum": list(vocab.TRIGGERS)},
+                "status": {"type": "string", "enum": list(vocab.DELIVERY_STATUS_LABELS)},
+                "attempt_count": _INT,
+                "next_attempt_at": _TIME,
+                "last_status_code": _nullable(_INT),
+                "last_error": _nullable(_STRING),
+                "url": _STRING,
+                "verb": {"type": "string", "enum": list(vocab.VERB_LABELS)},
+            }
+        ),
+        "RunningTask": _object(
+            {
+                "id": _UUID_OUT,
+                "name": _STRING,
+                "kind": _STRING,
+                "batch_id": _UUID_OUT,
+                "claimed_by": _nullable(_STRING),
+                "claimed_at": _nullable(_TIME),
+                "started_at": _nullable(_TIME),
+                "last_updated": _TIME,
+                "timeout_at": _TIME,
+            }
+        ),
+        "Problems": _object(
+            {
+                "deliveries": {"type": "array", "items": _ref("ProblemDelivery")},
+                "running": {
+                    "type": "array",
+                    "items": _ref("RunningTask"),
+                    "description": "Running tasks, the longest running first",
+                },
+            }
+        ),
         "Transition": _object(
             {
                 "at": _TIME,
@@ -589,6 +628,42 @@ _PATHS: dict[str, dict] = {
             "summary": "The batch's tasks and the links into them",
             "responses": {**_ok(200, "The DAG", _ref("Dag")), **_errors(404)},
         },
+    },
+    "/problems": {
+        "get": {
+            "operationId": "listProblems",
+            "summary": (
+                "Webhook deliveries that gave up or are retrying, and the tasks running "
+                "longest (the views delivery_problems and running_tasks)"
+            ),
+            "parameters": [
+                _query("batch_id", {"type": "string", "format": "uuid"}, "only this batch"),
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": LIMITS["per_page"]},
+                    f"rows per list (default {DEFAULT_PER_PAGE})",
+                ),
+            ],
+            "responses": {**_ok(200, "The problems", _ref("Problems")), **_errors(400)},
+        },
+    },
+    "/ui": {
+        "get": {
+            "operationId": "webUi",
+            "summary": "The web UI (one HTML page; it asks for the token when one is needed)",
+            "security": [],
+            "responses": {
+                "200": {"description": "The page", "content": {"text/html": {"schema": _STRING}}}
+            },
+        }
+    },
+    "/view": {
+        "get": {
+            "operationId": "webUiRedirect",
+            "summary": "Redirects to /ui (ArcRun's path of its UI)",
+            "security": [],
+            "responses": {"302": {"description": "Location: /ui"}},
+        }
     },
     "/delivery/{id}/retry": {
         "parameters": [{**_ID, "description": "A delivery's UUID"}],

@@ -199,3 +199,16 @@ def why_not_running(value: dict | None) -> dict | None:
     if "rules" in out:
         out["rules"] = [{**r, "rule": rule(r["rule"])} for r in out["rules"]]
     return out
+
+
+def problem_delivery(row: dict) -> dict:
+    """One ``delivery_problems`` row with its task's name and batch (``GET /problems``)."""
+    return _fields(
+        row,
+        "id task_id task_name batch_id trigger status attempt_count next_attempt_at"
+        " last_status_code last_error url verb",
+        trigger=TRIGGER_LABELS[row["event"]],
+        status=delivery_status_label(row["status"]),
+        attempt_count=row["attempts"],
+        verb=verb_label(row["verb"]),
+    )

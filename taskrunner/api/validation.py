@@ -835,3 +835,14 @@ def batch_rules_input(body: Any) -> dict:
     if errors:
         raise Invalid(errors)
     return {"kind": body["kind"], "rules": rules}
+
+
+def problems_filters(params: Mapping[str, str]) -> dict:
+    """GET /problems query string -> ``batch_id`` (optional) and ``limit`` (rows per list)."""
+    limit, errors = _query_int(params, "limit", DEFAULT_PER_PAGE, 1, LIMITS["per_page"])
+    batch_id = params.get("batch_id") or None
+    if batch_id is not None and parse_uuid(batch_id) is None:
+        errors.append("batch_id: must be a UUID")
+    if errors:
+        raise Invalid(errors)
+    return {"batch_id": batch_id, "limit": limit}

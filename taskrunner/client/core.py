@@ -339,6 +339,14 @@ class Routes:
         """``GET /dag/{id}``: the batch's tasks and the links into them."""
         return self._send(Call("GET", f"/dag/{batch_id}", _one(models.Dag), repeatable=True))
 
+    def list_problems(
+        self, *, batch_id: str | None = None, limit: int | None = None
+    ) -> models.Problems:
+        """``GET /problems``: failing webhook deliveries and the tasks running longest."""
+        params = _filters(batch_id=batch_id, limit=limit)
+        call = Call("GET", "/problems", _one(models.Problems), params, repeatable=True)
+        return self._send(call)
+
     # -- service -------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:

@@ -310,6 +310,47 @@ class Dag(Model):
 
 
 @dataclass
+class ProblemDelivery(Model):
+    """A webhook delivery that gave up or is retrying after an error (``GET /problems``)."""
+
+    id: str
+    task_id: str
+    task_name: str
+    batch_id: str
+    trigger: str
+    status: str
+    attempt_count: int
+    next_attempt_at: str
+    url: str
+    verb: str
+    last_status_code: int | None = None
+    last_error: str | None = None
+
+
+@dataclass
+class RunningTask(Model):
+    id: str
+    name: str
+    kind: str
+    batch_id: str
+    last_updated: str
+    timeout_at: str
+    claimed_by: str | None = None
+    claimed_at: str | None = None
+    started_at: str | None = None
+
+
+@dataclass
+class Problems(Model):
+    """``GET /problems``: failing deliveries, and running tasks (longest running first)."""
+
+    NESTED = {"deliveries": ProblemDelivery, "running": RunningTask}
+
+    deliveries: list[ProblemDelivery] = field(default_factory=list)
+    running: list[RunningTask] = field(default_factory=list)
+
+
+@dataclass
 class Created:
     """``POST /task``: the batch id (``X-Batch-ID``) and the created tasks in input order;
     no tasks (and ``batch_id`` None) when the dedupe strategy skipped every one (204)."""
@@ -352,4 +393,7 @@ SCHEMA_NAMES: dict[type[Model], str] = {
     BasicTask: "BasicTask",
     Link: "Link",
     Dag: "Dag",
+    ProblemDelivery: "ProblemDelivery",
+    RunningTask: "RunningTask",
+    Problems: "Problems",
 }
