@@ -69,8 +69,10 @@ def dict_config(config: Config) -> dict[str, Any]:
         # gunicorn gives these their own handlers; ours replace them (dictConfig drops
         # a configured logger's handlers) and send their lines to the root handler
         "loggers": {
-            name: {"level": level, "handlers": [], "propagate": True}
-            for name in ("gunicorn.error", "gunicorn.access")
+            "gunicorn.error": {"level": level, "handlers": [], "propagate": True},
+            # gunicorn writes access lines whenever a logconfig_dict is set; ours come from
+            # taskrunner.api.requestlog (ACCESS_LOG), so its own would double every request
+            "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
         },
     }
 
