@@ -239,6 +239,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         supervisor.watch(until=ready)
         print(f"taskrunner is up: http://127.0.0.1:{config.port}", flush=True)
         print(f"DATABASE_URL={logs.redact_url(config.database_url)}", flush=True)
+        print(f"web UI: http://127.0.0.1:{config.port}/ui", flush=True)
 
     try:
         return supervisor.run(start, errors=(CliError,))
