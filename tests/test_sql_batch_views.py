@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import create_batch, pg_url, status_of, task_spec, webhook
+from conftest import create_batch, status_of, task_spec, webhook
 from invariants import assert_rule_respected
 from procs import wait_for
 from psycopg.rows import dict_row
@@ -204,30 +204,20 @@ def test_a_fold_leaves_deltas_of_open_transactions_for_later(conn, other):
     assert summaries(conn) == truth(conn)
 
 
-@pytest.fixture
-def scratch_db() -> Iterator[str]:
-    name = f"trbatchmig_{uuid.uuid4().hex[:8]}"
-    admin = psycopg.connect(pg_url("postgres"), autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')
-    yield pg_url(name)
-    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
-
-
-def test_the_migration_backfills_existing_tasks(scratch_db):
-    migrate.migrate(scratch_db)
-    with psycopg.connect(scratch_db, autocommit=True, row_factory=dict_row) as c:
+def test_the_migration_backfills_existing_tasks(empty_db):
+    migrate.migrate(empty_db)
+    with psycopg.connect(empty_db, autocommit=True, row_factory=dict_row) as c:
         _busy_batches(c)
         expected = truth(c)
 
     def has_batch_table() -> bool:
-        with psycopg.connect(scratch_db, autocommit=True) as c:
+        with psycopg.connect(empty_db, autocommit=True) as c:
             return c.execute("SELECT to_regclass('taskrunner.batch')").fetchone()[0] is not None
 
     while has_batch_table():  # back to before the batch counts: the tasks stay
-        migrate.rollback(scratch_db)
-    migrate.migrate(scratch_db)
-    with psycopg.connect(scratch_db, autocommit=True, row_factory=dict_row) as c:
+        migrate.rollback(empty_db)
+    migrate.migrate(empty_db)
+    with psycopg.connect(empty_db, autocommit=True, row_factory=dict_row) as c:
         assert summaries(c) == expected
 
 
