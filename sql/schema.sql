@@ -392,11 +392,17 @@ CREATE TABLE taskrunner.task (
     started_at timestamp with time zone,
     ended_at timestamp with time zone,
     last_updated timestamp with time zone DEFAULT now() NOT NULL,
+    attempt integer DEFAULT 0 NOT NULL,
+    max_attempts integer DEFAULT 1 NOT NULL,
+    backoff_seconds double precision DEFAULT 5 NOT NULL,
+    backoff_max_seconds double precision DEFAULT 300 NOT NULL,
+    not_before timestamp with time zone,
     CONSTRAINT task_counters_non_negative CHECK (((success >= 0) AND (failures >= 0))),
     CONSTRAINT task_deps_counters CHECK ((((deps_finished >= 0) AND (deps_finished <= deps_total)) AND ((deps_succeeded >= 0) AND (deps_succeeded <= deps_finished)))),
     CONSTRAINT task_failure_has_reason CHECK (((status <> 'failure'::taskrunner.task_status) OR (failure_reason IS NOT NULL))),
     CONSTRAINT task_metadata_is_object CHECK ((jsonb_typeof(metadata) = 'object'::text)),
     CONSTRAINT task_priority_range CHECK (((priority >= '-1000'::integer) AND (priority <= 1000))),
+    CONSTRAINT task_retry_range CHECK (((attempt >= 0) AND ((max_attempts >= 1) AND (max_attempts <= 100)) AND ((backoff_seconds >= (0)::double precision) AND (backoff_seconds <= (86400)::double precision)) AND ((backoff_max_seconds >= backoff_seconds) AND (backoff_max_seconds <= (86400)::double precision)))),
     CONSTRAINT task_rules_is_array CHECK ((jsonb_typeof(rules) = 'array'::text)),
     CONSTRAINT task_timeout_range CHECK (((timeout >= 1) AND (timeout <= 86400)))
 );
@@ -473,6 +479,46 @@ COMMENT ON COLUMN taskrunner.task.started_at IS 'When the target acknowledged th
 --
 
 COMMENT ON COLUMN taskrunner.task.last_updated IS 'Heartbeat: drives timeouts.';
+
+
+--
+-- Name: COLUMN task.attempt; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.attempt IS 'The current run: 1 at the first claim, n at the n-th. A start that never got going (its
+lease expired, its worker shut down) does not count: the task goes back to pending with
+the run it had.';
+
+
+--
+-- Name: COLUMN task.max_attempts; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.max_attempts IS 'Runs in all (1 = no retry). A failed run with runs left goes back to pending after a
+backoff (_090_retry). A failure reported with retryable = false sets it to attempt.';
+
+
+--
+-- Name: COLUMN task.backoff_seconds; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.backoff_seconds IS 'The backoff before the first retry; doubled per retry, capped at backoff_max_seconds,
+with jitter (see _retry_delay).';
+
+
+--
+-- Name: COLUMN task.backoff_max_seconds; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.backoff_max_seconds IS 'The longest backoff between two runs.';
+
+
+--
+-- Name: COLUMN task.not_before; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.not_before IS 'A pending task is not claimed before this time (delayed start, retry backoff). Claims
+clear it once due, so NULL means "claimable now" (or never scheduled).';
 
 
 --
@@ -648,6 +694,26 @@ HTTP 400, 404, 409) and a detail ("field: problem" lines).';
 
 
 --
+-- Name: _retry_delay(integer, double precision, double precision); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._retry_delay(p_attempt integer, p_base double precision, p_max double precision) RETURNS double precision
+    LANGUAGE sql
+    AS $$
+    SELECT d * (0.5 + random() / 2)
+    FROM (SELECT least(p_max, p_base * 2 ^ least(greatest(p_attempt, 1) - 1, 60)) AS d) x
+$$;
+
+
+--
+-- Name: FUNCTION _retry_delay(p_attempt integer, p_base double precision, p_max double precision); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._retry_delay(p_attempt integer, p_base double precision, p_max double precision) IS 'Seconds to wait before the retry that follows failed run p_attempt: the exponential delay
+d = min(p_max, p_base * 2^(p_attempt - 1)), with equal jitter: uniform in [d/2, d].';
+
+
+--
 -- Name: _rule_count(jsonb, jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -819,6 +885,17 @@ BEGIN
     IF p_max <= 0 THEN
         RETURN;
     END IF;
+    -- Scheduled tasks that fell due join the claim index: their not_before is cleared.
+    -- SKIP LOCKED: a row another claim is promoting is that claim's to take.
+    IF EXISTS (SELECT 1 FROM taskrunner.task WHERE status = 'pending' AND not_before <= now()) THEN
+        UPDATE taskrunner.task t SET not_before = NULL
+        WHERE t.id = ANY (ARRAY(
+                SELECT x.id FROM taskrunner.task x
+                WHERE x.status = 'pending' AND x.not_before <= now()
+                ORDER BY x.not_before LIMIT 10000
+                FOR NO KEY UPDATE SKIP LOCKED))
+          AND t.status = 'pending';
+    END IF;
     FOR g IN
         SELECT * FROM taskrunner._claim_groups
     LOOP
@@ -835,15 +912,17 @@ BEGIN
         END IF;
         WITH picked AS (
             SELECT id FROM taskrunner.task
-            WHERE status = 'pending' AND admission_key = g.admission_key
+            WHERE status = 'pending' AND not_before IS NULL AND admission_key = g.admission_key
             ORDER BY priority DESC, seq
             LIMIT least(v_slots, v_left)
             FOR NO KEY UPDATE SKIP LOCKED
         ), moved AS (
             UPDATE taskrunner.task t
-            SET status = 'running', claimed_by = p_worker,
-                status_reason = format('claimed by %s', p_worker)
-            FROM picked WHERE t.id = picked.id AND t.status = 'pending'
+            SET status = 'running', claimed_by = p_worker, attempt = t.attempt + 1,
+                status_reason = CASE WHEN t.attempt = 0 THEN format('claimed by %s', p_worker)
+                                     ELSE format('claimed by %s (run %s of %s)', p_worker,
+                                                 t.attempt + 1, t.max_attempts) END
+            FROM picked WHERE t.id = picked.id AND t.status = 'pending' AND t.not_before IS NULL
             RETURNING t.id
         )
         SELECT array_agg(id) INTO v_batch FROM moved;
@@ -883,8 +962,10 @@ END $$;
 -- Name: FUNCTION claim_tasks(p_worker text, p_max integer, p_lease_seconds integer); Type: COMMENT; Schema: taskrunner; Owner: -
 --
 
-COMMENT ON FUNCTION taskrunner.claim_tasks(p_worker text, p_max integer, p_lease_seconds integer) IS 'Claim up to p_max ready tasks for p_worker: move them to running and return their
-start deliveries, leased to the worker for p_lease_seconds.
+COMMENT ON FUNCTION taskrunner.claim_tasks(p_worker text, p_max integer, p_lease_seconds integer) IS 'Claim up to p_max ready tasks for p_worker: move them to running (attempt + 1) and
+return their start deliveries, leased to the worker for p_lease_seconds. Scheduled tasks
+that fell due (not_before <= now()) are promoted first: not_before cleared, which puts
+them in task_pending_claim_idx.
 
 Exactness: each admission group is claimed under advisory locks on the kinds its rules
 count (see _lock_group), and its free slots are counted after the locks are held; under
@@ -894,7 +975,8 @@ it matches) is at most max_concurency, whatever the number of claimers.
 
 Cost: groups are found with a skip scan over task_pending_claim_idx (one probe per
 group with pending tasks, see _claim_groups), so pending tasks blocked behind a
-saturated rule cost one check per group, not one per task.';
+saturated rule cost one check per group, not one per task; tasks not yet due are not in
+that index at all.';
 
 
 --
@@ -913,6 +995,10 @@ BEGIN
                  WHEN r ->> 'task_id' IS NULL THEN 'task_id: required'
                  WHEN coalesce(r ->> 'status', '') NOT IN ('success', 'failure')
                      THEN 'status: must be success or failure'
+                 WHEN r ? 'retryable' AND jsonb_typeof(r -> 'retryable') <> 'boolean'
+                     THEN 'retryable: must be true or false'
+                 WHEN r ? 'retryable' AND r ->> 'status' <> 'failure'
+                     THEN 'retryable: only allowed when status is Failure'
                  ELSE taskrunner._failure_reason_problem((r ->> 'status')::taskrunner.task_status,
                                                         r ->> 'failure_reason')
                  END AS problem
@@ -926,7 +1012,8 @@ BEGIN
     WITH input AS MATERIALIZED (
         SELECT DISTINCT ON (id) * FROM (
             SELECT (r ->> 'task_id')::uuid AS id, (r ->> 'status')::taskrunner.task_status AS to_status,
-                   r ->> 'failure_reason' AS reason, ord
+                   r ->> 'failure_reason' AS reason,
+                   coalesce((r ->> 'retryable')::boolean, true) AS retryable, ord
             FROM jsonb_array_elements(p_results) WITH ORDINALITY x(r, ord)) i
         ORDER BY id, ord
     ), locked AS MATERIALIZED (
@@ -937,6 +1024,10 @@ BEGIN
         SET status = i.to_status,
             failure_reason = CASE WHEN i.to_status = 'failure' THEN i.reason END,
             status_reason = format('reported %s', i.to_status),
+            -- not retryable: this run is the last (see tg_task__retry)
+            max_attempts = CASE WHEN i.to_status = 'failure' AND NOT i.retryable
+                                THEN least(t.max_attempts, greatest(t.attempt, 1))
+                                ELSE t.max_attempts END,
             last_updated = now()
         FROM input i, locked l
         WHERE t.id = i.id AND l.id = i.id AND t.status = 'running'
@@ -956,9 +1047,10 @@ END $$;
 
 COMMENT ON FUNCTION taskrunner.complete_tasks(p_results jsonb) IS 'The outcome of many running tasks at once: the batch form of PATCH /task/{id} with a
 status. Each element of p_results: {"task_id", "status": "success"|"failure",
-"failure_reason"} (required for failure). A task that is not running is left alone
-(completed = false). Rows are locked in id order; one UPDATE moves them all, so the
-history, outbox, propagation and wake-up run once for the batch.';
+"failure_reason", "retryable"} (failure_reason required for failure; retryable false: no
+retry). A task that is not running is left alone (completed = false). Rows are locked in
+id order; one UPDATE moves them all, so the history, outbox, propagation and wake-up run
+once for the batch.';
 
 
 --
@@ -1027,7 +1119,8 @@ BEGIN
     ), new_tasks AS (
         INSERT INTO taskrunner.task (id, batch_id, local_id, requester, name, kind, status,
                                      priority, timeout, metadata, rules, admission_key,
-                                     deps_total, status_reason)
+                                     deps_total, status_reason, max_attempts, backoff_seconds,
+                                     backoff_max_seconds, not_before)
         SELECT i.new_id, v_batch, i.local_id, p_requester, i.t ->> 'name', i.t ->> 'kind',
                CASE WHEN coalesce(e.n, 0) > 0 THEN 'waiting' ELSE 'pending' END::taskrunner.task_status,
                coalesce((i.t ->> 'priority')::int, 0),
@@ -1038,9 +1131,18 @@ BEGIN
                                          coalesce(i.t -> 'rules', '[]'),
                                          coalesce(i.t -> 'metadata', '{}')),
                coalesce(e.n, 0),
-               'created'
+               'created',
+               coalesce((i.t #>> '{retry,max_attempts}')::int, 1),
+               coalesce((i.t #>> '{retry,backoff_seconds}')::float8, 5),
+               coalesce((i.t #>> '{retry,backoff_max_seconds}')::float8, 300),
+               CASE WHEN s.not_before > now() THEN s.not_before END
         FROM ids i
         LEFT JOIN (SELECT child_id, count(*) AS n FROM edges GROUP BY 1) e ON e.child_id = i.new_id
+        -- a delay counts from the database's clock; a time already past is no delay
+        CROSS JOIN LATERAL (SELECT coalesce((i.t ->> 'not_before')::timestamptz,
+                                            now() + make_interval(
+                                                secs => (i.t ->> 'delay_seconds')::float8))
+                                AS not_before) s
         WHERE i.new_id IS NOT NULL
         ORDER BY i.ord
         RETURNING id
@@ -1089,8 +1191,9 @@ END $$;
 COMMENT ON FUNCTION taskrunner.create_batch(p_tasks jsonb, p_requester text) IS 'Create a batch of tasks atomically. Input: a JSON array already validated and
 normalised by the API (format in docs/sql.md). Dependencies name a local_id of the
 batch or the task_id of an existing task. A task whose dedupe matcher finds an existing
-task is skipped, and dependencies on it point at that existing task instead. Returns
-the created tasks in input order.';
+task is skipped, and dependencies on it point at that existing task instead. "retry"
+({max_attempts, backoff_seconds, backoff_max_seconds}) and "not_before" or
+"delay_seconds" schedule runs. Returns the created tasks in input order.';
 
 
 --
@@ -1347,6 +1450,27 @@ $$;
 --
 
 COMMENT ON FUNCTION taskrunner.is_terminal(p_status taskrunner.task_status) IS 'True for the statuses a task ends in: success, failure, canceled.';
+
+
+--
+-- Name: next_wakeup(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.next_wakeup() RETURNS timestamp with time zone
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT min(not_before) FROM taskrunner.task
+    WHERE status = 'pending' AND not_before IS NOT NULL
+$$;
+
+
+--
+-- Name: FUNCTION next_wakeup(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.next_wakeup() IS 'The earliest time at which something scheduled may become claimable (a delayed start or
+a retry''s backoff); NULL when nothing is scheduled. Idle workers sleep until then. May be
+in the past: a task fell due and no claim has promoted it yet.';
 
 
 --
@@ -1976,6 +2100,59 @@ COMMENT ON FUNCTION taskrunner.tg_task__guard_transition() IS 'Guard every statu
 
 
 --
+-- Name: tg_task__retry(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.tg_task__retry() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_run int := greatest(OLD.attempt, 1);  -- tasks running since before retries: run 1
+    v_delay double precision;
+BEGIN
+    IF NEW.status = 'pending' THEN
+        -- a start that never got going (lease expired, worker released it) was no run
+        NEW.attempt := greatest(OLD.attempt - 1, 0);
+        RETURN NEW;
+    END IF;
+    IF v_run >= NEW.max_attempts THEN
+        RETURN NEW;  -- the last run: a real failure (end webhooks, cascade)
+    END IF;
+    v_delay := taskrunner._retry_delay(v_run, NEW.backoff_seconds, NEW.backoff_max_seconds);
+    NEW.status := 'pending';
+    NEW.not_before := now() + make_interval(secs => v_delay);
+    NEW.status_reason := format('retry %s of %s in %ss: %s', v_run, NEW.max_attempts - 1,
+                                round(v_delay::numeric, 1),
+                                coalesce(NEW.failure_reason, NEW.status_reason, 'failed'));
+    NEW.failure_reason := NULL;
+    PERFORM taskrunner._add_stats(format('retry>%s>1;', NEW.kind));
+    -- A start of the failed run still in flight (it timed out before the answer) is
+    -- dropped: its answer must not count for the next run. Skipped when its worker is
+    -- recording it right now: finish_deliveries then finds the task pending and drops it.
+    UPDATE taskrunner.delivery d
+    SET status = 'canceled', lease_until = NULL, finished_at = now(),
+        last_error = format('dropped: run %s of the task failed before the start was answered',
+                            v_run)
+    WHERE d.id IN (SELECT x.id FROM taskrunner.delivery x
+                   WHERE x.task_id = NEW.id AND x.event = 'start'
+                     AND x.status IN ('queued', 'in_flight')
+                   FOR NO KEY UPDATE SKIP LOCKED);
+    RETURN NEW;
+END $$;
+
+
+--
+-- Name: FUNCTION tg_task__retry(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.tg_task__retry() IS 'Trigger, before the transition guard, on running -> failure and running -> pending. A
+failed run with runs left (attempt < max_attempts) goes back to pending instead, not
+before a backoff (_retry_delay; status_reason "retry n of m in Xs: <reason>"), so no end
+webhook fires and nothing cascades. A running task put back to pending without failing
+(an expired or released start) gives its run back.';
+
+
+--
 -- Name: tick(integer); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -2074,10 +2251,10 @@ others.';
 
 
 --
--- Name: update_task(uuid, taskrunner.task_status, bigint, bigint, jsonb, text); Type: FUNCTION; Schema: taskrunner; Owner: -
+-- Name: update_task(uuid, taskrunner.task_status, bigint, bigint, jsonb, text, boolean); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
-CREATE FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status DEFAULT NULL::taskrunner.task_status, p_new_success bigint DEFAULT NULL::bigint, p_new_failures bigint DEFAULT NULL::bigint, p_metadata jsonb DEFAULT NULL::jsonb, p_failure_reason text DEFAULT NULL::text) RETURNS taskrunner.task
+CREATE FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status DEFAULT NULL::taskrunner.task_status, p_new_success bigint DEFAULT NULL::bigint, p_new_failures bigint DEFAULT NULL::bigint, p_metadata jsonb DEFAULT NULL::jsonb, p_failure_reason text DEFAULT NULL::text, p_retryable boolean DEFAULT NULL::boolean) RETURNS taskrunner.task
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -2092,6 +2269,10 @@ BEGIN
     v_problem := taskrunner._failure_reason_problem(p_status, p_failure_reason);
     IF v_problem IS NOT NULL THEN
         PERFORM taskrunner._raise('TR400', 'invalid failure_reason', v_problem);
+    END IF;
+    IF p_retryable IS NOT NULL AND p_status IS DISTINCT FROM 'failure' THEN
+        PERFORM taskrunner._raise('TR400', 'invalid retryable',
+                                  'retryable: only allowed when status is Failure');
     END IF;
     SELECT status INTO v_status FROM taskrunner.task WHERE id = p_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
@@ -2110,6 +2291,10 @@ BEGIN
         failure_reason = CASE WHEN p_status = 'failure' THEN p_failure_reason ELSE failure_reason END,
         status_reason = CASE WHEN p_status IS NULL THEN status_reason
                              ELSE format('reported %s', p_status) END,
+        -- not retryable: this run is the last (see tg_task__retry)
+        max_attempts = CASE WHEN p_status = 'failure' AND p_retryable IS FALSE
+                            THEN least(max_attempts, greatest(attempt, 1))
+                            ELSE max_attempts END,
         -- a report through the handle proves the target got the start: acknowledged,
         -- so an expired start lease no longer puts the task back to pending (tick())
         started_at = coalesce(started_at, now()),
@@ -2121,11 +2306,12 @@ END $$;
 
 
 --
--- Name: FUNCTION update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text); Type: COMMENT; Schema: taskrunner; Owner: -
+-- Name: FUNCTION update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text, p_retryable boolean); Type: COMMENT; Schema: taskrunner; Owner: -
 --
 
-COMMENT ON FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text) IS 'PATCH /task/{id}: counters, metadata and the outcome of a running task. A report
-acknowledges the start (started_at), so tick() does not restart the task.';
+COMMENT ON FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text, p_retryable boolean) IS 'PATCH /task/{id}: counters, metadata and the outcome of a running task. A report
+acknowledges the start (started_at), so tick() does not restart the task. A failure with
+runs left is retried (see tg_task__retry) unless p_retryable is false.';
 
 
 --
@@ -2181,13 +2367,13 @@ CREATE VIEW taskrunner._claim_groups AS
  WITH RECURSIVE keys(k) AS (
         ( SELECT task.admission_key
            FROM taskrunner.task
-          WHERE (task.status = 'pending'::taskrunner.task_status)
+          WHERE ((task.status = 'pending'::taskrunner.task_status) AND (task.not_before IS NULL))
           ORDER BY task.admission_key
          LIMIT 1)
         UNION ALL
          SELECT ( SELECT t.admission_key
                    FROM taskrunner.task t
-                  WHERE ((t.status = 'pending'::taskrunner.task_status) AND (t.admission_key > keys_1.k))
+                  WHERE ((t.status = 'pending'::taskrunner.task_status) AND (t.not_before IS NULL) AND (t.admission_key > keys_1.k))
                   ORDER BY t.admission_key
                  LIMIT 1) AS admission_key
            FROM keys keys_1
@@ -2207,7 +2393,7 @@ CREATE VIEW taskrunner._claim_groups AS
             t.priority,
             t.seq
            FROM taskrunner.task t
-          WHERE ((t.status = 'pending'::taskrunner.task_status) AND (t.admission_key = keys.k))
+          WHERE ((t.status = 'pending'::taskrunner.task_status) AND (t.not_before IS NULL) AND (t.admission_key = keys.k))
           ORDER BY t.priority DESC, t.seq
          LIMIT 1) h)
   WHERE (keys.k IS NOT NULL)
@@ -2785,17 +2971,33 @@ CREATE INDEX task_metadata_idx ON taskrunner.task USING gin (metadata jsonb_path
 
 
 --
+-- Name: task_not_before_idx; Type: INDEX; Schema: taskrunner; Owner: -
+--
+
+CREATE INDEX task_not_before_idx ON taskrunner.task USING btree (not_before) WHERE ((status = 'pending'::taskrunner.task_status) AND (not_before IS NOT NULL));
+
+
+--
+-- Name: INDEX task_not_before_idx; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON INDEX taskrunner.task_not_before_idx IS 'Scheduled pending tasks by due time: claims promote the due ones, next_wakeup() reads the
+earliest.';
+
+
+--
 -- Name: task_pending_claim_idx; Type: INDEX; Schema: taskrunner; Owner: -
 --
 
-CREATE INDEX task_pending_claim_idx ON taskrunner.task USING btree (admission_key, priority DESC, seq) WHERE (status = 'pending'::taskrunner.task_status);
+CREATE INDEX task_pending_claim_idx ON taskrunner.task USING btree (admission_key, priority DESC, seq) WHERE ((status = 'pending'::taskrunner.task_status) AND (not_before IS NULL));
 
 
 --
 -- Name: INDEX task_pending_claim_idx; Type: COMMENT; Schema: taskrunner; Owner: -
 --
 
-COMMENT ON INDEX taskrunner.task_pending_claim_idx IS 'Claims: one head per admission group (skip scan over admission_key).';
+COMMENT ON INDEX taskrunner.task_pending_claim_idx IS 'Claims: one head per admission group (skip scan over admission_key). Scheduled tasks
+(not_before set) stay out until due.';
 
 
 --
@@ -2838,6 +3040,13 @@ CREATE UNIQUE INDEX task_seq_idx ON taskrunner.task USING btree (seq);
 --
 
 CREATE INDEX task_status_seq_idx ON taskrunner.task USING btree (status, seq);
+
+
+--
+-- Name: task _090_retry; Type: TRIGGER; Schema: taskrunner; Owner: -
+--
+
+CREATE TRIGGER _090_retry BEFORE UPDATE OF status ON taskrunner.task FOR EACH ROW WHEN (((old.status = 'running'::taskrunner.task_status) AND (new.status = ANY (ARRAY['failure'::taskrunner.task_status, 'pending'::taskrunner.task_status])))) EXECUTE FUNCTION taskrunner.tg_task__retry();
 
 
 --
@@ -2980,4 +3189,5 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261127120500'),
     ('20261127130000'),
     ('20261127140000'),
-    ('20261127140100');
+    ('20261127140100'),
+    ('20261128100000');
