@@ -82,11 +82,17 @@ class Config:
     pool_max_size: int = 8
     statement_timeout: float = 30.0
     api_token: str | None = None
+    # runs of a task that sets no "retry" (1 = no retry); see README "Task retries"
+    task_retry_max_attempts: int = 1
 
     def __post_init__(self) -> None:
         if not self.host_url:
             self.host_url = f"http://127.0.0.1:{self.port}"
         self.host_url = self.host_url.rstrip("/")
+        if not 1 <= self.task_retry_max_attempts <= 100:
+            raise SystemExit(
+                f"TASK_RETRY_MAX_ATTEMPTS must be 1..100, got {self.task_retry_max_attempts}"
+            )
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Config:
@@ -125,4 +131,5 @@ class Config:
             pool_max_size=_int(env, "POOL_MAX_SIZE", 8),
             statement_timeout=_float(env, "STATEMENT_TIMEOUT", 30.0),
             api_token=env.get("API_TOKEN") or None,
+            task_retry_max_attempts=_int(env, "TASK_RETRY_MAX_ATTEMPTS", 1),
         )

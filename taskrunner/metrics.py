@@ -34,6 +34,11 @@ TASKS_COMPLETED = Counter(
 TRANSITIONS = Counter(
     "task_status_transitions_total", "Task status transitions", ["from_status", "to_status"]
 )
+RETRIES = Counter(
+    "task_retries_total",
+    "Failed runs sent back to Pending for another run (task retries)",
+    ["kind"],
+)
 BLOCKED = Counter(
     "tasks_blocked_by_concurrency_total", "Claims of tasks held back by a concurrency rule"
 )
@@ -51,7 +56,15 @@ COUNTER_DROPS = Counter(
 )
 WORKER_LOOP = Histogram("worker_loop_duration_seconds", "Duration of one worker loop iteration")
 # every metric above: /metrics lists each of them from the start, used or not
-DECLARED = (TASKS_CREATED, TASKS_COMPLETED, TRANSITIONS, BLOCKED, PROPAGATIONS, WORKER_LOOP)
+DECLARED = (
+    TASKS_CREATED,
+    TASKS_COMPLETED,
+    TRANSITIONS,
+    RETRIES,
+    BLOCKED,
+    PROPAGATIONS,
+    WORKER_LOOP,
+)
 
 
 def record_stats(text: str | None) -> None:
@@ -70,6 +83,8 @@ def _record_entry(parts: list[str]) -> bool:
     head = parts[0]
     if head == "created" and len(parts) == 2:
         TASKS_CREATED.inc(n)
+    elif head == "retry" and len(parts) >= 3:
+        RETRIES.labels(kind=">".join(parts[1:-1])).inc(n)
     elif head == "blocked" and len(parts) == 2:
         BLOCKED.inc(n)
     elif head == "propagation" and len(parts) == 3:

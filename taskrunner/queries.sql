@@ -38,7 +38,7 @@ LIMIT %(limit)s::int OFFSET %(offset)s::int;
 -- name: update_task
 SELECT * FROM taskrunner.update_task(%(id)s::uuid, %(status)s::taskrunner.task_status,
     %(new_success)s::bigint, %(new_failures)s::bigint, %(metadata)s::jsonb,
-    %(failure_reason)s::text);
+    %(failure_reason)s::text, %(retryable)s::boolean);
 
 -- name: cancel_task
 SELECT * FROM taskrunner.cancel_task(%(id)s::uuid);
@@ -83,6 +83,11 @@ SELECT * FROM taskrunner.retry_delivery(%(delivery_id)s::uuid);
 -- at max_attempts), then fold the batch count deltas.
 SELECT taskrunner.tick(%(max_attempts)s::int) AS result,
        taskrunner.fold_batch_deltas() AS batch_deltas_folded;
+
+-- name: next_wakeup
+-- Seconds until the earliest scheduled task (delayed start, retry backoff) falls due, by
+-- the database's clock (NULL: nothing scheduled; <= 0: due already).
+SELECT extract(epoch FROM taskrunner.next_wakeup() - clock_timestamp())::float8 AS seconds;
 
 -- name: take_stats
 SELECT taskrunner.take_stats() AS stats;

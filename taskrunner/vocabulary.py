@@ -72,3 +72,12 @@ TIMEOUT_SECONDS = (1, 86400)  # CHECK task_timeout_range
 DEFAULT_TIMEOUT_SECONDS = 60  # taskrunner.task.timeout DEFAULT
 PRIORITY_RANGE = (-1000, 1000)  # CHECK task_priority_range
 DEFAULT_PRIORITY = 0  # taskrunner.task.priority DEFAULT
+
+# -- retries and delayed start (CHECK task_retry_range, column defaults) ---------------------
+
+MAX_ATTEMPTS_RANGE = (1, 100)  # runs in all; 1 = no retry (taskrunner.task.max_attempts)
+DEFAULT_MAX_ATTEMPTS = 1  # taskrunner.task.max_attempts DEFAULT (TASK_RETRY_MAX_ATTEMPTS)
+BACKOFF_SECONDS_RANGE = (0, 86400)  # backoff_seconds and backoff_max_seconds
+DEFAULT_BACKOFF_SECONDS = 5  # taskrunner.task.backoff_seconds DEFAULT
+DEFAULT_BACKOFF_MAX_SECONDS = 300  # taskrunner.task.backoff_max_seconds DEFAULT
+DELAY_SECONDS_RANGE = (0, 366 * 86400)  # delay_seconds at creation

@@ -205,8 +205,12 @@ def test_complete_tasks_retries_unless_retryable_false(conn):
     claim(conn)
     results = [
         {"task_id": str(t["x"]["id"]), "status": "failure", "failure_reason": "r"},
-        {"task_id": str(t["y"]["id"]), "status": "failure", "failure_reason": "r",
-         "retryable": False},
+        {
+            "task_id": str(t["y"]["id"]),
+            "status": "failure",
+            "failure_reason": "r",
+            "retryable": False,
+        },
         {"task_id": str(t["z"]["id"]), "status": "failure", "failure_reason": "r"},
     ]
     rows = conn.execute(
@@ -223,8 +227,7 @@ def test_a_dba_failure_is_retried_too_and_a_cancel_is_not(conn):
     t = create_batch(conn, [task_spec("a", retry=RETRY), task_spec("c", retry=RETRY)])
     claim(conn)
     conn.execute(
-        "UPDATE taskrunner.task SET status = 'failure', failure_reason = 'by hand'"
-        " WHERE id = %s",
+        "UPDATE taskrunner.task SET status = 'failure', failure_reason = 'by hand' WHERE id = %s",
         (t["a"]["id"],),
     )
     assert task(conn, t["a"]["id"])["status"] == "pending"
@@ -261,9 +264,12 @@ def test_a_start_in_flight_of_a_timed_out_run_is_dropped(conn):
         "SELECT taskrunner.finish_delivery(%s, 'w1', true, 200) AS s", (item["delivery_id"],)
     ).fetchone()["s"]
     assert late == "stale"
-    assert conn.execute(
-        "SELECT started_at FROM taskrunner.task WHERE id = %s", (a,)
-    ).fetchone()["started_at"] is None
+    assert (
+        conn.execute("SELECT started_at FROM taskrunner.task WHERE id = %s", (a,)).fetchone()[
+            "started_at"
+        ]
+        is None
+    )
 
 
 @pytest.mark.parametrize("run", [1, 2, 3, 8, 40])

@@ -48,7 +48,10 @@ def create_app(
     app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
-    app.add_route("/task", TaskCollection(store, counters, Policy.from_config(config)))
+    app.add_route(
+        "/task",
+        TaskCollection(store, counters, Policy.from_config(config), config.task_retry_max_attempts),
+    )
     app.add_route("/task/{id}", TaskItem(store, counters))
     app.add_route("/task/pause/{id}", TaskMove(store, "pause_task"))
     app.add_route("/task/resume/{id}", TaskMove(store, "resume_task"))

@@ -80,6 +80,21 @@ _TASK = {
     "started_at": _nullable(_TIME),
     "ended_at": _nullable(_TIME),
     "last_updated": _TIME,
+    "attempt": {
+        "type": "integer",
+        "description": "The current run: 0 before the first claim, 1 at the first, n at the n-th",
+    },
+    "retry": _object(
+        {
+            "max_attempts": _INT,
+            "backoff_seconds": {"type": "number"},
+            "backoff_max_seconds": {"type": "number"},
+        }
+    ),
+    "not_before": {
+        **_nullable(_TIME),
+        "description": "Not claimed before this time (delayed start, retry backoff); null once due",
+    },
 }
 
 _SCHEMAS: dict[str, dict] = {
@@ -163,6 +178,21 @@ _SCHEMAS["TaskBatch"]["items"]["properties"]["rules"]["items"] = _ref("Rule")
 _TASK_FIELDS = _SCHEMAS["TaskBatch"]["items"]["properties"]
 _TASK_FIELDS["timeout"]["default"] = vocab.DEFAULT_TIMEOUT_SECONDS
 _TASK_FIELDS["priority"]["default"] = vocab.DEFAULT_PRIORITY
+_TASK_FIELDS["not_before"].update(
+    {"format": "date-time", "description": "RFC 3339; not with delay_seconds"}
+)
+_TASK_FIELDS["delay_seconds"]["description"] = "Seconds from now; not with not_before"
+_RETRY_FIELDS = _TASK_FIELDS["retry"]["properties"]
+_TASK_FIELDS["retry"]["description"] = (
+    "Runs in all and the backoff between them: a failed run with runs left goes back to "
+    "Pending, then waits min(backoff_max_seconds, backoff_seconds * 2^(run-1)), "
+    "jittered down to half of it"
+)
+_RETRY_FIELDS["max_attempts"]["description"] = "Default: TASK_RETRY_MAX_ATTEMPTS (1: no retry)"
+_RETRY_FIELDS["backoff_seconds"]["default"] = vocab.DEFAULT_BACKOFF_SECONDS
+_RETRY_FIELDS["backoff_max_seconds"]["description"] = (
+    f"Default: {vocab.DEFAULT_BACKOFF_MAX_SECONDS}, or backoff_seconds when larger"
+)
 
 # -- the batch routes (taskrunner/api/batches.py): ArcRun's names ----------------------------
 _COUNT = {"type": "integer", "minimum": 0}

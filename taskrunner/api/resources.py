@@ -82,17 +82,23 @@ def _log_task(row: dict, what: str) -> None:
 
 class TaskCollection:
     """``/task``: create a batch (POST), list (GET), add counters (PUT). ``url_policy``
-    refuses webhook URLs the SSRF guard would block for sure (literal private addresses)."""
+    refuses webhook URLs the SSRF guard would block for sure (literal private addresses);
+    ``default_max_attempts`` is TASK_RETRY_MAX_ATTEMPTS, for tasks that set no retry."""
 
     def __init__(
-        self, store: Store, counters: CounterBuffer, url_policy: Policy | None = None
+        self,
+        store: Store,
+        counters: CounterBuffer,
+        url_policy: Policy | None = None,
+        default_max_attempts: int = 1,
     ) -> None:
         self.store = store
         self.counters = counters
         self.url_policy = url_policy
+        self.default_max_attempts = default_max_attempts
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        tasks = batch_input(read_json(req), self.url_policy)
+        tasks = batch_input(read_json(req), self.url_policy, self.default_max_attempts)
         rows = self.store.call(
             "create_batch", {"tasks": json.dumps(tasks), "requester": _requester(req)}
         )

@@ -52,9 +52,14 @@ def task(row: dict) -> dict:
         row,
         "id local_id batch_id requester name kind status status_reason priority timeout"
         " metadata rules success failures failure_reason created_at started_at ended_at"
-        " last_updated",
+        " last_updated attempt retry not_before",
         status=status_label(row["status"]),
         rules=[rule(r) for r in row["rules"]],
+        retry={
+            "max_attempts": row["max_attempts"],
+            "backoff_seconds": row["backoff_seconds"],
+            "backoff_max_seconds": row["backoff_max_seconds"],
+        },
     )
 
 

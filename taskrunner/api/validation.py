@@ -95,6 +95,10 @@ def _int(minimum: int, maximum: int) -> dict:
     return {"type": "integer", "minimum": minimum, "maximum": maximum}
 
 
+def _number(minimum: float, maximum: float) -> dict:
+    return {"type": "number", "minimum": minimum, "maximum": maximum}
+
+
 def _object(properties: dict, required: Sequence[str] = ()) -> dict:
     return {
         "type": "object",
@@ -194,6 +198,15 @@ _TASK = _object(
         },
         "rules": _array({"type": "object"}, LIMITS["rules"]),
         "dedupe_strategy": _array(_MATCHER, LIMITS["dedupe_matchers"]),
+        "retry": _object(
+            {
+                "max_attempts": _int(*vocab.MAX_ATTEMPTS_RANGE),
+                "backoff_seconds": _number(*vocab.BACKOFF_SECONDS_RANGE),
+                "backoff_max_seconds": _number(*vocab.BACKOFF_SECONDS_RANGE),
+            }
+        ),
+        "not_before": {"type": "string", "maxLength": 64},
+        "delay_seconds": _number(*vocab.DELAY_SECONDS_RANGE),
     },
     required=["id", "name", "kind", "on_start"],
 )
@@ -205,6 +218,7 @@ _PATCH = _object(
         "new_failures": _COUNT,
         "metadata": {"type": "object"},
         "failure_reason": _text(LIMITS["failure_reason_chars"]),
+        "retryable": {"type": "boolean"},
     }
 )
 _COUNTERS = _object({"new_success": _COUNT, "new_failures": _COUNT})
@@ -401,6 +415,14 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
+def _drop_task_nulls(task: Any) -> Any:
+    """A task without its null fields, nor nulls inside ``retry``."""
+    task = _drop_nulls(task)
+    if isinstance(task, dict) and isinstance(task.get("retry"), dict):
+        task = {**task, "retry": _drop_nulls(task["retry"])}
+    return task
+
+
 def _metadata_errors(metadata: Mapping | None, path: Sequence[Any]) -> list[str]:
     if metadata is None:
         return []
@@ -585,8 +607,52 @@ def find_cycle(edges: Mapping[str, Sequence[str]]) -> list[str] | None:
     return [*walk[position[node] :], node]
 
 
+def _retry(task: dict, i: int, default_max_attempts: int) -> tuple[dict, list[str]]:
+    """The task's retry settings with defaults filled in; the backoff cap must not be
+    below the first backoff."""
+    given = task.get("retry", {})
+    retry = {
+        "max_attempts": int(given.get("max_attempts", default_max_attempts)),
+        "backoff_seconds": given.get("backoff_seconds", vocab.DEFAULT_BACKOFF_SECONDS),
+        "backoff_max_seconds": given.get(
+            "backoff_max_seconds",
+            max(vocab.DEFAULT_BACKOFF_MAX_SECONDS, given.get("backoff_seconds", 0)),
+        ),
+    }
+    if retry["backoff_max_seconds"] < retry["backoff_seconds"]:
+        return retry, [
+            f"[{i}].retry.backoff_max_seconds: must be at least backoff_seconds "
+            f"({retry['backoff_seconds']})"
+        ]
+    return retry, []
+
+
+def _schedule(task: dict, i: int) -> tuple[dict, list[str]]:
+    """``not_before`` (RFC 3339, with an offset) or ``delay_seconds``, not both."""
+    if "not_before" in task and "delay_seconds" in task:
+        return {}, [f"[{i}].delay_seconds: not allowed with not_before (give one of them)"]
+    if "delay_seconds" in task:
+        return {"delay_seconds": task["delay_seconds"]}, []
+    if "not_before" not in task:
+        return {}, []
+    try:
+        value = dt.datetime.fromisoformat(task["not_before"].upper())
+    except ValueError:
+        value = None
+    if value is None or value.tzinfo is None:
+        return {}, [
+            f"[{i}].not_before: must be an RFC 3339 date-time with an offset, "
+            "e.g. 2026-11-28T14:00:00Z"
+        ]
+    return {"not_before": value.isoformat()}, []
+
+
 def _task(
-    task: dict, i: int, local_ids: Mapping[str, int], policy: Policy | None
+    task: dict,
+    i: int,
+    local_ids: Mapping[str, int],
+    policy: Policy | None,
+    default_max_attempts: int = vocab.DEFAULT_MAX_ATTEMPTS,
 ) -> tuple[dict, list[str]]:
     """Normalise one shape-valid task; cross-field problems come back as details."""
     metadata = task.get("metadata", {})
@@ -598,6 +664,8 @@ def _task(
         rules.append(rule)
     actions, action_errors = _actions(task, i, policy)
     deps, dep_errors = _dependencies(task, i, local_ids)
+    retry, retry_errors = _retry(task, i, default_max_attempts)
+    schedule, schedule_errors = _schedule(task, i)
     dedupe = [
         {"kind": m["kind"], "status": m["status"].lower(), "fields": m.get("fields", [])}
         for m in task.get("dedupe_strategy", [])
@@ -613,8 +681,10 @@ def _task(
         "dedupe": dedupe,
         "actions": actions,
         "dependencies": deps,
+        "retry": retry,
+        **schedule,
     }
-    return normalised, errors + action_errors + dep_errors
+    return normalised, errors + action_errors + dep_errors + retry_errors + schedule_errors
 
 
 def _shape_errors(tasks: Any) -> list[str]:
@@ -641,17 +711,22 @@ def _local_ids(tasks: list[dict]) -> tuple[dict[str, int], list[str]]:
     return first, errors
 
 
-def batch_input(body: Any, policy: Policy | None = None) -> list[dict]:
+def batch_input(
+    body: Any,
+    policy: Policy | None = None,
+    default_max_attempts: int = vocab.DEFAULT_MAX_ATTEMPTS,
+) -> list[dict]:
     """POST /task body -> the ``create_batch`` input (see docs/sql.md); raises Invalid.
-    With ``policy``, webhook URLs that it refuses outright are errors too."""
-    tasks = [_drop_nulls(t) for t in body] if isinstance(body, list) else body
+    With ``policy``, webhook URLs that it refuses outright are errors too. A task without
+    ``retry.max_attempts`` gets ``default_max_attempts`` (TASK_RETRY_MAX_ATTEMPTS)."""
+    tasks = [_drop_task_nulls(t) for t in body] if isinstance(body, list) else body
     errors = _shape_errors(tasks)
     if errors:
         raise Invalid(errors)
     local_ids, errors = _local_ids(tasks)
     normalised = []
     for i, task in enumerate(tasks):
-        entry, task_errors = _task(task, i, local_ids, policy)
+        entry, task_errors = _task(task, i, local_ids, policy, default_max_attempts)
         normalised.append(entry)
         errors += task_errors
     if not errors:
@@ -694,6 +769,8 @@ def update_input(body: Any) -> dict:
         "new_failures": _optional_int(body.get("new_failures")),
         "metadata": None if metadata is None else json.dumps(metadata),
         "failure_reason": reason,
+        # true/false only with Failure: update_task owns that rule too
+        "retryable": body.get("retryable"),
     }
 
 

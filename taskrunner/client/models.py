@@ -86,6 +86,9 @@ class Task(Model):
     started_at: str | None = None
     ended_at: str | None = None
     last_updated: str = ""
+    attempt: int = 0
+    retry: dict[str, Any] = field(default_factory=dict)
+    not_before: str | None = None
 
 
 @dataclass

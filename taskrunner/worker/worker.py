@@ -5,7 +5,9 @@ All state lives in the database; this loop only moves work between the SQL funct
 ``tick``) and the HTTP client (``webhooks``); ``retrypolicy`` says when a failed attempt
 is tried again and ``outcomes`` records the results (group commit). It wakes on NOTIFY
 (one dedicated LISTEN connection), on a freed slot, on a retry it scheduled falling due,
-or on the poll timeout, so a lost notification only costs latency. A database outage is
+when the earliest scheduled task falls due (a delayed start or a task's retry backoff:
+``next_wakeup()``, so it starts on time, not at the next poll), or on the poll timeout,
+so a lost notification only costs latency. A database outage is
 logged and retried, never fatal. ``stop()`` drains in-flight webhooks for
 ``shutdown_grace`` seconds and hands back what was not recorded, so another worker takes
 it over.
@@ -94,6 +96,8 @@ class Worker:
         self._in_flight: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._unrecorded: set[uuid.UUID] = set()  # leased to us, outcome not yet recorded
         self._next_retry: float | None = None  # loop time when a retry we scheduled is due
+        self._next_due: float | None = None  # loop time when a scheduled task falls due
+        self._overdue_rounds = 0  # rounds in a row that found a due task left unclaimed
         self._next_tick = 0.0
         self._tasks_first = True
         self._outcomes = OutcomeRecorder(self._call, self.worker_id)
@@ -165,6 +169,7 @@ class Worker:
         if self._next_retry is not None and now >= self._next_retry:
             self._next_retry = None
         await self._claim_while_full()
+        self._next_due = await self._scheduled_due() if self._free_slots() > 0 else None
 
     async def _claim_while_full(self) -> None:
         """Claim into free slots; claim again at once while claims come back full."""
@@ -184,6 +189,22 @@ class Worker:
             if claimed < free:
                 return
 
+    async def _scheduled_due(self) -> float | None:
+        """Loop time at which to claim again for a scheduled task (``next_wakeup()``);
+        None when nothing is scheduled."""
+        (row,) = await self._call("next_wakeup", {})
+        seconds, now = row["seconds"], asyncio.get_running_loop().time()
+        if seconds is None:
+            return None
+        if seconds > 0:
+            self._overdue_rounds = 0
+            return now + seconds + 0.001  # just after: the claim's now() must have passed it
+        # Due, yet our claim left it: it fell due just after the claim (claim again now),
+        # or another claim holds its row. Look again soon, backing off so that a row held
+        # for long does not make the worker spin.
+        self._overdue_rounds += 1
+        return now + min(self.config.poll_interval, 0.005 * 2 ** (self._overdue_rounds - 1))
+
     def _claim_params(self, free: int) -> dict[str, Any]:
         return {"worker": self.worker_id, "max": free, "lease_seconds": self.lease_seconds}
 
@@ -191,11 +212,14 @@ class Worker:
         return self.config.worker_concurrency - len(self._in_flight)
 
     async def _wait(self) -> None:
-        """Until a notification, a freed slot, a due retry, a tick or the poll timeout."""
+        """Until a notification, a freed slot, a due retry, a scheduled task falling due,
+        a tick or the poll timeout."""
         now = asyncio.get_running_loop().time()
         deadlines = [now + self.config.poll_interval, self._next_tick]
         if self._next_retry is not None:
             deadlines.append(self._next_retry)
+        if self._next_due is not None:
+            deadlines.append(self._next_due)
         timeout = max(0.0, min(deadlines) - now)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
