@@ -2330,6 +2330,8 @@ CREATE FUNCTION taskrunner.why_not_running(p_id uuid) RETURNS jsonb
              JOIN taskrunner.task p ON p.id = d.parent_id
              WHERE d.child_id = t.id AND NOT taskrunner.is_terminal(p.status)))
         WHEN 'pending' THEN coalesce(
+            CASE WHEN t.not_before > now() THEN
+                jsonb_build_object('reason', 'scheduled', 'not_before', t.not_before) END,
             (SELECT jsonb_build_object('reason', 'rule', 'rules', jsonb_agg(jsonb_build_object(
                         'rule', b.rule, 'count', b.current_count, 'max', b.max_concurency)))
              FROM taskrunner.blocked_tasks b
@@ -2347,7 +2349,7 @@ $$;
 -- Name: FUNCTION why_not_running(p_id uuid); Type: COMMENT; Schema: taskrunner; Owner: -
 --
 
-COMMENT ON FUNCTION taskrunner.why_not_running(p_id uuid) IS 'Why a waiting/pending task is not running: its unfinished parents, or the rules at their limit (blocked_tasks: count and max), or ready; NULL once it ran.';
+COMMENT ON FUNCTION taskrunner.why_not_running(p_id uuid) IS 'Why a waiting/pending task is not running: its unfinished parents, or its start is scheduled later (not_before: a delayed start or a retry''s backoff), or the rules at their limit (blocked_tasks: count and max), or ready; NULL once it ran.';
 
 
 --

@@ -62,6 +62,7 @@ def test_minimal_task_gets_the_defaults():
                 }
             ],
             "dependencies": [],
+            "retry": {"max_attempts": 1, "backoff_seconds": 5, "backoff_max_seconds": 300},
         }
     ]
 
@@ -379,8 +380,10 @@ def test_update_input_normalises():
         "new_failures": None,
         "metadata": '{"a": 1}',
         "failure_reason": "x",
+        "retryable": None,
     }
     assert update_input({})["status"] is None
+    assert update_input({"status": "Failure", "retryable": False})["retryable"] is False
 
 
 def test_update_input_rejects_big_metadata():

@@ -508,7 +508,67 @@ task is skipped, and dependencies on it point at that existing task instead. "re
 ({max_attempts, backoff_seconds, backoff_max_seconds}) and "not_before" or
 "delay_seconds" schedule runs. Returns the created tasks in input order.';
 
+CREATE OR REPLACE FUNCTION taskrunner.why_not_running(p_id uuid)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE
+AS $$
+    SELECT CASE t.status
+        WHEN 'waiting' THEN jsonb_build_object('reason', 'unfinished_parents', 'parents',
+            (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                        'id', p.id, 'name', p.name, 'status', p.status,
+                        'requires_success', d.requires_success) ORDER BY p.seq), '[]')
+             FROM taskrunner.dependency d
+             JOIN taskrunner.task p ON p.id = d.parent_id
+             WHERE d.child_id = t.id AND NOT taskrunner.is_terminal(p.status)))
+        WHEN 'pending' THEN coalesce(
+            CASE WHEN t.not_before > now() THEN
+                jsonb_build_object('reason', 'scheduled', 'not_before', t.not_before) END,
+            (SELECT jsonb_build_object('reason', 'rule', 'rules', jsonb_agg(jsonb_build_object(
+                        'rule', b.rule, 'count', b.current_count, 'max', b.max_concurency)))
+             FROM taskrunner.blocked_tasks b
+             WHERE b.id = t.id
+             HAVING count(*) > 0),
+            jsonb_build_object('reason', 'ready'))
+        WHEN 'paused' THEN jsonb_build_object('reason', 'paused')
+        END
+    FROM taskrunner.task t
+    WHERE t.id = p_id
+$$;
+
+COMMENT ON FUNCTION taskrunner.why_not_running(uuid) IS
+'Why a waiting/pending task is not running: its unfinished parents, or its start is scheduled later (not_before: a delayed start or a retry''s backoff), or the rules at their limit (blocked_tasks: count and max), or ready; NULL once it ran.';
+
 -- migrate:down
+
+CREATE OR REPLACE FUNCTION taskrunner.why_not_running(p_id uuid)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE
+AS $$
+    SELECT CASE t.status
+        WHEN 'waiting' THEN jsonb_build_object('reason', 'unfinished_parents', 'parents',
+            (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                        'id', p.id, 'name', p.name, 'status', p.status,
+                        'requires_success', d.requires_success) ORDER BY p.seq), '[]')
+             FROM taskrunner.dependency d
+             JOIN taskrunner.task p ON p.id = d.parent_id
+             WHERE d.child_id = t.id AND NOT taskrunner.is_terminal(p.status)))
+        WHEN 'pending' THEN coalesce(
+            (SELECT jsonb_build_object('reason', 'rule', 'rules', jsonb_agg(jsonb_build_object(
+                        'rule', b.rule, 'count', b.current_count, 'max', b.max_concurency)))
+             FROM taskrunner.blocked_tasks b
+             WHERE b.id = t.id
+             HAVING count(*) > 0),
+            jsonb_build_object('reason', 'ready'))
+        WHEN 'paused' THEN jsonb_build_object('reason', 'paused')
+        END
+    FROM taskrunner.task t
+    WHERE t.id = p_id
+$$;
+
+COMMENT ON FUNCTION taskrunner.why_not_running(uuid) IS
+'Why a waiting/pending task is not running: its unfinished parents, or the rules at their limit (blocked_tasks: count and max), or ready; NULL once it ran.';
 
 CREATE OR REPLACE FUNCTION taskrunner.create_batch(p_tasks jsonb, p_requester text DEFAULT NULL::text)
  RETURNS SETOF taskrunner.task

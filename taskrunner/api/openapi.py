@@ -331,15 +331,17 @@ _SCHEMAS.update(
             "description": (
                 "Why a Waiting/Pending/Paused task is not running (null otherwise): "
                 "`unfinished_parents` (with `parents`), `rule` (with the `rules` at their "
-                "limit, each with its `count` and `max`), `ready` (the next claim may start "
+                "limit, each with its `count` and `max`), `scheduled` (with `not_before`: "
+                "a delayed start or a retry's backoff), `ready` (the next claim may start "
                 "it) or `paused`"
             ),
             **_object(
                 {
                     "reason": {
                         "type": "string",
-                        "enum": ["unfinished_parents", "rule", "ready", "paused"],
+                        "enum": ["unfinished_parents", "rule", "scheduled", "ready", "paused"],
                     },
+                    "not_before": _TIME,
                     "parents": {
                         "type": "array",
                         "items": _object(
@@ -356,7 +358,7 @@ _SCHEMAS.update(
                         "items": _object({"rule": _ref("Rule"), "count": _COUNT, "max": _INT}),
                     },
                 },
-                optional=("parents", "rules"),
+                optional=("parents", "rules", "not_before"),
             ),
         },
     }

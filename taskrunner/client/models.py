@@ -167,6 +167,7 @@ class WhyNotRunning(Model):
     reason: str
     parents: list[Parent] = field(default_factory=list)
     rules: list[RuleAtLimit] = field(default_factory=list)
+    not_before: str | None = None
 
 
 @dataclass
