@@ -24,6 +24,7 @@ OBJECTS = {
     "## Params": _ACTION["properties"]["params"],
     "## Rule": SCHEMAS["rule"],
     "## Matcher": SCHEMAS["rule"]["properties"]["matcher"],
+    "## Retry": _TASK["properties"]["retry"],
     "## PATCH /task/{id}": SCHEMAS["patch"],
     "## PUT /task": SCHEMAS["put_item"],
 }

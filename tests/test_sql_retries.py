@@ -235,6 +235,17 @@ def test_a_dba_failure_is_retried_too_and_a_cancel_is_not(conn):
     assert task(conn, t["c"]["id"])["status"] == "canceled"
 
 
+def test_a_dba_fails_a_task_for_good_by_setting_max_attempts_to_attempt(conn):
+    t = create_batch(conn, [task_spec("a", retry=RETRY)])
+    claim(conn)
+    conn.execute(
+        "UPDATE taskrunner.task SET status = 'failure', failure_reason = 'no', "
+        "max_attempts = attempt WHERE id = %s",
+        (t["a"]["id"],),
+    )
+    assert task(conn, t["a"]["id"])["status"] == "failure"
+
+
 def test_an_expired_start_lease_does_not_use_up_a_run(conn):
     t = create_batch(conn, [task_spec("a", retry={**RETRY, "max_attempts": 2})])
     a = t["a"]["id"]

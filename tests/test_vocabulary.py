@@ -68,6 +68,14 @@ def test_ranges_and_defaults_match_the_task_table(conn):
     assert _range(_check(conn, "task_priority_range")) == v.PRIORITY_RANGE
     assert _default(conn, "task", "timeout") == str(v.DEFAULT_TIMEOUT_SECONDS)
     assert _default(conn, "task", "priority") == str(v.DEFAULT_PRIORITY)
+    assert _default(conn, "task", "max_attempts") == str(v.DEFAULT_MAX_ATTEMPTS)
+    assert _default(conn, "task", "backoff_seconds") == str(v.DEFAULT_BACKOFF_SECONDS)
+    assert _default(conn, "task", "backoff_max_seconds") == str(v.DEFAULT_BACKOFF_MAX_SECONDS)
+    retry = _check(conn, "task_retry_range")
+    low, high = v.MAX_ATTEMPTS_RANGE
+    assert f"max_attempts >= {low}) AND (max_attempts <= {high}" in retry
+    low, high = v.BACKOFF_SECONDS_RANGE
+    assert f"backoff_seconds >= ({low})" in retry and f"backoff_max_seconds <= ({high})" in retry
 
 
 @pytest.mark.parametrize("status", v.TASK_STATUSES)
