@@ -99,9 +99,16 @@ class TaskHandle:
     def succeed(self, metadata: Mapping[str, Any] | None = None) -> Any:
         return self.client.update_task(self.task_id, status="Success", metadata=metadata)
 
-    def fail(self, reason: str, metadata: Mapping[str, Any] | None = None) -> Any:
+    def fail(
+        self, reason: str, metadata: Mapping[str, Any] | None = None, retryable: bool = True
+    ) -> Any:
+        """Report Failure: with runs left the task is retried, unless ``retryable=False``."""
         return self.client.update_task(
-            self.task_id, status="Failure", failure_reason=reason, metadata=metadata
+            self.task_id,
+            status="Failure",
+            failure_reason=reason,
+            metadata=metadata,
+            retryable=None if retryable else False,
         )
 
     def close(self) -> Any:

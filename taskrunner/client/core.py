@@ -237,13 +237,16 @@ class Routes:
         new_failures: int | None = None,
         failure_reason: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        retryable: bool | None = None,
     ) -> models.Task:
-        """``PATCH /task/{id}``: progress, outcome, metadata; any call is a heartbeat."""
+        """``PATCH /task/{id}``: progress, outcome, metadata; any call is a heartbeat.
+        ``retryable=False`` with ``status="Failure"``: no retry, the task fails now."""
         body = _filters(
             status=status,
             new_success=new_success,
             new_failures=new_failures,
             failure_reason=failure_reason,
+            retryable=retryable,
         )
         if metadata is not None:
             body["metadata"] = dict(metadata)
