@@ -886,13 +886,14 @@ BEGIN
         RETURN;
     END IF;
     -- Scheduled tasks that fell due join the claim index: their not_before is cleared.
-    -- SKIP LOCKED: a row another claim is promoting is that claim's to take.
+    -- SKIP LOCKED: a row another claim is promoting is that claim's to take. At most 1000
+    -- per claim (~50 ms), so a burst of tasks due at once is spread over claims.
     IF EXISTS (SELECT 1 FROM taskrunner.task WHERE status = 'pending' AND not_before <= now()) THEN
         UPDATE taskrunner.task t SET not_before = NULL
         WHERE t.id = ANY (ARRAY(
                 SELECT x.id FROM taskrunner.task x
                 WHERE x.status = 'pending' AND x.not_before <= now()
-                ORDER BY x.not_before LIMIT 10000
+                ORDER BY x.not_before LIMIT 1000
                 FOR NO KEY UPDATE SKIP LOCKED))
           AND t.status = 'pending';
     END IF;
