@@ -324,7 +324,7 @@ defaults (environment variable: value when unset; README.md lists every setting)
   API_THREADS             {_DEFAULTS.api_threads} per API process
   WEBHOOK_TIMEOUT         {_DEFAULTS.webhook_timeout:g} s
   WEBHOOK_MAX_ATTEMPTS    {_DEFAULTS.webhook_max_attempts}
-  TASK_RETRY_MAX_ATTEMPTS {_DEFAULTS.task_retry_max_attempts} (runs of a task without "retry": no retry)
+  TASK_RETRY_MAX_ATTEMPTS {_DEFAULTS.task_retry_max_attempts} (runs of a task that sets no retry)
   WEBHOOK_ALLOW_PRIVATE   true under `up` (false for `worker`)
   API_TOKEN               unset: no authentication
 """

@@ -64,6 +64,8 @@ def test_retry_defaults_and_normal_forms():
     (task,) = batch_input([spec("a", retry={"backoff_seconds": 600}, delay_seconds=1.5)])
     assert task["retry"] == {"max_attempts": 1, "backoff_seconds": 600, "backoff_max_seconds": 600}
     assert task["delay_seconds"] == 1.5 and "not_before" not in task
+    (task,) = batch_input([spec("a", retry={"backoff_max_seconds": 2})])
+    assert task["retry"] == {"max_attempts": 1, "backoff_seconds": 2, "backoff_max_seconds": 2}
     (task,) = batch_input([spec("a", not_before="2026-11-28t10:00:00+01:00", retry=None)], None, 4)
     assert task["not_before"] == "2026-11-28T10:00:00+01:00"
     assert task["retry"]["max_attempts"] == 4

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -611,12 +612,17 @@ def _retry(task: dict, i: int, default_max_attempts: int) -> tuple[dict, list[st
     """The task's retry settings with defaults filled in; the backoff cap must not be
     below the first backoff."""
     given = task.get("retry", {})
+    # a default never contradicts the other field given: a lone cap lowers the first
+    # backoff to it, a lone first backoff raises the cap to it
+    first = given.get(
+        "backoff_seconds",
+        min(vocab.DEFAULT_BACKOFF_SECONDS, given.get("backoff_max_seconds", math.inf)),
+    )
     retry = {
         "max_attempts": int(given.get("max_attempts", default_max_attempts)),
-        "backoff_seconds": given.get("backoff_seconds", vocab.DEFAULT_BACKOFF_SECONDS),
+        "backoff_seconds": first,
         "backoff_max_seconds": given.get(
-            "backoff_max_seconds",
-            max(vocab.DEFAULT_BACKOFF_MAX_SECONDS, given.get("backoff_seconds", 0)),
+            "backoff_max_seconds", max(vocab.DEFAULT_BACKOFF_MAX_SECONDS, first)
         ),
     }
     if retry["backoff_max_seconds"] < retry["backoff_seconds"]:
