@@ -9,10 +9,13 @@ last run's failure ends the task, cascades and fires on_failure. Scheduled tasks
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import psycopg
 import pytest
 from conftest import create_batch, status_of, task_spec, webhook
+from psycopg.rows import dict_row
 
 RETRY = {"max_attempts": 3, "backoff_seconds": 10, "backoff_max_seconds": 15}
 
@@ -389,3 +392,62 @@ def test_scheduled_tasks_stay_out_of_the_claim_path(conn):
     assert scan.get("Index Name") == "task_not_before_idx", json.dumps(due)
     assert scan["Actual Rows"] == 0
     assert [r["task_id"] for r in claim(conn)] != []
+
+
+# -- exactness under concurrent claimers ----------------------------------------------------
+
+
+def test_retries_under_concurrent_claimers_keep_rules_and_run_counts(db_url, conn):
+    """Four claimers at once, every run fails, half the tasks delayed: from the history,
+    each task ran exactly max_attempts times and failed once, and no group ever had more
+    running tasks than its rule allows."""
+    rule = {"kind": "k", "status": "running", "fields": ["g"], "max": 2}
+    retry = {"max_attempts": 3, "backoff_seconds": 0.01, "backoff_max_seconds": 0.04}
+    specs = [
+        task_spec(
+            f"t{i}",
+            metadata={"g": i % 3},
+            rules=[rule],
+            retry=retry,
+            **({"delay_seconds": 0.1 + i / 1000} if i % 2 else {}),
+        )
+        for i in range(60)
+    ]
+    create_batch(conn, specs)
+    deadline = time.monotonic() + 60
+
+    def claimer(n: int) -> None:
+        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
+            while time.monotonic() < deadline:
+                for item in claim(c, f"w{n}", 4):
+                    report_failure(c, item["task_id"])
+                left = c.execute(
+                    "SELECT count(*) AS n FROM taskrunner.task WHERE status <> 'failure'"
+                ).fetchone()["n"]
+                if left == 0:
+                    return
+                time.sleep(0.002)
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    runs = conn.execute(
+        "SELECT task_id, count(*) FILTER (WHERE to_status = 'running') AS runs,"
+        " count(*) FILTER (WHERE to_status = 'failure') AS failures"
+        " FROM taskrunner.task_history GROUP BY 1"
+    ).fetchall()
+    assert len(runs) == 60
+    assert {(r["runs"], r["failures"]) for r in runs} == {(3, 1)}
+    peaks = conn.execute(
+        "WITH ev AS ("
+        "  SELECT h.id, t.metadata ->> 'g' AS g,"
+        "         CASE WHEN h.to_status = 'running' THEN 1"
+        "              WHEN h.from_status = 'running' THEN -1 ELSE 0 END AS d"
+        "  FROM taskrunner.task_history h JOIN taskrunner.task t ON t.id = h.task_id)"
+        " SELECT g, max(s) AS peak FROM ("
+        "  SELECT g, sum(d) OVER (PARTITION BY g ORDER BY id) AS s FROM ev) x GROUP BY g"
+    ).fetchall()
+    assert {p["peak"] for p in peaks} <= {1, 2} and len(peaks) == 3
