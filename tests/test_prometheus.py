@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,8 +31,14 @@ import psycopg
 import pytest
 import yaml
 from conftest import create_batch, task_spec
+from falcon import testing
 from procs import Sink, free_port, hook, logged, service_env, wait_for
+from prometheus_client import REGISTRY
 
+from taskrunner import db
+from taskrunner.api.app import create_app
+from taskrunner.api.counters import CounterBuffer
+from taskrunner.config import Config
 from taskrunner.db import QUERIES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,6 +145,53 @@ def test_snapshot_counts_worker_processes_by_their_listen_connection(conn, db_ur
     with psycopg.connect(db_url, application_name="taskrunner-listen"):
         snapshot = conn.execute(QUERIES["metrics_snapshot"]).fetchone()
     assert snapshot["workers_listening"] == 1
+
+
+# --- the API's /metrics: request metrics and the database gauges -------------------------
+
+
+def _client(pool) -> testing.TestClient:
+    return testing.TestClient(create_app(Config(), pool, CounterBuffer(pool, interval=3600)))
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_metrics_count_requests_by_route_template_and_read_the_database(pool, conn) -> None:
+    client = _client(pool)
+    labels = {"method": "GET", "route": "/task/{id}", "code": "404"}
+    missing, unmatched = (
+        _sample("http_requests_total", **labels),
+        _sample("http_requests_total", method="GET", route="unmatched", code="404"),
+    )
+    create_batch(conn, [task_spec("a"), task_spec("b", deps=["a"])])
+
+    assert client.simulate_get(f"/task/{uuid.uuid4()}").status_code == 404
+    assert client.simulate_get("/no/such/route").status_code == 404
+    text = client.simulate_get("/metrics").text
+
+    assert _sample("http_requests_total", **labels) == missing + 1  # one series for any id
+    assert _sample("http_requests_total", method="GET", route="unmatched", code="404") == (
+        unmatched + 1
+    )
+    assert _sample("http_request_duration_seconds_count", method="GET", route="/task/{id}") > 0
+    assert "database_up 1.0" in text
+    assert 'tasks_by_status{status="pending"} 1.0' in text
+    assert 'tasks_by_status{status="waiting"} 1.0' in text
+    assert "workers_listening 0.0" in text
+
+
+def test_metrics_answer_with_database_up_0_while_the_database_is_out_of_reach() -> None:
+    pool = db.create_pool(f"postgresql://root@127.0.0.1:{free_port()}/none", timeout=0.5)
+    pool.open(wait=False)
+    try:
+        result = _client(pool).simulate_get("/metrics")
+    finally:
+        pool.close()
+    assert result.status_code == 200
+    assert "database_up 0.0" in result.text and "tasks_by_status" not in result.text
+    assert "# TYPE tasks_created_total counter" in result.text  # the process's own still answer
 
 
 # --- Prometheus scraping a real `taskrunner up` ----------------------------------------
