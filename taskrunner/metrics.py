@@ -68,7 +68,8 @@ WEBHOOK_ATTEMPTS = Counter(
     "webhook_attempts_total",
     "Webhook attempts the workers recorded, by event (start, success, failure, cancel) and "
     "the delivery's state after it: delivered, queued (to be retried), failed (gave up), "
-    "canceled (the answer no longer mattered), stale (the lease had expired)",
+    "canceled (the answer no longer mattered), stale (the lease had expired), unrecorded "
+    "(the database stayed out of reach until the lease ran out)",
     ["event", "result"],
 )
 WEBHOOK_DURATION = Histogram(

@@ -93,10 +93,11 @@ SELECT max(version) AS version FROM public.schema_migrations;
 
 -- name: metrics_snapshot
 -- GET /metrics reads these gauges at each scrape (taskrunner.metrics.database_families).
--- Bounded by the backlog, never by finished tasks: counts probe task_status_seq_idx and
--- the deliveries' partial indexes; "ready" walks the admission groups as claim_tasks does
--- (one probe per group, _group_slots > 0: no rule holds the group back) and takes the
--- longest a group's head task has been pending (last_updated: its latest transition).
+-- Bounded by the backlog, never by finished tasks: the counts are index-only scans of one
+-- status (deliveries: their partial indexes); "ready" walks the admission groups as
+-- claim_tasks does (one probe per group; _group_slots > 0: no rule holds the group back)
+-- and takes the longest a group's head task has been pending (last_updated: its latest
+-- transition). 120-180 ms at 100,000 pending tasks in 100 groups on a busy 2-core machine.
 SELECT
     (SELECT count(*) FROM taskrunner.task WHERE status = 'waiting') AS waiting,
     (SELECT count(*) FROM taskrunner.task WHERE status = 'pending') AS pending,
