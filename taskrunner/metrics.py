@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +23,7 @@ from prometheus_client import (
     Metric,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from taskrunner.vocabulary import TERMINAL_STATUSES, status_label
@@ -55,6 +58,31 @@ COUNTER_DROPS = Counter(
     ["reason"],
 )
 WORKER_LOOP = Histogram("worker_loop_duration_seconds", "Duration of one worker loop iteration")
+HTTP_REQUESTS = Counter(
+    "http_requests_total",
+    "API requests answered, by method, route template (unmatched: no route) and status code",
+    ["method", "route", "code"],
+)
+HTTP_DURATION = Histogram(
+    "http_request_duration_seconds",
+    "Time the API took to answer a request, by method and route template",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+WEBHOOK_ATTEMPTS = Counter(
+    "webhook_attempts_total",
+    "Webhook attempts the workers recorded, by event (start, success, failure, cancel) and "
+    "the delivery's state after it: delivered, queued (to be retried), failed (gave up), "
+    "canceled (the answer no longer mattered), stale (the lease had expired), unrecorded "
+    "(the database stayed out of reach until the lease ran out)",
+    ["event", "result"],
+)
+WEBHOOK_DURATION = Histogram(
+    "webhook_duration_seconds",
+    "Duration of one webhook call (until its response or error), by event",
+    ["event"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
 # every metric above: /metrics lists each of them from the start, used or not
 DECLARED = (
     TASKS_CREATED,
@@ -64,6 +92,10 @@ DECLARED = (
     BLOCKED,
     PROPAGATIONS,
     WORKER_LOOP,
+    HTTP_REQUESTS,
+    HTTP_DURATION,
+    WEBHOOK_ATTEMPTS,
+    WEBHOOK_DURATION,
 )
 
 
@@ -110,8 +142,75 @@ def observe_worker_loop(seconds: float) -> None:
     WORKER_LOOP.observe(seconds)
 
 
-def render() -> tuple[bytes, str]:
-    """The Prometheus text exposition and its content type.
+def observe_request(method: str, route: str, code: int, seconds: float) -> None:
+    """Count one answered API request and its duration."""
+    HTTP_REQUESTS.labels(method, route, str(code)).inc()
+    HTTP_DURATION.labels(method, route).observe(seconds)
+
+
+def observe_webhook(event: str, result: str | None, seconds: float) -> None:
+    """Count one webhook attempt (``result``: the delivery's status after recording it,
+    None when it could not be recorded) and the call's duration."""
+    WEBHOOK_ATTEMPTS.labels(event, result or "unrecorded").inc()
+    WEBHOOK_DURATION.labels(event).observe(seconds)
+
+
+# the database gauges: (name, help, column of the ``metrics_snapshot`` row)
+DATABASE_GAUGES = (
+    (
+        "tasks_ready_oldest_seconds",
+        "How long the oldest pending task that no concurrency rule holds back has waited "
+        "(0: none); it grows when workers are absent, stuck or saturated",
+        "ready_oldest_seconds",
+    ),
+    (
+        "deliveries_due_oldest_seconds",
+        "How long the oldest queued webhook delivery has been due (0: none)",
+        "deliveries_due_oldest_seconds",
+    ),
+    (
+        "workers_listening",
+        "Worker processes connected to the database (their LISTEN connections)",
+        "workers_listening",
+    ),
+)
+UNFINISHED = ("waiting", "pending", "running", "paused")
+
+
+def database_families(snapshot: dict[str, Any] | None) -> list[Metric]:
+    """The gauges read from the database at scrape time (the ``metrics_snapshot`` query,
+    None when the database could not be read): ``database_up``, then, when up, the
+    unfinished tasks and the open deliveries by status and the ``DATABASE_GAUGES``."""
+    up = GaugeMetricFamily(
+        "database_up", "1 if this API process could read the database at this scrape, else 0"
+    )
+    up.add_metric([], 0 if snapshot is None else 1)
+    if snapshot is None:
+        return [up]
+    tasks = GaugeMetricFamily(
+        "tasks_by_status",
+        "Unfinished tasks by status (finished ones: tasks_completed_total)",
+        labels=["status"],
+    )
+    for status in UNFINISHED:
+        tasks.add_metric([status], snapshot[status])
+    deliveries = GaugeMetricFamily(
+        "deliveries_by_status",
+        "Webhook deliveries waiting (queued, retries included) or leased to a worker (in_flight)",
+        labels=["status"],
+    )
+    for status in ("queued", "in_flight"):
+        deliveries.add_metric([status], snapshot[f"deliveries_{status}"])
+    gauges = [
+        GaugeMetricFamily(name, text, value=snapshot[column])
+        for name, text, column in DATABASE_GAUGES
+    ]
+    return [up, tasks, deliveries, *gauges]
+
+
+def render(extra: Sequence[Metric] = ()) -> tuple[bytes, str]:
+    """The Prometheus text exposition and its content type; ``extra``: families collected
+    by the caller (the API's database gauges).
 
     In multiprocess mode the families come from every process's files (the API's
     ``/metrics`` then includes the workers running on the same host), and a metric no
@@ -123,8 +222,10 @@ def render() -> tuple[bytes, str]:
         written = list(MultiProcessCollector(None).collect())
         names = {family.name for family in written}
         unwritten = [f for m in DECLARED for f in m.describe() if f.name not in names]
-        return generate_latest(_Families(written + unwritten)), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        families = written + unwritten
+    else:
+        families = list(REGISTRY.collect())
+    return generate_latest(_Families([*families, *extra])), CONTENT_TYPE_LATEST
 
 
 class _Families:

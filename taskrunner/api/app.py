@@ -18,6 +18,7 @@ from taskrunner.api.batches import (
 )
 from taskrunner.api.counters import CounterBuffer
 from taskrunner.api.requestlog import RequestLog
+from taskrunner.api.requestmetrics import RequestMetrics
 from taskrunner.api.resources import (
     DeliveryRetry,
     Health,
@@ -42,7 +43,9 @@ def create_app(
     counters = counters or CounterBuffer(
         pool, config.counter_flush_interval, config.counter_buffer_max
     )
-    middleware: list = [RequestLog()] if config.access_log else []
+    middleware: list = [RequestMetrics()]
+    if config.access_log:
+        middleware.append(RequestLog())
     if config.api_token:
         middleware.append(BearerAuth(config.api_token))
     app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
@@ -62,7 +65,7 @@ def create_app(
     app.add_route("/batch/{id}/rules", BatchRules(store))
     app.add_route("/dag/{id}", BatchDag(store))
     app.add_route("/problems", Problems(store))
-    app.add_route("/metrics", Metrics())
+    app.add_route("/metrics", Metrics(store))
     app.add_route("/health", Health())
     app.add_route("/ready", Ready(store, newest_version()))
     app.add_route("/openapi.json", OpenApi(openapi.document()))

@@ -202,10 +202,18 @@ class DeliveryRetry:
 
 
 class Metrics:
-    """``GET /metrics``: Prometheus text (all processes of this host in multiprocess mode)."""
+    """``GET /metrics``: Prometheus text (all processes of this host in multiprocess mode)
+    and the gauges read from the database at each scrape (``metrics_snapshot``)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.data, resp.content_type = metrics.render()
+        try:
+            ((snapshot,),) = self.store.read(("metrics_snapshot", {}))
+        except (DomainError, psycopg.Error):
+            snapshot = None  # database_up 0; the process's own metrics still answer
+        resp.data, resp.content_type = metrics.render(metrics.database_families(snapshot))
 
 
 class OpenApi:

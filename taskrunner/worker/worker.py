@@ -123,7 +123,10 @@ class Worker:
         )
         # LISTEN is session state: a transaction pooler would drop it, hence its own URL
         listen_url = self.config.listen_database_url or url
-        listen_pool = create_async_pool(listen_url, max_size=1, name="taskrunner-listen")
+        # its own application_name: /metrics counts worker processes by it (workers_listening)
+        listen_pool = create_async_pool(
+            listen_url, max_size=1, name="taskrunner-listen", application_name="taskrunner-listen"
+        )
         await self._pool.open(wait=False)
         await listen_pool.open(wait=False)
         log.info("worker %s started", self.worker_id, extra={"worker": self.worker_id})
@@ -255,13 +258,16 @@ class Worker:
             self._wake.set()
 
     async def _deliver(self, item: WorkItem) -> None:
-        deadline = asyncio.get_running_loop().time() + self.lease_seconds
+        started = asyncio.get_running_loop().time()
+        deadline = started + self.lease_seconds
         result = await webhooks.call(self._client, item, self.config)
+        seconds = asyncio.get_running_loop().time() - started
         delay_ms = retrypolicy.delay_ms(result.ok, result.retryable, item.attempt, self.config)
         if not result.ok:
             then = "giving up" if delay_ms is None else f"retry in {delay_ms} ms"
             self._log(item, logging.WARNING, "failed: %s; %s", result.error, then)
         status = await self._record(Outcome(item.delivery_id, result, delay_ms), deadline)
+        metrics.observe_webhook(item.event, status, seconds)
         if status == "failed":
             self._log(item, logging.WARNING, "gave up: %s", result.error)
         elif status is not None:
