@@ -49,6 +49,11 @@ COUNTER_DROPS = Counter(
     "database stayed unreachable while the API process stopped)",
     ["reason"],
 )
+PURGED = Counter(
+    "tasks_purged_total",
+    "Tasks deleted by retention (RETENTION_DAYS: taskrunner.purge_finished) with their "
+    "dependencies, webhooks, attempts and history",
+)
 WORKER_LOOP = Histogram("worker_loop_duration_seconds", "Duration of one worker loop iteration")
 # every metric above: /metrics lists each of them from the start, used or not
 DECLARED = (TASKS_CREATED, TASKS_COMPLETED, TRANSITIONS, BLOCKED, PROPAGATIONS, WORKER_LOOP)
@@ -88,6 +93,11 @@ def _record_entry(parts: list[str]) -> bool:
 def count_dropped_increments(reason: str, tasks: int) -> None:
     """Count ``tasks`` tasks' buffered PUT increments that were dropped, and why."""
     COUNTER_DROPS.labels(reason=reason).inc(tasks)
+
+
+def count_purged(tasks: int) -> None:
+    """Count tasks the workers' retention housekeeping deleted."""
+    PURGED.inc(tasks)
 
 
 def observe_worker_loop(seconds: float) -> None:

@@ -84,6 +84,12 @@ SELECT * FROM taskrunner.retry_delivery(%(delivery_id)s::uuid);
 SELECT taskrunner.tick(%(max_attempts)s::int) AS result,
        taskrunner.fold_batch_deltas() AS batch_deltas_folded;
 
+-- name: purge_finished
+-- Retention (RETENTION_DAYS): delete one chunk of the batches whose tasks all ended more
+-- than older_than_seconds ago; every column NULL when another worker is purging.
+SELECT * FROM taskrunner.purge_finished(
+    make_interval(secs => %(older_than_seconds)s::float8), %(max_tasks)s::int);
+
 -- name: take_stats
 SELECT taskrunner.take_stats() AS stats;
 

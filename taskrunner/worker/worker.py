@@ -2,7 +2,7 @@
 
 All state lives in the database; this loop only moves work between the SQL functions
 (``claim_tasks``, ``claim_deliveries``, ``finish_deliveries``, ``release_deliveries``,
-``tick``) and the HTTP client (``webhooks``); ``retrypolicy`` says when a failed attempt
+``tick``, ``purge_finished``) and the HTTP client (``webhooks``); ``retrypolicy`` says when a failed attempt
 is tried again and ``outcomes`` records the results (group commit). It wakes on NOTIFY
 (one dedicated LISTEN connection), on a freed slot, on a retry it scheduled falling due,
 or on the poll timeout, so a lost notification only costs latency. A database outage is
@@ -61,6 +61,11 @@ def _log_tick(rows: list[dict[str, Any]]) -> None:
         )
 
 
+# Tasks per purge_finished() call (one transaction): a few hundred milliseconds of deletes
+# (docs/performance.md, "Retention"), never a lock that a claim waits for.
+PURGE_CHUNK = 1000
+
+
 class Backoff:
     """Exponential delay for reconnecting to the database (0.2 s doubling to 5 s)."""
 
@@ -96,6 +101,7 @@ class Worker:
         self._next_retry: float | None = None  # loop time when a retry we scheduled is due
         self._next_tick = 0.0
         self._tasks_first = True
+        self._purge: asyncio.Task[None] | None = None
         self._outcomes = OutcomeRecorder(self._call, self.worker_id)
 
     def stop(self) -> None:
@@ -130,7 +136,8 @@ class Worker:
             finally:
                 listener.cancel()
                 await self._drain()
-                await asyncio.gather(listener, return_exceptions=True)
+                purge = [self._purge] if self._purge else []  # ends after its current chunk
+                await asyncio.gather(listener, *purge, return_exceptions=True)
                 await listen_pool.close()
                 await self._pool.close()
         log.info("worker %s stopped", self.worker_id)
@@ -161,6 +168,7 @@ class Worker:
         now = asyncio.get_running_loop().time()
         if now >= self._next_tick:
             _log_tick(await self._call("tick", {"max_attempts": self.config.webhook_max_attempts}))
+            self._start_purge()
             self._next_tick = now + self.config.tick_interval
         if self._next_retry is not None and now >= self._next_retry:
             self._next_retry = None
@@ -209,6 +217,39 @@ class Worker:
         """Run a named query in its own transaction, feeding its transitions to metrics."""
         transaction = functools.partial(async_transaction, self._pool)
         return await run_with_stats_async(transaction, query, params)
+
+    # --- retention -----------------------------------------------------------------------
+
+    def _start_purge(self) -> None:
+        """With RETENTION_DAYS, purge old batches beside the loop (claims never wait for
+        it), unless this worker's previous purge is still at it."""
+        if self.config.retention_days is None or (self._purge and not self._purge.done()):
+            return
+        self._purge = asyncio.create_task(self._purge_finished(), name="retention")
+
+    async def _purge_finished(self) -> None:
+        """Delete chunks of old batches until one comes back short (or another worker is
+        purging: NULL). An error is logged and left to the next tick."""
+        params = {
+            "older_than_seconds": self.config.retention_days * 86400,
+            "max_tasks": PURGE_CHUNK,
+        }
+        try:
+            while not self._stopping.is_set():
+                deleted = (await self._call("purge_finished", params))[0]
+                if deleted["tasks"]:
+                    metrics.count_purged(deleted["tasks"])
+                    log.info(
+                        "retention: deleted %d tasks (%d batches, %d history rows)",
+                        deleted["tasks"],
+                        deleted["batches"],
+                        deleted["history"],
+                        extra={"worker": self.worker_id},
+                    )
+                if (deleted["tasks"] or 0) < PURGE_CHUNK:
+                    return
+        except (DatabaseUnavailable, psycopg.Error) as exc:
+            log.warning("retention purge failed (%s); trying again next tick", exc)
 
     # --- one webhook ---------------------------------------------------------------------
 
