@@ -2,13 +2,13 @@
 
 All state lives in the database; this loop only moves work between the SQL functions
 (``claim_tasks``, ``claim_deliveries``, ``finish_deliveries``, ``release_deliveries``,
-``tick``, ``purge_finished``) and the HTTP client (``webhooks``); ``retrypolicy`` says when a failed attempt
+``tick``) and the HTTP client (``webhooks``); ``retrypolicy`` says when a failed attempt
 is tried again and ``outcomes`` records the results (group commit). It wakes on NOTIFY
 (one dedicated LISTEN connection), on a freed slot, on a retry it scheduled falling due,
 or on the poll timeout, so a lost notification only costs latency. A database outage is
 logged and retried, never fatal. ``stop()`` drains in-flight webhooks for
 ``shutdown_grace`` seconds and hands back what was not recorded, so another worker takes
-it over.
+it over. With RETENTION_DAYS, each tick also starts ``purge_finished`` beside the loop.
 """
 
 from __future__ import annotations
