@@ -2866,6 +2866,13 @@ CREATE INDEX batch_first_seq_idx ON taskrunner.batch USING btree (first_seq DESC
 
 
 --
+-- Name: delivery_action_idx; Type: INDEX; Schema: taskrunner; Owner: -
+--
+
+CREATE INDEX delivery_action_idx ON taskrunner.delivery USING btree (action_id);
+
+
+--
 -- Name: delivery_in_flight_idx; Type: INDEX; Schema: taskrunner; Owner: -
 --
 

@@ -5,6 +5,10 @@
 -- summary rows (batch, batch_delta). The workers' housekeeping calls purge_finished()
 -- when RETENTION_DAYS is set; a DBA may call it too.
 
+-- Deleting an action makes its foreign key look up the deliveries that point at it: without
+-- this index, one scan of the whole delivery table per action deleted.
+CREATE INDEX delivery_action_idx ON taskrunner.delivery (action_id);
+
 -- A batch may go when every task of it has ended before p_cutoff. Read from the task
 -- rows (through task_batch_idx), so it is exact whatever the summary rows say.
 CREATE FUNCTION taskrunner._batch_ended_before(p_batch uuid, p_cutoff timestamptz)
@@ -141,3 +145,4 @@ it again until tasks = 0. The workers call it each tick when RETENTION_DAYS is s
 DROP FUNCTION taskrunner.purge_finished(interval, int);
 DROP FUNCTION taskrunner._task_still_needed(uuid, uuid);
 DROP FUNCTION taskrunner._batch_ended_before(uuid, timestamptz);
+DROP INDEX taskrunner.delivery_action_idx;
