@@ -50,7 +50,8 @@ CREATE FUNCTION taskrunner.purge_finished(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_cutoff timestamptz := now() - p_older_than;
-    v_picked uuid[];
+    v_batch uuid;
+    v_picked uuid[] := '{}';
     v_ids uuid[];
     v_batches uuid[];
 BEGIN
@@ -65,22 +66,23 @@ BEGIN
         RETURN;  -- another purge is running: every column NULL
     END IF;
 
-    -- 1. Pick one chunk: tasks of the oldest batches that qualify. batch_summary's counts
-    -- skip batches with a task not yet ended without reading their tasks.
-    SELECT array_agg(p.id) INTO v_picked FROM (
-        SELECT t.id
-        FROM taskrunner.batch_summary s
-        CROSS JOIN LATERAL (
-            SELECT t.id FROM taskrunner.task t
-            WHERE t.batch_id = s.batch_id
-              AND NOT taskrunner._task_still_needed(t.id, t.batch_id)
-            LIMIT p_max_tasks) t
+    -- 1. Pick one chunk: tasks of the oldest batches that qualify, batch by batch, so a
+    -- call reads the tasks of the batches it takes and no more. batch_summary's counts
+    -- skip a batch with a task not yet ended without reading its tasks.
+    FOR v_batch IN
+        SELECT s.batch_id FROM taskrunner.batch_summary s
         WHERE s.first_created_at < v_cutoff
           AND s.waiting + s.pending + s.claimed + s.running + s.paused = 0
-          AND taskrunner._batch_ended_before(s.batch_id, v_cutoff)
-        ORDER BY s.first_created_at, s.batch_id
-        LIMIT p_max_tasks) p;
-    IF v_picked IS NULL THEN
+        ORDER BY s.first_created_at
+    LOOP
+        CONTINUE WHEN NOT taskrunner._batch_ended_before(v_batch, v_cutoff);
+        v_picked := v_picked || ARRAY(
+            SELECT t.id FROM taskrunner.task t
+            WHERE t.batch_id = v_batch AND NOT taskrunner._task_still_needed(t.id, t.batch_id)
+            LIMIT p_max_tasks - cardinality(v_picked));
+        EXIT WHEN cardinality(v_picked) >= p_max_tasks;
+    END LOOP;
+    IF cardinality(v_picked) = 0 THEN
         batches := 0; tasks := 0; dependencies := 0; actions := 0;
         deliveries := 0; attempts := 0; history := 0;
         RETURN;
