@@ -33,6 +33,15 @@ def _float(env: dict, name: str, default: float) -> float:
     return _number(env, name, default, float, "a number")
 
 
+def _retention_days(env: dict) -> float | None:
+    """``RETENTION_DAYS``: unset or empty is off; else days, above 0 and at most 36500."""
+    raw = env.get("RETENTION_DAYS")
+    days = _float(env, "RETENTION_DAYS", None)
+    if days is not None and not 0 < days <= 36500:  # also refuses nan and inf
+        raise SystemExit(f"RETENTION_DAYS must be a number of days in (0, 36500], got {raw!r}")
+    return days
+
+
 def _choice(name: str, raw: str | None, allowed: tuple[str, ...]) -> str:
     """``raw`` (the value of ``name``), lower-cased, if it is one of ``allowed``."""
     value = (raw or "").strip().lower()
@@ -76,6 +85,9 @@ class Config:
     webhook_signing_secrets: list[str] = field(default_factory=list)
     poll_interval: float = 1.0
     tick_interval: float = 1.0
+    # RETENTION_DAYS: the workers' housekeeping deletes batches whose tasks all ended more
+    # than this many days ago (taskrunner.purge_finished); None (unset) keeps everything
+    retention_days: float | None = None
     shutdown_grace: float = 10.0
     counter_flush_interval: float = 0.1
     counter_buffer_max: int = 50_000  # tasks in a PUT /task buffer, a few hundred bytes each
@@ -125,6 +137,7 @@ class Config:
             webhook_signing_secrets=signing.parse_secrets(env.get("WEBHOOK_SIGNING_SECRET")),
             poll_interval=_float(env, "POLL_INTERVAL", 1.0),
             tick_interval=_float(env, "TICK_INTERVAL", 1.0),
+            retention_days=_retention_days(env),
             shutdown_grace=_float(env, "SHUTDOWN_GRACE", 10.0),
             counter_flush_interval=_float(env, "COUNTER_FLUSH_INTERVAL", 0.1),
             counter_buffer_max=_int(env, "COUNTER_BUFFER_MAX", 50_000),

@@ -143,6 +143,7 @@ async def run_with_stats_async(
 
 _BY_SQLSTATE = {"TR400": BadInput, "TR404": TaskNotFound, "TR409": IllegalTransition}
 QUERY_CANCELED = "57014"  # statement_timeout (or a DBA's pg_cancel_backend)
+FOREIGN_KEY_VIOLATION = "23503"
 
 
 @contextlib.contextmanager
@@ -157,6 +158,14 @@ def wrap_exceptions() -> Iterator[None]:
             diag = exc.diag
             details = [d for d in (diag.message_detail or "").split("\n") if d]
             raise cls(diag.message_primary or str(exc), details) from exc
+        if (
+            sqlstate == FOREIGN_KEY_VIOLATION
+            and exc.diag.constraint_name == "dependency_parent_id_fkey"
+        ):
+            # create_batch linked to an existing task that retention deleted meanwhile
+            raise BadInput(
+                "unknown dependency", ["dependencies: a parent task was deleted (retention)"]
+            ) from exc
         if is_conflict(exc):
             raise TransientConflict("database conflict; retry") from exc
         if sqlstate == QUERY_CANCELED:

@@ -57,6 +57,11 @@ COUNTER_DROPS = Counter(
     "database stayed unreachable while the API process stopped)",
     ["reason"],
 )
+PURGED = Counter(
+    "tasks_purged_total",
+    "Tasks deleted by retention (RETENTION_DAYS: taskrunner.purge_finished) with their "
+    "dependencies, webhooks, attempts and history",
+)
 WORKER_LOOP = Histogram("worker_loop_duration_seconds", "Duration of one worker loop iteration")
 HTTP_REQUESTS = Counter(
     "http_requests_total",
@@ -135,6 +140,11 @@ def _record_entry(parts: list[str]) -> bool:
 def count_dropped_increments(reason: str, tasks: int) -> None:
     """Count ``tasks`` tasks' buffered PUT increments that were dropped, and why."""
     COUNTER_DROPS.labels(reason=reason).inc(tasks)
+
+
+def count_purged(tasks: int) -> None:
+    """Count tasks the workers' retention housekeeping deleted."""
+    PURGED.inc(tasks)
 
 
 def observe_worker_loop(seconds: float) -> None:

@@ -88,6 +88,11 @@ SELECT taskrunner.tick(%(max_attempts)s::int) AS result,
 -- Seconds until the earliest scheduled task (delayed start, retry backoff) falls due, by
 -- the database's clock (NULL: nothing scheduled; <= 0: due already).
 SELECT extract(epoch FROM taskrunner.next_wakeup() - clock_timestamp())::float8 AS seconds;
+-- name: purge_finished
+-- Retention (RETENTION_DAYS): delete one chunk of the batches whose tasks all ended more
+-- than older_than_seconds ago; every column NULL when another worker is purging.
+SELECT * FROM taskrunner.purge_finished(
+    make_interval(secs => %(older_than_seconds)s::float8), %(max_tasks)s::int);
 
 -- name: take_stats
 SELECT taskrunner.take_stats() AS stats;

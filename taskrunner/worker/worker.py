@@ -10,7 +10,7 @@ when the earliest scheduled task falls due (a delayed start or a task's retry ba
 so a lost notification only costs latency. A database outage is
 logged and retried, never fatal. ``stop()`` drains in-flight webhooks for
 ``shutdown_grace`` seconds and hands back what was not recorded, so another worker takes
-it over.
+it over. With RETENTION_DAYS, each tick also starts ``purge_finished`` beside the loop.
 """
 
 from __future__ import annotations
@@ -63,6 +63,11 @@ def _log_tick(rows: list[dict[str, Any]]) -> None:
         )
 
 
+# Tasks per purge_finished() call (one transaction, ~1-2 s of deletes on a loaded 2-core
+# machine: docs/performance.md, "Retention"); it holds no lock that a claim waits for.
+PURGE_CHUNK = 1000
+
+
 class Backoff:
     """Exponential delay for reconnecting to the database (0.2 s doubling to 5 s)."""
 
@@ -100,6 +105,7 @@ class Worker:
         self._overdue_rounds = 0  # rounds in a row that found a due task left unclaimed
         self._next_tick = 0.0
         self._tasks_first = True
+        self._purge: asyncio.Task[None] | None = None
         self._outcomes = OutcomeRecorder(self._call, self.worker_id)
 
     def stop(self) -> None:
@@ -137,7 +143,8 @@ class Worker:
             finally:
                 listener.cancel()
                 await self._drain()
-                await asyncio.gather(listener, return_exceptions=True)
+                purge = [self._purge] if self._purge else []  # ends after its current chunk
+                await asyncio.gather(listener, *purge, return_exceptions=True)
                 await listen_pool.close()
                 await self._pool.close()
         log.info("worker %s stopped", self.worker_id)
@@ -168,6 +175,7 @@ class Worker:
         now = asyncio.get_running_loop().time()
         if now >= self._next_tick:
             _log_tick(await self._call("tick", {"max_attempts": self.config.webhook_max_attempts}))
+            self._start_purge()
             self._next_tick = now + self.config.tick_interval
         if self._next_retry is not None and now >= self._next_retry:
             self._next_retry = None
@@ -236,6 +244,39 @@ class Worker:
         """Run a named query in its own transaction, feeding its transitions to metrics."""
         transaction = functools.partial(async_transaction, self._pool)
         return await run_with_stats_async(transaction, query, params)
+
+    # --- retention -----------------------------------------------------------------------
+
+    def _start_purge(self) -> None:
+        """With RETENTION_DAYS, purge old batches beside the loop (claims never wait for
+        it), unless this worker's previous purge is still at it."""
+        if self.config.retention_days is None or (self._purge and not self._purge.done()):
+            return
+        self._purge = asyncio.create_task(self._purge_finished(), name="retention")
+
+    async def _purge_finished(self) -> None:
+        """Delete chunks of old batches until one comes back short (or another worker is
+        purging: NULL). An error is logged and left to the next tick."""
+        params = {
+            "older_than_seconds": self.config.retention_days * 86400,
+            "max_tasks": PURGE_CHUNK,
+        }
+        try:
+            while not self._stopping.is_set():
+                deleted = (await self._call("purge_finished", params))[0]
+                if deleted["tasks"]:
+                    metrics.count_purged(deleted["tasks"])
+                    log.info(
+                        "retention: deleted %d tasks (%d batches, %d history rows)",
+                        deleted["tasks"],
+                        deleted["batches"],
+                        deleted["history"],
+                        extra={"worker": self.worker_id},
+                    )
+                if (deleted["tasks"] or 0) < PURGE_CHUNK:
+                    return
+        except (DatabaseUnavailable, psycopg.Error) as exc:
+            log.warning("retention purge failed (%s); trying again next tick", exc)
 
     # --- one webhook ---------------------------------------------------------------------
 
