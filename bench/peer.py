@@ -123,23 +123,28 @@ async def _drain(db_url: str, admin, jobs: int, connections: int, batch: int) ->
         await admin.enqueue([ENTRYPOINT] * n, [None] * n, [0] * n)
     await admin.driver.execute("ANALYZE pgqueuer")
     ran, last = 0, 0.0
+    managers: list = []
 
     async def manager() -> None:
         async with _queries(db_url) as q:
             qm = QueueManager(q)
+            managers.append(qm)
 
             @qm.entrypoint(ENTRYPOINT)
             async def noop(job) -> None:
                 nonlocal ran, last
                 ran += 1
                 last = time.perf_counter()
+                if ran == jobs:  # all done: no need to wait for drain mode's own exit
+                    for m in managers:
+                        m.shutdown.set()
 
             await qm.run(batch_size=batch, mode=QueueExecutionMode.drain)
 
     start = time.perf_counter()
     await asyncio.gather(*(manager() for _ in range(connections)))
-    # to the last job run: drain mode's exit (an empty queue seen by every manager, its
-    # buffers flushed) is not part of the rate, as S3's clock stops at its last claim
+    # to the last job run: the managers' exit (buffers flushed) is not part of the rate,
+    # as S3's clock stops at its last claim
     elapsed = last - start
     left = await admin.queued_work([ENTRYPOINT])
     if ran != jobs or left:
