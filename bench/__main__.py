@@ -67,6 +67,8 @@ def run(sizes: scenarios.Sizes, only: tuple[str, ...], output: Path) -> dict:
         baselines = results["baselines"]
         step("baseline: pgbench -N")
         baselines["pgbench"] = scenarios.pgbench_tps(db_url, sizes)
+        step("baseline: round trip and commit latency")
+        baselines["latency"] = scenarios.commit_latency(db_url)
         baselines["peer"] = None
         if {"S3", "S5"} & set(only):
             if peer.available():

@@ -127,6 +127,9 @@ def table(results: dict) -> str:
         )
         + f", {b['health_python']['rps']} req/s from the Python client "
         f"({b['health_python']['clients']} clients)",
+        f"latency: round trip {b['latency']['round_trip_median_ms']} ms, a write's commit "
+        f"(WAL flush) {b['latency']['write_commit_median_ms']} ms "
+        f"(p90 {b['latency']['write_commit_p90_ms']}), medians",
         "peer: "
         + (
             f"pgqueuer {peer['version']} drain {peer['drain']['jobs_per_s']} jobs/s "

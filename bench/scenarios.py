@@ -108,6 +108,33 @@ def pgbench_tps(db_url: str, sizes: Sizes) -> dict:
     return {"tps": round(tps, 1), "clients": 4, "seconds": sizes.pgbench_seconds}
 
 
+def commit_latency(db_url: str, runs: int = 200) -> dict:
+    """The floor under every latency: the median (and p90) of a round trip (``SELECT 1``)
+    and of an autocommitted one-row INSERT, whose commit waits for the WAL flush
+    (``synchronous_commit``). A hop has two such commits on its path (the parent's PATCH,
+    the child's claim) and recording an outcome one, so on a machine where a flush takes
+    2 ms no hop can take less than 4 ms."""
+    times: dict[str, list[float]] = {"round_trip": [], "write_commit": []}
+    with connect(db_url) as conn:
+        conn.execute("CREATE TABLE bench_commit_probe (i int)")
+        try:
+            for name, sql in (
+                ("round_trip", "SELECT 1"),
+                ("write_commit", "INSERT INTO bench_commit_probe VALUES (1)"),
+            ):
+                for _ in range(runs):
+                    start = time.perf_counter()
+                    conn.execute(sql)
+                    times[name].append((time.perf_counter() - start) * 1000)
+        finally:
+            conn.execute("DROP TABLE bench_commit_probe")
+    return {
+        f"{name}_{stat}_ms": round(fn(values), 3)
+        for name, values in times.items()
+        for stat, fn in (("median", statistics.median), ("p90", lambda v: percentile(v, 90)))
+    }
+
+
 def health_rate(service: Service, sizes: Sizes, clients: int) -> dict:
     """``GET /health`` requests/s from the bench's own Python client (``hammer``), the
     same client code and concurrency as S6: what S6 is compared with."""
