@@ -123,7 +123,9 @@ def run_with_stats(transaction: Transaction, name: str, params: dict[str, Any]) 
     call = StatsCall(name, params)
     while call.results is None:
         with call.retrying(), transaction() as conn:
-            call.results = [conn.execute(q, p).fetchall() for q, p in call.statements]
+            # every statement sent before the first read: in pipeline mode they travel together
+            cursors = [conn.execute(q, p) for q, p in call.statements]
+            call.results = [cursor.fetchall() for cursor in cursors]
     return call.rows()
 
 
