@@ -41,39 +41,21 @@ def measure(
     enqueue_clients: int,
 ) -> dict:
     """pgqueuer's enqueue and drain rates (jobs/s), each measured once."""
-    return asyncio.run(
-        _measure(
-            db_url,
-            drain_jobs,
-            drain_connections,
-            drain_batch,
-            enqueue_batches,
-            enqueue_batch,
-            enqueue_clients,
-        )
-    )
 
+    async def both() -> dict:
+        from pgqueuer import __version__
 
-async def _measure(
-    db_url,
-    drain_jobs,
-    drain_connections,
-    drain_batch,
-    enqueue_batches,
-    enqueue_batch,
-    enqueue_clients,
-) -> dict:
-    from pgqueuer import __version__
+        async with _queries(db_url) as admin:
+            await admin.install()
+            try:
+                enqueue = await _enqueue(db_url, enqueue_batches, enqueue_batch, enqueue_clients)
+                await admin.clear_queue()
+                drain = await _drain(db_url, admin, drain_jobs, drain_connections, drain_batch)
+            finally:
+                await admin.uninstall()
+        return {"version": __version__, "enqueue": enqueue, "drain": drain}
 
-    async with _queries(db_url) as admin:
-        await admin.install()
-        try:
-            enqueue = await _enqueue(db_url, enqueue_batches, enqueue_batch, enqueue_clients)
-            await admin.clear_queue()
-            drain = await _drain(db_url, admin, drain_jobs, drain_connections, drain_batch)
-        finally:
-            await admin.uninstall()
-    return {"version": __version__, "enqueue": enqueue, "drain": drain}
+    return asyncio.run(both())
 
 
 @asynccontextmanager
