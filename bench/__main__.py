@@ -68,7 +68,7 @@ def run(sizes: scenarios.Sizes, only: tuple[str, ...], output: Path) -> dict:
         step("baseline: pgbench -N")
         baselines["pgbench"] = scenarios.pgbench_tps(db_url, sizes)
         step("baseline: round trip and commit latency")
-        baselines["latency"] = scenarios.commit_latency(db_url)
+        baselines["latency"] = scenarios.commit_latency(db_url, sizes)
         baselines["peer"] = None
         if {"S3", "S5"} & set(only):
             if peer.available():

@@ -32,6 +32,7 @@ class Sizes:
     pgbench_scale: int = 10
     pgbench_seconds: int = 20
     health_seconds: float = 5.0
+    latency_runs: int = 200
     chain: int = 200
     s2_tasks: int = 10_000
     s2_batch: int = 1_000
@@ -57,6 +58,7 @@ QUICK = Sizes(
     pgbench_scale=1,
     pgbench_seconds=2,
     health_seconds=1.0,
+    latency_runs=50,
     chain=10,
     s2_tasks=200,
     s2_batch=100,
@@ -108,9 +110,9 @@ def pgbench_tps(db_url: str, sizes: Sizes) -> dict:
     return {"tps": round(tps, 1), "clients": 4, "seconds": sizes.pgbench_seconds}
 
 
-def commit_latency(db_url: str, runs: int = 200) -> dict:
-    """The floor under every latency: the median (and p90) of a round trip (``SELECT 1``)
-    and of an autocommitted one-row INSERT, whose commit waits for the WAL flush
+def commit_latency(db_url: str, sizes: Sizes) -> dict:
+    """The floor under every latency: the median (and p90) of ``sizes.latency_runs`` round
+    trips (``SELECT 1``) and autocommitted one-row INSERTs, whose commit waits for the WAL flush
     (``synchronous_commit``). A hop has two such commits on its path (the parent's PATCH,
     the child's claim) and recording an outcome one, so on a machine where a flush takes
     2 ms no hop can take less than 4 ms."""
@@ -122,7 +124,7 @@ def commit_latency(db_url: str, runs: int = 200) -> dict:
                 ("round_trip", "SELECT 1"),
                 ("write_commit", "INSERT INTO bench_commit_probe VALUES (1)"),
             ):
-                for _ in range(runs):
+                for _ in range(sizes.latency_runs):
                     start = time.perf_counter()
                     conn.execute(sql)
                     times[name].append((time.perf_counter() - start) * 1000)
