@@ -1,9 +1,9 @@
 """``python -m bench`` (``bin/bench``): measure the baselines and scenarios S1-S7 against a
 fresh database on the local server, print one table and write ``bench/results.json``.
 
-Targets are ratios to baselines measured in the same run (``pgbench -N`` TPS on the same
-server, the ``GET /health`` rate of the same API processes), so they hold on a noisy
-machine. See docs/performance.md.
+Targets are ratios to baselines measured in the same run (the ``GET /health`` rate of the
+same API processes under ``wrk``, a peer queue's drain and enqueue on the same server,
+``pgbench -N`` TPS), so they hold on a noisy machine. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import report, scenarios
+from bench import peer, report, scenarios
 from bench.env import Service, Sink, connect, fresh_database
 
 RESULTS = Path(__file__).with_name("results.json")
@@ -64,14 +64,27 @@ def run(sizes: scenarios.Sizes, only: tuple[str, ...], output: Path) -> dict:
     scen = results["scenarios"]
     with fresh_database() as db_url:
         results["machine"] = machine(db_url)
+        baselines = results["baselines"]
         step("baseline: pgbench -N")
-        results["baselines"]["pgbench"] = scenarios.pgbench_tps(db_url, sizes)
+        baselines["pgbench"] = scenarios.pgbench_tps(db_url, sizes)
+        step("baseline: round trip and commit latency")
+        baselines["latency"] = scenarios.commit_latency(db_url, sizes)
+        baselines["peer"] = None
+        if {"S3", "S5"} & set(only):
+            if peer.available():
+                step("baseline: pgqueuer drain and enqueue")
+                baselines["peer"] = scenarios.peer_rates(db_url, sizes)
+            else:
+                step("baseline: pgqueuer not installed (pip install -e '.[bench]'): skipped")
         service = Service(db_url)
         sink = Sink()
         try:
             service.start_api()
-            step("baseline: GET /health")
-            results["baselines"]["health"] = scenarios.health_rate(service, sizes, sizes.s6_clients)
+            step("baseline: GET /health (wrk, then the Python client)")
+            baselines["health"] = scenarios.health_wrk(service, sizes, sizes.s6_clients)
+            if baselines["health"] is None:
+                step("wrk not installed (apt-get install wrk): S2 against the Python client")
+            baselines["health_python"] = scenarios.health_rate(service, sizes, sizes.s6_clients)
             if "S1" in only:
                 step("S1 hop latency")
                 scen["S1"] = scenarios.s1_hop_latency(db_url, service, sink, sizes)

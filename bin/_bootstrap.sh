@@ -1,6 +1,6 @@
 # Sourced by bin/taskrunner and bin/test: make sure .venv exists and matches pyproject.toml.
 #
-# The venv is (re)installed with `pip install -e '.[dev]'` on first use and whenever
+# The venv is (re)installed with `pip install -e '.[dev,bench]'` on first use and whenever
 # pyproject.toml changed since the last install (its hash is kept in .venv/.pyproject.sha256).
 # Quiet on the happy path; pip's output is shown only when the install fails.
 
@@ -45,10 +45,10 @@ tr_bootstrap() {
     if ! .venv/bin/python -c '' 2>/dev/null; then
         "$python" -m venv --clear .venv >"$log" 2>&1 || { cat "$log" >&2; return 1; }
     fi
-    if ! .venv/bin/python -m pip install --disable-pip-version-check -q -e '.[dev]' \
+    if ! .venv/bin/python -m pip install --disable-pip-version-check -q -e '.[dev,bench]' \
         >"$log" 2>&1; then
         cat "$log" >&2
-        echo "taskrunner: 'pip install -e .[dev]' failed (log above, also in $log)" >&2
+        echo "taskrunner: 'pip install -e .[dev,bench]' failed (log above, also in $log)" >&2
         return 1
     fi
     echo "$want" >"$stamp"

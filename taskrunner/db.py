@@ -123,21 +123,23 @@ def run_with_stats(transaction: Transaction, name: str, params: dict[str, Any]) 
     call = StatsCall(name, params)
     while call.results is None:
         with call.retrying(), transaction() as conn:
-            call.results = [conn.execute(q, p).fetchall() for q, p in call.statements]
+            # every statement sent before the first read: in pipeline mode they travel together
+            cursors = [conn.execute(q, p) for q, p in call.statements]
+            call.results = [cursor.fetchall() for cursor in cursors]
     return call.rows()
 
 
 async def run_with_stats_async(
     transaction: AsyncTransaction, name: str, params: dict[str, Any]
 ) -> list[dict]:
-    """The asyncio form of ``run_with_stats``."""
+    """The asyncio form of ``run_with_stats``. Every statement is sent before the first
+    result is read, so in pipeline mode (``async_transaction``) they travel together."""
     call = StatsCall(name, params)
     while call.results is None:
         with call.retrying():
             async with transaction() as conn:
-                call.results = [
-                    await (await conn.execute(q, p)).fetchall() for q, p in call.statements
-                ]
+                cursors = [await conn.execute(q, p) for q, p in call.statements]
+                call.results = [await cursor.fetchall() for cursor in cursors]
     return call.rows()
 
 
@@ -182,9 +184,14 @@ async def async_transaction(
     pool: psycopg_pool.AsyncConnectionPool,
 ) -> AsyncIterator[psycopg.AsyncConnection]:
     """A transaction on a connection from an asyncio pool, its errors mapped by
-    ``wrap_exceptions`` (the worker's form of the API store's ``_transaction``)."""
+    ``wrap_exceptions`` (the worker's form of the API store's ``_transaction``).
+
+    In pipeline mode: BEGIN and the statements sent before the first read go to the server
+    in one round trip, COMMIT in a second (the worker's claim cost five round trips before:
+    BEGIN, the claim, ``take_stats``, COMMIT each waited for its answer; docs/performance.md,
+    S1). An error still surfaces inside the transaction block, which rolls back."""
     with wrap_exceptions():
-        async with pool.connection() as conn, conn.transaction():
+        async with pool.connection() as conn, conn.pipeline(), conn.transaction():
             yield conn
 
 

@@ -678,3 +678,35 @@ def test_two_workers_start_each_task_exactly_once(db_url, conn, sink, start_work
     assert started_ids == sorted(str(t["id"]) for t in tasks.values())
     workers = conn.execute("SELECT DISTINCT claimed_by FROM taskrunner.task").fetchall()
     assert {w["claimed_by"] for w in workers} <= {"w0", "w1"}
+
+
+def test_a_ready_task_costs_its_claim_only(db_url, conn, sink, start_worker):
+    """Issue 12.2: a task becoming ready (NOTIFY taskrunner_task) wakes the worker for
+    ``claim_tasks`` alone; ``claim_deliveries`` runs on its own notifications and on timer
+    rounds, not on every hop of a chain (it cost the hop a transaction in every other
+    round). Counted by PostgreSQL itself (``track_functions``)."""
+    dbname = conn.info.dbname
+    conn.execute(f"ALTER DATABASE \"{dbname}\" SET track_functions = 'all'")
+    sink.routes["/start"] = complete_from_remote(db_url)
+    hook = webhook(url=sink.url("/start"))
+    hops = 12
+    specs = [task_spec("0", actions=[hook])]
+    specs += [task_spec(str(i), deps=[str(i - 1)], actions=[hook]) for i in range(1, hops)]
+    tasks = create_batch(conn, specs)
+    # timer rounds (poll, tick) every 30 s: within this test only notifications wake it
+    running = start_worker(poll_interval=30.0, tick_interval=30.0)
+    last = tasks[str(hops - 1)]["id"]
+    wait_until(lambda: status_of(conn, last) == "success", "the end of the chain", timeout=20)
+    running.stop()  # its backends exit and flush their function counts
+
+    def calls() -> dict[str, int]:
+        rows = conn.execute(
+            "SELECT funcname, calls FROM pg_stat_user_functions"
+            " WHERE schemaname = 'taskrunner' AND funcname IN ('claim_tasks', 'claim_deliveries')"
+        ).fetchall()
+        found = {r["funcname"]: r["calls"] for r in rows}
+        return found if found.get("claim_tasks", 0) >= hops else {}
+
+    counted = wait_until(calls, "the worker's function counts")
+    # start-up and the LISTEN connection's first wake-up run both; every hop one claim
+    assert counted.get("claim_deliveries", 0) <= 3, counted

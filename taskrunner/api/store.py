@@ -12,6 +12,7 @@ succeeds again (the pool keeps reconnecting in the background).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,8 +32,10 @@ class Store:
         self._down = False  # the last attempt could not reach the database
 
     def call(self, name: str, params: dict[str, Any]) -> list[dict]:
-        """Run a query that may change tasks (``db.run_with_stats``); returns its rows."""
-        return run_with_stats(self._transaction, name, params)
+        """Run a query that may change tasks (``db.run_with_stats``); returns its rows.
+        In pipeline mode: BEGIN, the query and ``take_stats`` travel in one round trip,
+        COMMIT in a second (four before; docs/performance.md, S1)."""
+        return run_with_stats(functools.partial(self._transaction, pipeline=True), name, params)
 
     def read(self, *queries: tuple[str, dict[str, Any]]) -> list[list[dict]]:
         """Run read-only queries on one connection, in one transaction."""
@@ -40,13 +43,16 @@ class Store:
             return [conn.execute(QUERIES[name], params).fetchall() for name, params in queries]
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[psycopg.Connection]:
+    def _transaction(self, pipeline: bool = False) -> Iterator[psycopg.Connection]:
         timeout = DOWN_TIMEOUT if self._down else None  # None: the pool's own timeout
         with wrap_exceptions():
             try:
                 with self.pool.connection(timeout=timeout) as conn:
                     self._down = False  # the pool checked it: the database answers
-                    with conn.transaction():
+                    with (
+                        conn.pipeline() if pipeline else contextlib.nullcontext(),
+                        conn.transaction(),
+                    ):
                         yield conn
             except psycopg_pool.PoolTimeout:
                 self._down = True

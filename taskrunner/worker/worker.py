@@ -44,6 +44,11 @@ from taskrunner.worker.webhooks import WorkItem
 
 log = logging.getLogger(__name__)
 
+CLAIMS = ("claim_tasks", "claim_deliveries")
+# what a notification on each channel asks for (docs/sql.md, "Notifications"): new work
+# of one kind needs only its own claim, not a round trip for the other kind as well
+CHANNEL_CLAIMS = {"taskrunner_task": ("claim_tasks",), "taskrunner_delivery": ("claim_deliveries",)}
+
 
 def default_worker_id() -> str:
     """``hostname:pid``, recorded on claims and delivery attempts."""
@@ -98,6 +103,8 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
+        # the claims the next round runs; none named: both (a timer, a freed slot, start-up)
+        self._claims: set[str] = set()
         self._in_flight: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._unrecorded: set[uuid.UUID] = set()  # leased to us, outcome not yet recorded
         self._next_retry: float | None = None  # loop time when a retry we scheduled is due
@@ -118,6 +125,11 @@ class Worker:
 
     def _stop_now(self) -> None:
         self._stopping.set()
+        self._wake.set()
+
+    def _wake_for(self, *claims: str) -> None:
+        """Wake the loop for a round that runs these claims (at least)."""
+        self._claims.update(claims)
         self._wake.set()
 
     async def run(self) -> None:
@@ -155,9 +167,10 @@ class Worker:
         backoff = Backoff()
         while not self._stopping.is_set():
             self._wake.clear()  # before the round: a wake-up during it is not lost
+            claims, self._claims = self._claims or set(CLAIMS), set()
             started = asyncio.get_running_loop().time()
             try:
-                await self._round()
+                await self._round(claims)
             except DatabaseUnavailable as exc:
                 log.warning("database unavailable (%s); retrying", exc.__cause__)
                 await self._sleep(backoff.next())
@@ -171,23 +184,24 @@ class Worker:
             metrics.observe_worker_loop(asyncio.get_running_loop().time() - started)
             await self._wait()
 
-    async def _round(self) -> None:
+    async def _round(self, claims: set[str]) -> None:
         now = asyncio.get_running_loop().time()
+        if self._next_retry is not None and now >= self._next_retry:
+            self._next_retry = None
+        # claims first: new work does not wait behind tick()
+        await self._claim_while_full(claims)
         if now >= self._next_tick:
             _log_tick(await self._call("tick", {"max_attempts": self.config.webhook_max_attempts}))
             self._start_purge()
             self._next_tick = now + self.config.tick_interval
-        if self._next_retry is not None and now >= self._next_retry:
-            self._next_retry = None
-        await self._claim_while_full()
         self._next_due = await self._scheduled_due() if self._free_slots() > 0 else None
 
-    async def _claim_while_full(self) -> None:
-        """Claim into free slots; claim again at once while claims come back full."""
+    async def _claim_while_full(self, claims: set[str]) -> None:
+        """Run ``claims`` into free slots; claim again at once while they come back full."""
         while not self._stopping.is_set() and (free := self._free_slots()) > 0:
             # alternate which kind goes first so starts and end webhooks cannot starve
             # each other when one of them alone could fill every slot
-            order = ["claim_tasks", "claim_deliveries"]
+            order = [query for query in CLAIMS if query in claims]
             if not self._tasks_first:
                 order.reverse()
             self._tasks_first = not self._tasks_first
@@ -296,7 +310,7 @@ class Worker:
             # a bug or bad data, not an outage: the lease expires and tick() recovers it
             log.error("delivery %s failed in the worker", delivery_id, exc_info=task.exception())
         if self._free_slots() == 1:  # we were full: claim into the freed slot now
-            self._wake.set()
+            self._wake_for(*CLAIMS)
 
     async def _deliver(self, item: WorkItem) -> None:
         started = asyncio.get_running_loop().time()
@@ -374,9 +388,9 @@ class Worker:
                     await conn.execute(QUERIES["listen"])
                     log.debug("listening for notifications")
                     backoff.reset()
-                    self._wake.set()  # notifications may have been missed while away
-                    async for _ in conn.notifies():
-                        self._wake.set()
+                    self._wake_for(*CLAIMS)  # notifications may have been missed while away
+                    async for notify in conn.notifies():
+                        self._wake_for(*CHANNEL_CLAIMS.get(notify.channel, CLAIMS))
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 log.warning("LISTEN connection lost (%s); reconnecting", exc)
                 await asyncio.sleep(backoff.next())
