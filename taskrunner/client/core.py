@@ -237,13 +237,16 @@ class Routes:
         new_failures: int | None = None,
         failure_reason: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        expected_count: int | None = None,
     ) -> models.Task:
-        """``PATCH /task/{id}``: progress, outcome, metadata; any call is a heartbeat."""
+        """``PATCH /task/{id}``: progress, outcome, metadata, expected_count; any call is a
+        heartbeat."""
         body = _filters(
             status=status,
             new_success=new_success,
             new_failures=new_failures,
             failure_reason=failure_reason,
+            expected_count=expected_count,
         )
         if metadata is not None:
             body["metadata"] = dict(metadata)
