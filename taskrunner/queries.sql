@@ -120,7 +120,7 @@ LIMIT %(limit)s::int OFFSET %(offset)s::int;
 
 -- name: get_batch
 -- total_expected: summed over the batch's tasks (task_batch_idx), null when none has one.
-SELECT s.*, (SELECT sum(t.expected_count) FROM taskrunner.task t
+SELECT s.*, (SELECT sum(t.expected_count)::bigint FROM taskrunner.task t
              WHERE t.batch_id = s.batch_id) AS total_expected
 FROM taskrunner.batch_summary s WHERE s.batch_id = %(id)s::uuid;
 

@@ -24,6 +24,8 @@ OBJECTS = {
     "## Params": _ACTION["properties"]["params"],
     "## Rule": SCHEMAS["rule"],
     "## Matcher": SCHEMAS["rule"]["properties"]["matcher"],
+    "## Capacity rule": SCHEMAS["capacity_rule"],
+    "## RateLimit rule": SCHEMAS["rate_limit_rule"],
     "## PATCH /task/{id}": SCHEMAS["patch"],
     "## PUT /task": SCHEMAS["put_item"],
 }

@@ -372,6 +372,7 @@ def test_update_input_normalises():
             "new_success": 2,
             "new_failures": None,
             "metadata": {"a": 1},
+            "expected_count": 7,
         }
     ) == {
         "status": "failure",
@@ -379,6 +380,7 @@ def test_update_input_normalises():
         "new_failures": None,
         "metadata": '{"a": 1}',
         "failure_reason": "x",
+        "expected_count": 7,
     }
     assert update_input({})["status"] is None
 

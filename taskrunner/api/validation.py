@@ -671,13 +671,14 @@ def _task(
         "kind": task["kind"],
         "timeout": int(task.get("timeout", vocab.DEFAULT_TIMEOUT_SECONDS)),
         "priority": int(task.get("priority", vocab.DEFAULT_PRIORITY)),
-        "expected_count": _optional_int(task.get("expected_count")),
         "metadata": metadata,
         "rules": rules,
         "dedupe": dedupe,
         "actions": actions,
         "dependencies": deps,
     }
+    if "expected_count" in task:
+        normalised["expected_count"] = int(task["expected_count"])
     return normalised, errors + action_errors + dep_errors
 
 
