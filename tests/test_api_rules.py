@@ -104,7 +104,7 @@ def test_rule_forms_are_normalised_and_returned_in_seed_form(client, conn, rule,
         ),
         (
             spec("a", rules=[RATE]),
-            "[0].rules[0].RateLimit.matcher.fields[0]: 'tenant' is missing from the task's metadata",
+            "[0].rules[0].RateLimit.matcher.fields[0]: 'tenant' is missing",
         ),
         (
             spec(
