@@ -338,6 +338,7 @@ def test_api_reruns_a_transaction_postgres_chose_as_deadlock_victim(db_url, conn
             "new_failures": None,
             "metadata": None,
             "failure_reason": None,
+            "expected_count": None,
         }
         try:
             result["row"] = Store(pool).call("update_task", params)[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import threading
 import time
 from datetime import timedelta
 
@@ -135,6 +136,38 @@ def test_update_task_expected_count(conn):
         conn.execute("UPDATE taskrunner.task SET expected_count = -1 WHERE id = %s", (t["id"],))
 
 
+def test_a_larger_expected_count_waits_for_a_claim_in_flight(conn, db_url):
+    """update_task's expected_count takes the claim lock of the task's kind: a claim that
+    counted the capacity is committed before the remaining work can grow."""
+    t = create_batch(conn, [task_spec("a", expected_count=1)])["a"]
+    claim(conn)
+    create_batch(conn, [task_spec("b", rules=[capacity(10)], expected_count=1)])
+    with psycopg.connect(db_url) as claimer:  # a claim, its transaction held open
+        claimer.execute("SELECT taskrunner.claim_tasks('w2', 1, 60)")
+        done = threading.Event()
+
+        def grow() -> None:
+            with psycopg.connect(db_url, autocommit=True) as other:
+                other.execute(
+                    "SELECT taskrunner.update_task(%s, p_expected_count => 50)", (t["id"],)
+                )
+            done.set()
+
+        thread = threading.Thread(target=grow)
+        thread.start()
+        assert not done.wait(0.5)  # waits for the claim's lock
+        claimer.commit()
+        thread.join(10)
+        assert done.is_set()
+    assert (
+        status_of(
+            conn,
+            conn.execute("SELECT id FROM taskrunner.task WHERE local_id = 'b'").fetchone()["id"],
+        )
+        == "running"
+    )
+
+
 def test_counters_on_a_running_task_with_expected_count_wake_the_workers(conn, db_url):
     t = create_batch(conn, [task_spec("a", expected_count=5), task_spec("b")])
     claim(conn)
@@ -222,7 +255,8 @@ def test_rate_limit_count_is_an_index_range_scan(conn):
     conn.execute("ANALYZE taskrunner.rate_start")
     plan = conn.execute(
         "EXPLAIN (FORMAT JSON) SELECT count(*) FROM taskrunner.rate_start s"
-        " WHERE s.key = '00000000-0000-0000-0000-000000000007' AND s.at > now() - interval '60 seconds'"
+        " WHERE s.key = '00000000-0000-0000-0000-000000000007'"
+        " AND s.at > now() - interval '60 seconds'"
     ).fetchone()["QUERY PLAN"][0]["Plan"]
     assert "rate_start_key_at_idx" in str(plan)
 
