@@ -210,6 +210,29 @@ COMMENT ON FUNCTION taskrunner._admission_key(p_kind text, p_priority integer, p
 
 
 --
+-- Name: _admission_key(text, integer, jsonb, jsonb, bigint); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._admission_key(p_kind text, p_priority integer, p_rules jsonb, p_metadata jsonb, p_expected_count bigint) RETURNS uuid
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT CASE WHEN p_rules @> '[{"type": "capacity"}]'
+                THEN md5(concat_ws(E'\x1f',
+                         taskrunner._admission_key(p_kind, p_priority, p_rules, p_metadata),
+                         coalesce(p_expected_count::text, 'null')))::uuid
+                ELSE taskrunner._admission_key(p_kind, p_priority, p_rules, p_metadata) END
+$$;
+
+
+--
+-- Name: FUNCTION _admission_key(p_kind text, p_priority integer, p_rules jsonb, p_metadata jsonb, p_expected_count bigint); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._admission_key(p_kind text, p_priority integer, p_rules jsonb, p_metadata jsonb, p_expected_count bigint) IS 'The admission key of a task: _admission_key(kind, priority, rules, metadata), plus the
+expected_count when a capacity rule is among the rules (capacity slots depend on it).';
+
+
+--
 -- Name: _batch_bucket(taskrunner.task_status, timestamp with time zone); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -301,24 +324,33 @@ API shows the text as the 400''s detail): a reason iff the status is failure. NU
 
 
 --
--- Name: _group_slots(text, jsonb, jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
+-- Name: _group_slots(text, jsonb, jsonb, bigint); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
-CREATE FUNCTION taskrunner._group_slots(p_kind text, p_rules jsonb, p_metadata jsonb) RETURNS integer
+CREATE FUNCTION taskrunner._group_slots(p_kind text, p_rules jsonb, p_metadata jsonb, p_expected_count bigint) RETURNS integer
     LANGUAGE plpgsql
     AS $$
 DECLARE
     r jsonb;
     v_count bigint;
+    v_max bigint;
     v_slots bigint := 2147483647;
 BEGIN
     FOR r IN SELECT value FROM jsonb_array_elements(p_rules) LOOP
         v_count := taskrunner._rule_count(r, p_metadata);
-        IF v_count >= (r ->> 'max')::int THEN
+        v_max := (r ->> 'max')::bigint;
+        IF v_count >= v_max THEN
             RETURN 0;
         END IF;
-        IF r ->> 'kind' = p_kind AND r ->> 'status' = 'running' THEN
-            v_slots := least(v_slots, (r ->> 'max')::int - v_count);
+        CONTINUE WHEN r ->> 'kind' <> p_kind;  -- our starts do not change its count
+        IF r ->> 'type' = 'capacity' THEN
+            -- each start adds (at most) the group's expected count; a start is allowed
+            -- while the sum is below max: ceil((max - sum) / expected) more
+            IF coalesce(p_expected_count, 0) > 0 THEN
+                v_slots := least(v_slots, ceil((v_max - v_count)::numeric / p_expected_count));
+            END IF;
+        ELSIF r ->> 'type' = 'rate_limit' OR r ->> 'status' = 'running' THEN
+            v_slots := least(v_slots, v_max - v_count);
         END IF;
     END LOOP;
     RETURN v_slots;
@@ -326,12 +358,13 @@ END $$;
 
 
 --
--- Name: FUNCTION _group_slots(p_kind text, p_rules jsonb, p_metadata jsonb); Type: COMMENT; Schema: taskrunner; Owner: -
+-- Name: FUNCTION _group_slots(p_kind text, p_rules jsonb, p_metadata jsonb, p_expected_count bigint); Type: COMMENT; Schema: taskrunner; Owner: -
 --
 
-COMMENT ON FUNCTION taskrunner._group_slots(p_kind text, p_rules jsonb, p_metadata jsonb) IS 'How many tasks of a group may start now (0 = blocked). A rule allows a start iff fewer
-than max tasks match it; a rule that counts running tasks of the group''s own kind loses
-one slot per start, any other rule is unchanged by the start.';
+COMMENT ON FUNCTION taskrunner._group_slots(p_kind text, p_rules jsonb, p_metadata jsonb, p_expected_count bigint) IS 'How many tasks of a group may start now (0 = blocked). A rule allows a start iff its
+count (_rule_count) is below its max. A rule on the group''s own kind loses per start: one
+slot (concurrency on running tasks, rate limit) or the group''s expected_count of capacity;
+any other rule is unchanged by the start.';
 
 
 --
@@ -419,8 +452,10 @@ CREATE TABLE taskrunner.task (
     backoff_seconds double precision DEFAULT 5 NOT NULL,
     backoff_max_seconds double precision DEFAULT 300 NOT NULL,
     not_before timestamp with time zone,
+    expected_count bigint,
     CONSTRAINT task_counters_non_negative CHECK (((success >= 0) AND (failures >= 0))),
     CONSTRAINT task_deps_counters CHECK ((((deps_finished >= 0) AND (deps_finished <= deps_total)) AND ((deps_succeeded >= 0) AND (deps_succeeded <= deps_finished)))),
+    CONSTRAINT task_expected_count_non_negative CHECK ((expected_count >= 0)),
     CONSTRAINT task_failure_has_reason CHECK (((status <> 'failure'::taskrunner.task_status) OR (failure_reason IS NOT NULL))),
     CONSTRAINT task_metadata_is_object CHECK ((jsonb_typeof(metadata) = 'object'::text)),
     CONSTRAINT task_priority_range CHECK (((priority >= '-1000'::integer) AND (priority <= 1000))),
@@ -464,7 +499,9 @@ COMMENT ON COLUMN taskrunner.task.timeout IS 'Seconds a running task may go with
 -- Name: COLUMN task.rules; Type: COMMENT; Schema: taskrunner; Owner: -
 --
 
-COMMENT ON COLUMN taskrunner.task.rules IS 'Normalised concurrency rules: [{"kind","status","fields":[...],"max"}].';
+COMMENT ON COLUMN taskrunner.task.rules IS 'Normalised rules: concurrency {"kind","status","fields","max"}; capacity
+{"type":"capacity","kind","status":"running","fields","max"}; rate limit
+{"type":"rate_limit","kind","fields","max","per_seconds"}.';
 
 
 --
@@ -541,6 +578,15 @@ COMMENT ON COLUMN taskrunner.task.backoff_max_seconds IS 'The longest backoff be
 
 COMMENT ON COLUMN taskrunner.task.not_before IS 'A pending task is not claimed before this time (delayed start, retry backoff). Claims
 clear it once due, so NULL means "claimable now" (or never scheduled).';
+
+
+--
+-- Name: COLUMN task.expected_count; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.expected_count IS 'How many items the task expects to process (ArcRun''s expected_count; NULL: not said).
+Capacity rules count the remaining work of running tasks:
+greatest(coalesce(expected_count, 0) - success - failures, 0).';
 
 
 --
@@ -716,6 +762,86 @@ HTTP 400, 404, 409) and a detail ("field: problem" lines).';
 
 
 --
+-- Name: _rate_key(jsonb, jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._rate_key(p_rule jsonb, p_metadata jsonb) RETURNS uuid
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT md5(concat_ws(E'\x1f', p_rule ->> 'kind', p_rule ->> 'per_seconds',
+                         taskrunner._rule_pattern(p_rule, p_metadata)::text))::uuid
+$$;
+
+
+--
+-- Name: FUNCTION _rate_key(p_rule jsonb, p_metadata jsonb); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._rate_key(p_rule jsonb, p_metadata jsonb) IS 'The ledger key (rate_start) of a RateLimit rule for a task with this metadata: the kind,
+the window and the values of the rule''s fields. Rules that differ only in max_starts
+share it, so each counts the starts of the others.';
+
+
+--
+-- Name: _rate_limit_next_free(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._rate_limit_next_free() RETURNS timestamp with time zone
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT min(nth.at + make_interval(secs => (r.rule ->> 'per_seconds')::int))
+    FROM taskrunner._claim_groups g
+    CROSS JOIN LATERAL jsonb_array_elements(g.rules) r(rule)
+    CROSS JOIN LATERAL (
+        -- the max_starts-th newest start in the window: the window frees when it leaves
+        SELECT s.at FROM taskrunner.rate_start s
+        WHERE s.key = taskrunner._rate_key(r.rule, g.metadata)
+          AND s.at > now() - make_interval(secs => (r.rule ->> 'per_seconds')::int)
+        ORDER BY s.at DESC
+        OFFSET (r.rule ->> 'max')::int - 1 LIMIT 1) nth
+    WHERE g.rules @> '[{"type": "rate_limit"}]' AND r.rule ->> 'type' = 'rate_limit'
+$$;
+
+
+--
+-- Name: FUNCTION _rate_limit_next_free(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._rate_limit_next_free() IS 'The earliest time a pending group held back by a full rate-limit window may start (its
+max_starts-th newest start leaves the window); NULL when no pending group is held back by
+one. Workers sleep until then (with next_wakeup()), so a task blocked by a rate window
+starts when the window frees. One probe per pending group (_claim_groups).';
+
+
+--
+-- Name: _record_starts(jsonb, jsonb, uuid[]); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._record_starts(p_rules jsonb, p_metadata jsonb, p_ids uuid[]) RETURNS void
+    LANGUAGE sql
+    AS $$
+    INSERT INTO taskrunner.rate_start (key, at, expires_at, task_id)
+    SELECT taskrunner._rate_key(r, p_metadata), now(),
+           now() + make_interval(secs => (r ->> 'per_seconds')::int), id
+    FROM jsonb_array_elements(p_rules) r, unnest(p_ids) id
+    WHERE r ->> 'type' = 'rate_limit'
+$$;
+
+
+--
+-- Name: FUNCTION _record_starts(p_rules jsonb, p_metadata jsonb, p_ids uuid[]); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._record_starts(p_rules jsonb, p_metadata jsonb, p_ids uuid[]) IS 'Record the starts of p_ids (tasks of one admission group) in rate_start, one row per
+RateLimit rule of the group, at now() (the claim''s transaction time).
+
+Exact under the rule''s lock: a claim at time x counts every row with at > x - per_seconds,
+later ones included (a claim that started earlier may get the lock later). Any window of
+per_seconds that holds x holds only rows with at > x - per_seconds, so each window keeps
+at most max_starts rows.';
+
+
+--
 -- Name: _retry_delay(integer, double precision, double precision); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -745,7 +871,19 @@ CREATE FUNCTION taskrunner._rule_count(p_rule jsonb, p_metadata jsonb) RETURNS b
 DECLARE
     v_count bigint;
 BEGIN
-    IF p_rule ->> 'status' = 'running' THEN
+    IF p_rule ->> 'type' = 'capacity' THEN
+        SELECT coalesce(sum(greatest(coalesce(t.expected_count, 0) - t.success - t.failures,
+                                     0)), 0)
+        INTO v_count FROM taskrunner.task t
+        WHERE t.status = 'running'
+          AND t.kind = p_rule ->> 'kind'
+          AND t.metadata @> taskrunner._rule_pattern(p_rule, p_metadata);
+    ELSIF p_rule ->> 'type' = 'rate_limit' THEN
+        -- every start of the key at or after our own time counts too (see claim_tasks)
+        SELECT count(*) INTO v_count FROM taskrunner.rate_start s
+        WHERE s.key = taskrunner._rate_key(p_rule, p_metadata)
+          AND s.at > now() - make_interval(secs => (p_rule ->> 'per_seconds')::int);
+    ELSIF p_rule ->> 'status' = 'running' THEN
         SELECT count(*) INTO v_count FROM taskrunner.task t
         WHERE t.status = 'running'
           AND t.kind = p_rule ->> 'kind'
@@ -764,11 +902,14 @@ END $$;
 -- Name: FUNCTION _rule_count(p_rule jsonb, p_metadata jsonb); Type: COMMENT; Schema: taskrunner; Owner: -
 --
 
-COMMENT ON FUNCTION taskrunner._rule_count(p_rule jsonb, p_metadata jsonb) IS 'How many tasks a rule counts right now for a task with this metadata. Rules nearly
-always count running tasks: that case has its own query, with the status spelled out so
-the planner can use task_running_metadata_idx, which holds running tasks only; the
-metadata GIN index over all tasks would read every blocked pending task of the group,
-and a count would grow with the backlog.';
+COMMENT ON FUNCTION taskrunner._rule_count(p_rule jsonb, p_metadata jsonb) IS 'A rule''s current count for a task with this metadata, compared with the rule''s max:
+concurrency: matching tasks in the rule''s status; capacity: the remaining work
+(greatest(coalesce(expected_count, 0) - success - failures, 0)) summed over matching
+running tasks; rate limit: starts in the window (rate_start rows of the key with at >
+now() - per_seconds). Running tasks are counted with the status spelled out so the
+planner can use task_running_metadata_idx, which holds running tasks only; the metadata
+GIN index over all tasks would read every blocked pending task of the group, and a count
+would grow with the backlog.';
 
 
 --
@@ -824,6 +965,7 @@ CREATE FUNCTION taskrunner.add_counters(p_updates jsonb) RETURNS integer
     AS $$
 DECLARE
     v_count int;
+    v_freed boolean;
 BEGIN
     WITH u AS (
         SELECT (e ->> 'task_id')::uuid AS id,
@@ -841,9 +983,13 @@ BEGIN
                               ELSE t.started_at END
         FROM u, locked l
         WHERE t.id = u.id AND l.id = u.id
-        RETURNING 1
+        RETURNING t.status = 'running' AND t.expected_count IS NOT NULL AND u.s + u.f > 0
+            AS freed
     )
-    SELECT count(*) INTO v_count FROM upd;
+    SELECT count(*), coalesce(bool_or(freed), false) INTO v_count, v_freed FROM upd;
+    IF v_freed THEN
+        PERFORM pg_notify('taskrunner_task', '');  -- less remaining work: capacity freed
+    END IF;
     RETURN v_count;
 END $$;
 
@@ -854,7 +1000,8 @@ END $$;
 
 COMMENT ON FUNCTION taskrunner.add_counters(p_updates jsonb) IS 'PUT /task: add progress counters to many tasks at once (rows locked in id order, so
 concurrent flushes cannot deadlock). Running tasks also get a heartbeat, and their
-start is acknowledged (started_at), as by update_task.';
+start is acknowledged (started_at), as by update_task. Progress on a running task with
+an expected_count wakes the workers once (capacity rules may admit more).';
 
 
 --
@@ -953,7 +1100,7 @@ BEGIN
         ELSIF NOT taskrunner._lock_group(g.kind, g.rules, false) THEN
             CONTINUE;  -- another claimer holds this group; it will take care of it
         END IF;
-        v_slots := taskrunner._group_slots(g.kind, g.rules, g.metadata);
+        v_slots := taskrunner._group_slots(g.kind, g.rules, g.metadata, g.expected_count);
         IF v_slots <= 0 THEN
             v_blocked := v_blocked + 1;
             CONTINUE;
@@ -975,6 +1122,9 @@ BEGIN
         )
         SELECT array_agg(id) INTO v_batch FROM moved;
         IF v_batch IS NOT NULL THEN
+            IF g.rules @> '[{"type": "rate_limit"}]' THEN
+                PERFORM taskrunner._record_starts(g.rules, g.metadata, v_batch);
+            END IF;
             v_claimed := v_claimed || v_batch;
             v_left := p_max - cardinality(v_claimed);
             EXIT WHEN v_left <= 0;
@@ -1018,8 +1168,11 @@ them in task_pending_claim_idx.
 Exactness: each admission group is claimed under advisory locks on the kinds its rules
 count (see _lock_group), and its free slots are counted after the locks are held; under
 READ COMMITTED every statement of the claim sees the commits of the claims that held the locks
-before us. So when a task with a rule starts, that rule''s count (itself included when
-it matches) is at most max_concurency, whatever the number of claimers.
+before us. So when a task with a rule starts, that rule''s count before the start is below
+its max: concurrency (matching tasks, itself included when it matches, at most max),
+capacity (remaining work of matching running tasks) and rate limit (starts in the
+window, recorded in rate_start by _record_starts under the same locks), whatever the
+number of claimers.
 
 Cost: groups are found with a skip scan over task_pending_claim_idx (one probe per
 group with pending tasks, see _claim_groups), so pending tasks blocked behind a
@@ -1168,7 +1321,7 @@ BEGIN
         INSERT INTO taskrunner.task (id, batch_id, local_id, requester, name, kind, status,
                                      priority, timeout, metadata, rules, admission_key,
                                      deps_total, status_reason, max_attempts, backoff_seconds,
-                                     backoff_max_seconds, not_before)
+                                     backoff_max_seconds, not_before, expected_count)
         SELECT i.new_id, v_batch, i.local_id, p_requester, i.t ->> 'name', i.t ->> 'kind',
                CASE WHEN coalesce(e.n, 0) > 0 THEN 'waiting' ELSE 'pending' END::taskrunner.task_status,
                coalesce((i.t ->> 'priority')::int, 0),
@@ -1177,13 +1330,15 @@ BEGIN
                coalesce(i.t -> 'rules', '[]'),
                taskrunner._admission_key(i.t ->> 'kind', coalesce((i.t ->> 'priority')::int, 0),
                                          coalesce(i.t -> 'rules', '[]'),
-                                         coalesce(i.t -> 'metadata', '{}')),
+                                         coalesce(i.t -> 'metadata', '{}'),
+                                         (i.t ->> 'expected_count')::bigint),
                coalesce(e.n, 0),
                'created',
                coalesce((i.t #>> '{retry,max_attempts}')::int, 1),
                coalesce((i.t #>> '{retry,backoff_seconds}')::float8, 5),
                coalesce((i.t #>> '{retry,backoff_max_seconds}')::float8, 300),
-               CASE WHEN s.not_before > now() THEN s.not_before END
+               CASE WHEN s.not_before > now() THEN s.not_before END,
+               (i.t ->> 'expected_count')::bigint
         FROM ids i
         LEFT JOIN (SELECT child_id, count(*) AS n FROM edges GROUP BY 1) e ON e.child_id = i.new_id
         -- a delay counts from the database's clock; a time already past is no delay
@@ -1507,8 +1662,11 @@ COMMENT ON FUNCTION taskrunner.is_terminal(p_status taskrunner.task_status) IS '
 CREATE FUNCTION taskrunner.next_wakeup() RETURNS timestamp with time zone
     LANGUAGE sql STABLE
     AS $$
-    SELECT min(not_before) FROM taskrunner.task
-    WHERE status = 'pending' AND not_before IS NOT NULL
+    SELECT least(
+        (SELECT min(not_before) FROM taskrunner.task
+         WHERE status = 'pending' AND not_before IS NOT NULL),
+        (SELECT taskrunner._rate_limit_next_free()
+         WHERE EXISTS (SELECT 1 FROM taskrunner.rate_start)))
 $$;
 
 
@@ -1516,9 +1674,10 @@ $$;
 -- Name: FUNCTION next_wakeup(); Type: COMMENT; Schema: taskrunner; Owner: -
 --
 
-COMMENT ON FUNCTION taskrunner.next_wakeup() IS 'The earliest time at which something scheduled may become claimable (a delayed start or
-a retry''s backoff); NULL when nothing is scheduled. Idle workers sleep until then. May be
-in the past: a task fell due and no claim has promoted it yet.';
+COMMENT ON FUNCTION taskrunner.next_wakeup() IS 'The earliest time at which something may become claimable: a delayed start or a retry''s
+backoff falls due, or a full rate-limit window frees (_rate_limit_next_free); NULL when
+nothing is scheduled. Idle workers sleep until then. May be in the past: a task fell due
+and no claim has promoted it yet.';
 
 
 --
@@ -1537,6 +1696,32 @@ $$;
 --
 
 COMMENT ON FUNCTION taskrunner.pause_task(p_id uuid) IS 'Pause a waiting or pending task: claims skip it until resume_task().';
+
+
+--
+-- Name: prune_rate_starts(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.prune_rate_starts() RETURNS integer
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_deleted int;
+BEGIN
+    -- a margin: a claim counts from its transaction's start, which may be a little older
+    -- than ours
+    DELETE FROM taskrunner.rate_start WHERE expires_at < now() - interval '5 minutes';
+    GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    RETURN v_deleted;
+END $$;
+
+
+--
+-- Name: FUNCTION prune_rate_starts(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.prune_rate_starts() IS 'Housekeeping (the worker''s tick): delete rate_start rows that no window counts any more
+(expired more than 5 minutes ago); returns how many.';
 
 
 --
@@ -1824,6 +2009,14 @@ BEGIN
     IF jsonb_typeof(p_rules) IS DISTINCT FROM 'array' THEN
         PERFORM taskrunner._raise('TR400', 'invalid rules', 'rules: must be an array');
     END IF;
+    SELECT string_agg(format('rules[%s].matcher.kind: a RateLimit counts the starts of the '
+                             'tasks that carry it: must be %s', ord - 1, p_kind), E'\n')
+    INTO v_bad
+    FROM jsonb_array_elements(p_rules) WITH ORDINALITY r(rule, ord)
+    WHERE r.rule ->> 'type' = 'rate_limit' AND r.rule ->> 'kind' IS DISTINCT FROM p_kind;
+    IF v_bad IS NOT NULL THEN
+        PERFORM taskrunner._raise('TR400', 'invalid rules', v_bad);
+    END IF;
 
     PERFORM 1 FROM taskrunner.task
     WHERE batch_id = p_batch AND kind = p_kind AND NOT taskrunner.is_terminal(status)
@@ -1849,10 +2042,28 @@ BEGIN
         PERFORM taskrunner._raise('TR400', 'rule fields missing from metadata', v_bad);
     END IF;
 
+    -- a capacity rule counts expected_count: every task it goes on must have one
+    SELECT string_agg(format('rules[%s]: a Capacity rule needs expected_count, which %s '
+                             'task(s) of the batch do not have, e.g. %s', r.ord - 1, n, example),
+                      E'\n' ORDER BY r.ord)
+    INTO v_bad
+    FROM jsonb_array_elements(p_rules) WITH ORDINALITY r(rule, ord)
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS n, min(t.id::text) AS example
+        FROM taskrunner.task t
+        WHERE t.batch_id = p_batch AND t.kind = p_kind AND NOT taskrunner.is_terminal(t.status)
+          AND t.expected_count IS NULL
+        HAVING count(*) > 0) bad
+    WHERE r.rule ->> 'type' = 'capacity';
+    IF v_bad IS NOT NULL THEN
+        PERFORM taskrunner._raise('TR400', 'tasks without expected_count', v_bad);
+    END IF;
+
     WITH changed AS (
         UPDATE taskrunner.task
         SET rules = p_rules,
-            admission_key = taskrunner._admission_key(kind, priority, p_rules, metadata)
+            admission_key = taskrunner._admission_key(kind, priority, p_rules, metadata,
+                                                      expected_count)
         WHERE batch_id = p_batch AND kind = p_kind AND NOT taskrunner.is_terminal(status)
         RETURNING status
     )
@@ -2140,6 +2351,28 @@ END $$;
 
 
 --
+-- Name: tg_task__capacity_key(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.tg_task__capacity_key() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    NEW.admission_key := taskrunner._admission_key(NEW.kind, NEW.priority, NEW.rules,
+                                                   NEW.metadata, NEW.expected_count);
+    RETURN NEW;
+END $$;
+
+
+--
+-- Name: FUNCTION tg_task__capacity_key(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.tg_task__capacity_key() IS 'Trigger: a task with a capacity rule whose expected_count changes gets its admission key
+recomputed (the key includes the expected_count, see _admission_key).';
+
+
+--
 -- Name: tg_task__freeze_rule_fields(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -2405,10 +2638,10 @@ others.';
 
 
 --
--- Name: update_task(uuid, taskrunner.task_status, bigint, bigint, jsonb, text, boolean); Type: FUNCTION; Schema: taskrunner; Owner: -
+-- Name: update_task(uuid, taskrunner.task_status, bigint, bigint, jsonb, text, boolean, bigint); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
-CREATE FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status DEFAULT NULL::taskrunner.task_status, p_new_success bigint DEFAULT NULL::bigint, p_new_failures bigint DEFAULT NULL::bigint, p_metadata jsonb DEFAULT NULL::jsonb, p_failure_reason text DEFAULT NULL::text, p_retryable boolean DEFAULT NULL::boolean) RETURNS taskrunner.task
+CREATE FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status DEFAULT NULL::taskrunner.task_status, p_new_success bigint DEFAULT NULL::bigint, p_new_failures bigint DEFAULT NULL::bigint, p_metadata jsonb DEFAULT NULL::jsonb, p_failure_reason text DEFAULT NULL::text, p_retryable boolean DEFAULT NULL::boolean, p_expected_count bigint DEFAULT NULL::bigint) RETURNS taskrunner.task
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -2428,6 +2661,17 @@ BEGIN
         PERFORM taskrunner._raise('TR400', 'invalid retryable',
                                   'retryable: only allowed when status is Failure');
     END IF;
+    IF p_expected_count < 0 THEN
+        PERFORM taskrunner._raise('TR400', 'invalid expected_count',
+                                  'expected_count: must be at least 0');
+    END IF;
+    IF p_expected_count IS NOT NULL THEN
+        -- a larger expected_count grows the remaining work that capacity rules of the
+        -- task's kind count: change it under the lock their claims take (_lock_group),
+        -- before the row lock, in the order claims take them
+        PERFORM pg_advisory_xact_lock(hashtextextended('taskrunner.kind:' || t.kind, 0))
+        FROM taskrunner.task t WHERE t.id = p_id;
+    END IF;
     SELECT status INTO v_status FROM taskrunner.task WHERE id = p_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         PERFORM taskrunner._raise('TR404', format('task %s not found', p_id));
@@ -2441,6 +2685,7 @@ BEGIN
     SET success = success + coalesce(p_new_success, 0),
         failures = failures + coalesce(p_new_failures, 0),
         metadata = coalesce(p_metadata, metadata),
+        expected_count = coalesce(p_expected_count, expected_count),
         status = coalesce(p_status, status),
         failure_reason = CASE WHEN p_status = 'failure' THEN p_failure_reason ELSE failure_reason END,
         status_reason = CASE WHEN p_status IS NULL THEN status_reason
@@ -2455,17 +2700,23 @@ BEGIN
         last_updated = now()
     WHERE id = p_id
     RETURNING * INTO v_task;
+    IF v_task.status = 'running' AND v_task.expected_count IS NOT NULL
+       AND (p_new_success > 0 OR p_new_failures > 0 OR p_expected_count IS NOT NULL) THEN
+        PERFORM pg_notify('taskrunner_task', '');  -- less remaining work: capacity freed
+    END IF;
     RETURN v_task;
 END $$;
 
 
 --
--- Name: FUNCTION update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text, p_retryable boolean); Type: COMMENT; Schema: taskrunner; Owner: -
+-- Name: FUNCTION update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text, p_retryable boolean, p_expected_count bigint); Type: COMMENT; Schema: taskrunner; Owner: -
 --
 
-COMMENT ON FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text, p_retryable boolean) IS 'PATCH /task/{id}: counters, metadata and the outcome of a running task. A report
-acknowledges the start (started_at), so tick() does not restart the task. A failure with
-runs left is retried (see tg_task__retry) unless p_retryable is false.';
+COMMENT ON FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text, p_retryable boolean, p_expected_count bigint) IS 'PATCH /task/{id}: counters, metadata, expected_count (>= 0) and the outcome of a running
+task. A report acknowledges the start (started_at), so tick() does not restart the task.
+A failure with runs left is retried (see tg_task__retry) unless p_retryable is false.
+Progress on a task with an expected_count wakes the workers (capacity rules may admit
+more).';
 
 
 --
@@ -2540,14 +2791,16 @@ CREATE VIEW taskrunner._claim_groups AS
     h.rules,
     h.metadata,
     h.priority,
-    h.seq
+    h.seq,
+    h.expected_count
    FROM (keys
      CROSS JOIN LATERAL ( SELECT t.admission_key,
             t.kind,
             t.rules,
             t.metadata,
             t.priority,
-            t.seq
+            t.seq,
+            t.expected_count
            FROM taskrunner.task t
           WHERE ((t.status = 'pending'::taskrunner.task_status) AND (t.not_before IS NULL) AND (t.admission_key = keys.k))
           ORDER BY t.priority DESC, t.seq
@@ -2873,6 +3126,28 @@ COMMENT ON VIEW taskrunner.delivery_problems IS 'Deliveries that are retrying or
 
 
 --
+-- Name: rate_start; Type: TABLE; Schema: taskrunner; Owner: -
+--
+
+CREATE TABLE taskrunner.rate_start (
+    key uuid NOT NULL,
+    at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    task_id uuid NOT NULL
+);
+
+
+--
+-- Name: TABLE rate_start; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TABLE taskrunner.rate_start IS 'One row per start of a task under each of its RateLimit rules (key: _rate_key), written
+by claim_tasks under the rule''s lock; at is the claim''s transaction time (the task''s
+claimed_at). Rows past expires_at (at + per_seconds) no longer count; prune_rate_starts()
+deletes them.';
+
+
+--
 -- Name: running_tasks; Type: VIEW; Schema: taskrunner; Owner: -
 --
 
@@ -3092,6 +3367,20 @@ CREATE INDEX dependency_child_idx ON taskrunner.dependency USING btree (child_id
 
 
 --
+-- Name: rate_start_expires_idx; Type: INDEX; Schema: taskrunner; Owner: -
+--
+
+CREATE INDEX rate_start_expires_idx ON taskrunner.rate_start USING btree (expires_at);
+
+
+--
+-- Name: rate_start_key_at_idx; Type: INDEX; Schema: taskrunner; Owner: -
+--
+
+CREATE INDEX rate_start_key_at_idx ON taskrunner.rate_start USING btree (key, at);
+
+
+--
 -- Name: task_batch_idx; Type: INDEX; Schema: taskrunner; Owner: -
 --
 
@@ -3234,6 +3523,13 @@ CREATE TRIGGER _110_freeze_rule_fields BEFORE UPDATE OF metadata ON taskrunner.t
 
 
 --
+-- Name: task _120_capacity_key; Type: TRIGGER; Schema: taskrunner; Owner: -
+--
+
+CREATE TRIGGER _120_capacity_key BEFORE UPDATE OF expected_count ON taskrunner.task FOR EACH ROW WHEN (((old.expected_count IS DISTINCT FROM new.expected_count) AND (new.rules @> '[{"type": "capacity"}]'::jsonb))) EXECUTE FUNCTION taskrunner.tg_task__capacity_key();
+
+
+--
 -- Name: task _500_batch_counts_delete; Type: TRIGGER; Schema: taskrunner; Owner: -
 --
 
@@ -3354,4 +3650,5 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261127140000'),
     ('20261127140100'),
     ('20261128100000'),
+    ('20261128120000'),
     ('20261128140000');

@@ -38,7 +38,7 @@ LIMIT %(limit)s::int OFFSET %(offset)s::int;
 -- name: update_task
 SELECT * FROM taskrunner.update_task(%(id)s::uuid, %(status)s::taskrunner.task_status,
     %(new_success)s::bigint, %(new_failures)s::bigint, %(metadata)s::jsonb,
-    %(failure_reason)s::text, %(retryable)s::boolean);
+    %(failure_reason)s::text, %(retryable)s::boolean, %(expected_count)s::bigint);
 
 -- name: cancel_task
 SELECT * FROM taskrunner.cancel_task(%(id)s::uuid);
@@ -80,9 +80,10 @@ SELECT * FROM taskrunner.retry_delivery(%(delivery_id)s::uuid);
 
 -- name: tick
 -- Housekeeping: timeouts and expired leases (a lease that expired is an attempt: gives up
--- at max_attempts), then fold the batch count deltas.
+-- at max_attempts), then fold the batch count deltas and prune the rate-limit ledger.
 SELECT taskrunner.tick(%(max_attempts)s::int) AS result,
-       taskrunner.fold_batch_deltas() AS batch_deltas_folded;
+       taskrunner.fold_batch_deltas() AS batch_deltas_folded,
+       taskrunner.prune_rate_starts() AS rate_starts_pruned;
 
 -- name: next_wakeup
 -- Seconds until the earliest scheduled task (delayed start, retry backoff) falls due, by
@@ -154,7 +155,10 @@ ORDER BY s.first_seq DESC
 LIMIT %(limit)s::int OFFSET %(offset)s::int;
 
 -- name: get_batch
-SELECT * FROM taskrunner.batch_summary WHERE batch_id = %(id)s::uuid;
+-- total_expected: summed over the batch's tasks (task_batch_idx), null when none has one.
+SELECT s.*, (SELECT sum(t.expected_count)::bigint FROM taskrunner.task t
+             WHERE t.batch_id = s.batch_id) AS total_expected
+FROM taskrunner.batch_summary s WHERE s.batch_id = %(id)s::uuid;
 
 -- name: stop_batch
 SELECT * FROM taskrunner.stop_batch(%(id)s::uuid);
@@ -166,7 +170,7 @@ SELECT taskrunner.set_batch_rules(%(id)s::uuid, %(kind)s::text, %(rules)s::jsonb
 -- name: batch_tasks
 -- The DAG's nodes: the fields of ArcRun's BasicTaskDto, in creation order.
 SELECT id, name, kind, status, created_at, started_at, ended_at, success, failures,
-       batch_id, priority
+       expected_count, batch_id, priority
 FROM taskrunner.task WHERE batch_id = %(id)s::uuid ORDER BY seq;
 
 -- name: batch_links

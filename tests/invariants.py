@@ -227,3 +227,68 @@ def assert_counters(conn: psycopg.Connection, expected: Mapping[str, tuple[int, 
         f"{len(wrong)} counters off (actual, expected), e.g. {list(wrong.items())[:5]}"
     )
     return sum(s + f for s, f in expected.values())
+
+
+def assert_capacity_respected(conn: psycopg.Connection, kind: str, field: str, limit: int) -> int:
+    """A Capacity rule on ``kind`` by metadata ``field``, from task_history: when each task
+    started, the expected counts of the tasks of its key then running summed below
+    ``limit``. For scenarios whose counters move only at a task's end (so the remaining
+    work of a running task is its expected count). Returns the highest such sum."""
+    rows = conn.execute(
+        """
+        WITH iv AS (
+            SELECT h.task_id, t.metadata -> %s AS k, t.expected_count AS e, h.at AS s,
+                   coalesce((SELECT min(n.at) FROM taskrunner.task_history n
+                             WHERE n.task_id = h.task_id AND n.from_status = 'running'
+                               AND n.id > h.id), 'infinity') AS f
+            FROM taskrunner.task_history h JOIN taskrunner.task t ON t.id = h.task_id
+            WHERE h.to_status = 'running' AND t.kind = %s)
+        SELECT a.task_id, a.k, coalesce(sum(b.e), 0) AS before
+        FROM iv a LEFT JOIN iv b ON b.k = a.k AND b.task_id <> a.task_id
+                                AND b.s < a.s AND b.f > a.s
+        GROUP BY a.task_id, a.k
+        """,
+        (field, kind),
+    ).fetchall()
+    over = [r for r in rows if r["before"] >= limit]
+    assert not over, f"capacity {limit} exceeded at a start: {over[:5]}"
+    return max(r["before"] for r in rows)
+
+
+def assert_rate_respected(conn: psycopg.Connection, kind: str, limit: int, window: int) -> int:
+    """Every claim of ``kind`` (task_history) has its rate_start row, and no window of
+    ``window`` seconds holds more than ``limit`` of a key's starts. Returns the most starts
+    of a key seen in one window."""
+    missing = conn.execute(
+        """
+        SELECT h.task_id FROM taskrunner.task_history h JOIN taskrunner.task t ON t.id = h.task_id
+        WHERE h.to_status = 'running' AND t.kind = %s
+        GROUP BY h.task_id
+        HAVING count(*) <> (SELECT count(*) FROM taskrunner.rate_start s
+                            WHERE s.task_id = h.task_id)
+        """,
+        (kind,),
+    ).fetchall()
+    assert not missing, f"starts not in the ledger: {missing[:5]}"
+    over = conn.execute(
+        """
+        SELECT key, at, next_at FROM (
+            SELECT key, at, lead(at, %s) OVER (PARTITION BY key ORDER BY at) AS next_at
+            FROM taskrunner.rate_start
+            WHERE task_id IN (SELECT id FROM taskrunner.task WHERE kind = %s)) s
+        WHERE next_at - at < make_interval(secs => %s)
+        """,
+        (limit, kind, window),
+    ).fetchall()
+    assert not over, f"more than {limit} starts in {window}s: {over[:5]}"
+    return conn.execute(
+        """
+        SELECT max(n) AS n FROM (
+            SELECT count(*) OVER (PARTITION BY key ORDER BY at
+                                  RANGE BETWEEN make_interval(secs => %s) PRECEDING
+                                  AND CURRENT ROW) AS n
+            FROM taskrunner.rate_start
+            WHERE task_id IN (SELECT id FROM taskrunner.task WHERE kind = %s)) s
+        """,
+        (window * 0.999, kind),
+    ).fetchone()["n"]

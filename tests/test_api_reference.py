@@ -25,6 +25,8 @@ OBJECTS = {
     "## Rule": SCHEMAS["rule"],
     "## Matcher": SCHEMAS["rule"]["properties"]["matcher"],
     "## Retry": _TASK["properties"]["retry"],
+    "## Capacity rule": SCHEMAS["capacity_rule"],
+    "## RateLimit rule": SCHEMAS["rate_limit_rule"],
     "## PATCH /task/{id}": SCHEMAS["patch"],
     "## PUT /task": SCHEMAS["put_item"],
 }

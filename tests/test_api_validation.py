@@ -373,6 +373,7 @@ def test_update_input_normalises():
             "new_success": 2,
             "new_failures": None,
             "metadata": {"a": 1},
+            "expected_count": 7,
         }
     ) == {
         "status": "failure",
@@ -381,6 +382,7 @@ def test_update_input_normalises():
         "metadata": '{"a": 1}',
         "failure_reason": "x",
         "retryable": None,
+        "expected_count": 7,
     }
     assert update_input({})["status"] is None
     assert update_input({"status": "Failure", "retryable": False})["retryable"] is False

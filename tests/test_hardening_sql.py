@@ -46,6 +46,7 @@ def report(conn, task_id, status=None, reason=None, metadata=None, new_success=N
             "metadata": json.dumps(metadata) if metadata is not None else None,
             "failure_reason": reason,
             "retryable": None,
+            "expected_count": None,
         },
     ).fetchone()
 

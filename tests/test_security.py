@@ -600,6 +600,71 @@ LIMIT_CASES = [
         "[0].rules[0].Concurency.max_concurency: must be at most 1000000",
     ),
     (
+        "max_capacity",
+        _post(
+            [
+                spec(
+                    expected_count=1,
+                    rules=[
+                        {
+                            "Capacity": {
+                                "matcher": {"kind": "k", "status": "Running"},
+                                "max_capacity": L["max_capacity"] + 1,
+                            }
+                        }
+                    ],
+                )
+            ]
+        ),
+        400,
+        "[0].rules[0].Capacity.max_capacity: must be at most 1000000000000",
+    ),
+    (
+        "expected_count",
+        ("PATCH", "/task/{id}", {"expected_count": L["expected_count"] + 1}, {}),
+        400,
+        "expected_count: must be at most 1000000000000",
+    ),
+    (
+        "max_starts",
+        _post(
+            [
+                spec(
+                    rules=[
+                        {
+                            "RateLimit": {
+                                "matcher": {"kind": "k"},
+                                "max_starts": L["max_starts"] + 1,
+                                "per_seconds": 1,
+                            }
+                        }
+                    ]
+                )
+            ]
+        ),
+        400,
+        "[0].rules[0].RateLimit.max_starts: must be at most 1000000",
+    ),
+    (
+        "per_seconds",
+        _post(
+            [
+                spec(
+                    rules=[
+                        {
+                            "type": "RateLimit",
+                            "matcher": {"kind": "k"},
+                            "max_starts": 1,
+                            "per_seconds": L["per_seconds"] + 1,
+                        }
+                    ]
+                )
+            ]
+        ),
+        400,
+        "[0].rules[0].per_seconds: must be at most 86400",
+    ),
+    (
         "counter_increment",
         ("PATCH", "/task/{id}", {"new_success": L["counter_increment"] + 1}, {}),
         400,

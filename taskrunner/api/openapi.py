@@ -73,6 +73,7 @@ _TASK = {
     "timeout": _INT,
     "metadata": {"type": "object"},
     "rules": {"type": "array", "items": {"type": "object"}},
+    "expected_count": _nullable(_INT),
     "success": _INT,
     "failures": _INT,
     "failure_reason": _nullable(_STRING),
@@ -104,9 +105,18 @@ _SCHEMAS: dict[str, dict] = {
     "Rule": {
         "type": "object",
         "description": (
-            'A concurrency rule: {"Concurency": {"matcher": {kind, status, fields}, '
-            '"max_concurency": N}} or {"type": "Concurency", "matcher": ..., '
-            '"max_concurency": N}; the spellings Concurrency/max_concurrency are accepted.'
+            'A rule, externally tagged ({"Concurency": {...}}) or internally tagged '
+            '({"type": "Concurency", ...}); responses use the external form. '
+            'Concurency: {"matcher": {kind, status, fields}, "max_concurency": N} (the '
+            "spellings Concurrency/max_concurrency are accepted): a start is admitted while "
+            "fewer than N matching tasks are in matcher.status. "
+            'Capacity: {"matcher": {kind, status: Running, fields}, "max_capacity": N}: '
+            "a start is admitted while the remaining work of matching running tasks "
+            "(max(expected_count - success - failures, 0), summed) is below N; the task "
+            "must set expected_count. "
+            'RateLimit: {"matcher": {kind, fields}, "max_starts": N, "per_seconds": S}: at '
+            "most N starts of the task's kind with the same field values in any window of "
+            "S seconds (matcher.kind is the task's own kind)."
         ),
     },
     "Task": _object(_TASK),
@@ -222,8 +232,8 @@ _SCHEMAS.update(
                 "total_success": _INT,
                 "total_failures": _INT,
                 "total_expected": {
-                    "type": "null",
-                    "description": "Always null: tasks have no expected_count yet",
+                    **_nullable(_INT),
+                    "description": "Sum of the tasks' expected_count; null when none has one",
                 },
                 "status_counts": _ref("StatusCounts"),
                 "kinds": {"type": "array", "items": _STRING},
@@ -256,7 +266,7 @@ _SCHEMAS.update(
                 "ended_at": _nullable(_TIME),
                 "success": _INT,
                 "failures": _INT,
-                "expected_count": {"type": "null", "description": "Always null (not yet)"},
+                "expected_count": _nullable(_INT),
                 "batch_id": _UUID_OUT,
                 "dead_end_barrier": {"type": "boolean", "description": "Always false"},
                 "priority": _INT,

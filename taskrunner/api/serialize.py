@@ -37,12 +37,19 @@ def _fields(row: dict, names: str, **derived: Any) -> dict:
 
 
 def rule(rule: dict) -> dict:
-    """A stored rule ``{kind,status,fields,max}`` in the seed's form."""
-    matcher = {
-        "kind": rule["kind"],
-        "status": status_label(rule["status"]),
-        "fields": rule.get("fields", []),
-    }
+    """A stored rule (docs/sql.md "Rules") in the seed's externally tagged form."""
+    matcher = {"kind": rule["kind"], "fields": rule.get("fields", [])}
+    if rule.get("type") == "rate_limit":
+        return {
+            "RateLimit": {
+                "matcher": matcher,
+                "max_starts": rule["max"],
+                "per_seconds": rule["per_seconds"],
+            }
+        }
+    matcher = {"kind": rule["kind"], "status": status_label(rule["status"]), **matcher}
+    if rule.get("type") == "capacity":
+        return {"Capacity": {"matcher": matcher, "max_capacity": rule["max"]}}
     return {"Concurency": {"matcher": matcher, "max_concurency": rule["max"]}}
 
 
@@ -51,8 +58,8 @@ def task(row: dict) -> dict:
     return _fields(
         row,
         "id local_id batch_id requester name kind status status_reason priority timeout"
-        " metadata rules success failures failure_reason created_at started_at ended_at"
-        " last_updated attempt retry not_before",
+        " metadata rules expected_count success failures failure_reason created_at started_at"
+        " ended_at last_updated attempt retry not_before",
         status=status_label(row["status"]),
         rules=[rule(r) for r in row["rules"]],
         retry={
@@ -157,26 +164,24 @@ def batch_summary(row: dict) -> dict:
 
 
 def batch_stats(row: dict) -> dict:
-    """``GET /batch/{id}`` (ArcRun's ``BatchStatsDto``, plus kinds and times). Tasks have no
-    ``expected_count`` yet, so ``total_expected`` is always null."""
+    """``GET /batch/{id}`` (ArcRun's ``BatchStatsDto``, plus kinds and times);
+    ``total_expected``: the sum of the tasks' ``expected_count``, null when none has one."""
     return _fields(
         row,
         "batch_id total_tasks total_success total_failures total_expected status_counts"
         " kinds first_created_at latest_updated_at",
-        total_expected=None,
         status_counts=status_counts(row),
     )
 
 
 def basic_task(row: dict) -> dict:
-    """ArcRun's ``BasicTaskDto`` (a DAG node). We have no ``expected_count`` and no dead-end
-    cancellation: those fields are always null and false."""
+    """ArcRun's ``BasicTaskDto`` (a DAG node). We have no dead-end cancellation:
+    ``dead_end_barrier`` is always false."""
     return _fields(
         row,
         "id name kind status created_at started_at ended_at success failures expected_count"
         " batch_id dead_end_barrier priority",
         status=status_label(row["status"]),
-        expected_count=None,
         dead_end_barrier=False,
     )
 

@@ -47,7 +47,11 @@ LIMITS: dict[str, int] = {
     "filter_chars": 200,  # GET /task kind and name filters
     "requester_chars": 200,  # X-Requester header
     "failure_reason_chars": 10_000,  # PATCH failure_reason
-    "max_concurency": 1_000_000,  # a rule's limit
+    "max_concurency": 1_000_000,  # a Concurency rule's limit
+    "max_capacity": 1_000_000_000_000,  # a Capacity rule's limit
+    "expected_count": 1_000_000_000_000,  # a task's expected_count
+    "max_starts": 1_000_000,  # a RateLimit rule's starts per window
+    "per_seconds": 86_400,  # a RateLimit rule's window (s)
     "counter_increment": 1_000_000_000,  # new_success / new_failures per request
     "per_page": 500,  # GET /task page size
     "page": 1_000_000,  # GET /task page number
@@ -55,8 +59,21 @@ LIMITS: dict[str, int] = {
 }
 
 DEFAULT_PER_PAGE = 50
-_RULE_NAMES = {"concurency", "concurrency"}
+# rule tags (any letter case) -> the canonical name; the schema of each one's body
+_RULE_NAMES = {
+    "concurency": "Concurency",
+    "concurrency": "Concurency",
+    "capacity": "Capacity",
+    "ratelimit": "RateLimit",
+}
+_RULE_SCHEMAS = {"Concurency": "rule", "Capacity": "capacity_rule", "RateLimit": "rate_limit_rule"}
 _MAX_KEYS = ("max_concurency", "max_concurrency")
+_RULE_FORMS = (
+    '{"Concurency": {"matcher": ..., "max_concurency": N}}, '
+    '{"Capacity": {"matcher": ..., "max_capacity": N}}, '
+    '{"RateLimit": {"matcher": ..., "max_starts": N, "per_seconds": S}} '
+    '(or flat, with "type": "Concurency", "Capacity" or "RateLimit")'
+)
 # the task fields that hold a list of actions -> their event
 _ACTION_LISTS = {field: event for event, field in vocab.ACTION_FIELDS.items() if event != "start"}
 
@@ -132,6 +149,22 @@ _RULE_BODY = _object(
     {"matcher": _MATCHER, **{k: _int(1, LIMITS["max_concurency"]) for k in _MAX_KEYS}},
     required=["matcher"],
 )
+_CAPACITY_BODY = _object(
+    {"matcher": _MATCHER, "max_capacity": _int(1, LIMITS["max_capacity"])},
+    required=["matcher", "max_capacity"],
+)
+# a rate limit counts starts, so its matcher has no status
+_RATE_LIMIT_BODY = _object(
+    {
+        "matcher": _object(
+            {k: v for k, v in _MATCHER["properties"].items() if k != "status"},
+            required=["kind"],
+        ),
+        "max_starts": _int(1, LIMITS["max_starts"]),
+        "per_seconds": _int(1, LIMITS["per_seconds"]),
+    },
+    required=["matcher", "max_starts", "per_seconds"],
+)
 
 
 def _action(event: str) -> dict:
@@ -186,6 +219,7 @@ _TASK = _object(
         "kind": _text(LIMITS["kind_chars"]),
         "timeout": _int(*vocab.TIMEOUT_SECONDS),
         "priority": _int(*vocab.PRIORITY_RANGE),
+        "expected_count": _int(0, LIMITS["expected_count"]),
         "metadata": {"type": "object"},
         "on_start": _action("start"),
         **{field: _actions_list(event) for field, event in _ACTION_LISTS.items()},
@@ -220,6 +254,7 @@ _PATCH = _object(
         "metadata": {"type": "object"},
         "failure_reason": _text(LIMITS["failure_reason_chars"]),
         "retryable": {"type": "boolean"},
+        "expected_count": _int(0, LIMITS["expected_count"]),
     }
 )
 _COUNTERS = _object({"new_success": _COUNT, "new_failures": _COUNT})
@@ -236,6 +271,8 @@ _BATCH_RULES = _object(
 SCHEMAS: dict[str, dict] = {
     "batch": _BATCH,
     "rule": _RULE_BODY,
+    "capacity_rule": _CAPACITY_BODY,
+    "rate_limit_rule": _RATE_LIMIT_BODY,
     "patch": _PATCH,
     "counters": _COUNTERS,
     "put_item": _PUT_ITEM,
@@ -452,40 +489,65 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _rule(raw: dict, base: list[Any]) -> tuple[dict | None, list[Any], list[str]]:
-    """One rule in either accepted form -> (normalised rule, path of its body, errors)."""
+    """One rule in any accepted form -> (normalised rule, path of its body, errors). The
+    checks that need the task (its kind, metadata, expected_count) are ``_rule_task_errors``."""
     if "type" in raw:
         tag = raw["type"]
-        if not (isinstance(tag, str) and tag.lower() in _RULE_NAMES):
-            return None, base, [f"{path_text([*base, 'type'])}: must be Concurency"]
+        name = _RULE_NAMES.get(tag.lower()) if isinstance(tag, str) else None
+        if name is None:
+            return (
+                None,
+                base,
+                [f"{path_text([*base, 'type'])}: must be Concurency, Capacity or RateLimit"],
+            )
         body, body_path = {k: v for k, v in raw.items() if k != "type"}, base
     elif len(raw) == 1 and next(iter(raw)).lower() in _RULE_NAMES:
         key = next(iter(raw))
+        name = _RULE_NAMES[key.lower()]
         body, body_path = raw[key], [*base, key]
     else:
-        return (
-            None,
-            base,
-            [
-                f'{path_text(base)}: must be {{"Concurency": {{"matcher": ..., '
-                f'"max_concurency": N}}}} or {{"type": "Concurency", "matcher": ..., '
-                f'"max_concurency": N}}'
-            ],
-        )
-    errors = schema_errors("rule", body, body_path)
+        return None, base, [f"{path_text(base)}: must be {_RULE_FORMS}"]
+    errors = schema_errors(_RULE_SCHEMAS[name], body, body_path)
     if errors:
         return None, body_path, errors
+    matcher = body["matcher"]
+    common = {"kind": matcher["kind"], "fields": matcher.get("fields", [])}
+    if name == "RateLimit":
+        rule = {"type": "rate_limit", **common, "max": body["max_starts"]}
+        return {**rule, "per_seconds": body["per_seconds"]}, body_path, []
+    status = matcher["status"].lower()
+    if name == "Capacity":
+        if status != "running":
+            at = path_text([*body_path, "matcher", "status"])
+            return None, body_path, [f"{at}: must be Running (capacity counts running tasks)"]
+        return (
+            {"type": "capacity", **common, "status": status, "max": body["max_capacity"]},
+            body_path,
+            [],
+        )
     limits = [body[k] for k in _MAX_KEYS if k in body]
     if len(limits) != 1:
         problem = "is required" if not limits else "give max_concurency only once"
         return None, body_path, [f"{path_text([*body_path, 'max_concurency'])}: {problem}"]
-    matcher = body["matcher"]
-    rule = {
-        "kind": matcher["kind"],
-        "status": matcher["status"].lower(),
-        "fields": matcher.get("fields", []),
-        "max": int(limits[0]),
-    }
-    return rule, body_path, []
+    return {**common, "status": status, "max": int(limits[0])}, body_path, []
+
+
+def _rule_task_errors(
+    rule: dict, kind: str, expected_count: int | None, rule_path: list[Any], task_path: list[Any]
+) -> list[str]:
+    """What a rule asks of the task that carries it: a Capacity rule, an expected_count; a
+    RateLimit, the task's own kind (it counts the starts of the tasks that carry it)."""
+    if rule.get("type") == "capacity" and expected_count is None:
+        return [
+            f"{path_text([*task_path, 'expected_count'])}: is required by the Capacity rule "
+            f"{path_text(rule_path)}"
+        ]
+    if rule.get("type") == "rate_limit" and rule["kind"] != kind:
+        return [
+            f"{path_text([*rule_path, 'matcher', 'kind'])}: must be the task's kind '{kind}' "
+            "(a RateLimit counts the starts of the tasks that carry it)"
+        ]
+    return []
 
 
 def _rule_field_errors(rule: dict, metadata: Mapping, matcher_path: list[Any]) -> list[str]:
@@ -667,6 +729,7 @@ def _task(
     for j, raw in enumerate(task.get("rules", [])):
         rule, rule_path, _ = _rule(raw, [i, "rules", j])
         errors += _rule_field_errors(rule, metadata, rule_path)
+        errors += _rule_task_errors(rule, task["kind"], task.get("expected_count"), rule_path, [i])
         rules.append(rule)
     actions, action_errors = _actions(task, i, policy)
     deps, dep_errors = _dependencies(task, i, local_ids)
@@ -690,6 +753,8 @@ def _task(
         "retry": retry,
         **schedule,
     }
+    if "expected_count" in task:
+        normalised["expected_count"] = int(task["expected_count"])
     return normalised, errors + action_errors + dep_errors + retry_errors + schedule_errors
 
 
@@ -777,6 +842,7 @@ def update_input(body: Any) -> dict:
         "failure_reason": reason,
         # true/false only with Failure: update_task owns that rule too
         "retryable": body.get("retryable"),
+        "expected_count": _optional_int(body.get("expected_count")),
     }
 
 
@@ -912,8 +978,9 @@ def batch_rules_input(body: Any) -> dict:
         raise Invalid(errors)
     rules = []
     for j, raw in enumerate(body["rules"]):
-        rule, _, rule_errors = _rule(raw, ["rules", j])
-        errors += rule_errors
+        rule, rule_path, rule_errors = _rule(raw, ["rules", j])
+        # a Capacity rule's expected_count is checked by set_batch_rules (it sees the tasks)
+        errors += rule_errors or _rule_task_errors(rule, body["kind"], 0, rule_path, [])
         rules.append(rule)
     if errors:
         raise Invalid(errors)

@@ -15,7 +15,15 @@ retries where they are safe, paging iterators, and a ``Batch`` builder.
 """
 
 from taskrunner.client.aio import AsyncClient
-from taskrunner.client.builder import Batch, CycleError, TaskSpec, concurrency, webhook
+from taskrunner.client.builder import (
+    Batch,
+    CycleError,
+    TaskSpec,
+    capacity,
+    concurrency,
+    rate_limit,
+    webhook,
+)
 from taskrunner.client.core import DEFAULT_URL, NO_RETRIES, RetryPolicy
 from taskrunner.client.errors import (
     ApiError,
@@ -78,6 +86,8 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "Unreachable",
+    "capacity",
     "concurrency",
+    "rate_limit",
     "webhook",
 ]

@@ -57,6 +57,23 @@ def concurrency(
     return {"Concurency": {"matcher": matcher, "max_concurency": max}}
 
 
+def capacity(kind: str, max: int, *, fields: Iterable[str] = ()) -> dict[str, Any]:
+    """A capacity rule: the remaining work (``expected_count - success - failures``) of
+    running tasks of ``kind`` sharing the task's values for ``fields`` stays below ``max``
+    at each start. The task needs an ``expected_count``."""
+    matcher = {"kind": kind, "status": "Running", "fields": list(fields)}
+    return {"Capacity": {"matcher": matcher, "max_capacity": max}}
+
+
+def rate_limit(
+    kind: str, max_starts: int, per_seconds: int, *, fields: Iterable[str] = ()
+) -> dict[str, Any]:
+    """A rate limit: at most ``max_starts`` starts of ``kind`` (the task's own) sharing the
+    task's values for ``fields`` in any window of ``per_seconds`` seconds."""
+    matcher = {"kind": kind, "fields": list(fields)}
+    return {"RateLimit": {"matcher": matcher, "max_starts": max_starts, "per_seconds": per_seconds}}
+
+
 @dataclass(eq=False)
 class TaskSpec:
     """A task of a ``Batch``; ``after`` adds dependencies."""

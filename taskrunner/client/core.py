@@ -238,15 +238,18 @@ class Routes:
         failure_reason: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         retryable: bool | None = None,
+        expected_count: int | None = None,
     ) -> models.Task:
-        """``PATCH /task/{id}``: progress, outcome, metadata; any call is a heartbeat.
-        ``retryable=False`` with ``status="Failure"``: no retry, the task fails now."""
+        """``PATCH /task/{id}``: progress, outcome, metadata, expected_count; any call is a
+        heartbeat. ``retryable=False`` with ``status="Failure"``: no retry, the task fails
+        now."""
         body = _filters(
             status=status,
             new_success=new_success,
             new_failures=new_failures,
             failure_reason=failure_reason,
             retryable=retryable,
+            expected_count=expected_count,
         )
         if metadata is not None:
             body["metadata"] = dict(metadata)

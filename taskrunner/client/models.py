@@ -79,6 +79,7 @@ class Task(Model):
     timeout: int = 60
     metadata: dict[str, Any] = field(default_factory=dict)
     rules: list[dict[str, Any]] = field(default_factory=list)
+    expected_count: int | None = None
     success: int = 0
     failures: int = 0
     failure_reason: str | None = None
@@ -260,7 +261,7 @@ class BatchStats(Model):
     first_created_at: str
     latest_updated_at: str
     kinds: list[str] = field(default_factory=list)
-    total_expected: None = None
+    total_expected: int | None = None
 
 
 @dataclass
@@ -294,7 +295,7 @@ class BasicTask(Model):
     success: int = 0
     failures: int = 0
     priority: int = 0
-    expected_count: None = None
+    expected_count: int | None = None
     dead_end_barrier: bool = False
 
 

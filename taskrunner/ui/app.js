@@ -449,8 +449,12 @@ function whyBlock(why) {
       h("a", { href: `#/task/${p.id}` }, p.name), ` (${p.status})`]));
   } else if (why.reason === "rule") {
     text = h("span", "Held back by ", why.rules.map((r, i) => {
-      const m = r.rule.Concurency;
-      return [i ? "; " : "", `rule ${m.matcher.kind}/${m.matcher.status}${m.matcher.fields.length ? ` by ${m.matcher.fields.join(",")}` : ""}: ${r.count} of max ${r.max}`];
+      const [type, m] = Object.entries(r.rule)[0];
+      const by = m.matcher.fields.length ? ` by ${m.matcher.fields.join(",")}` : "";
+      const what = { Concurency: `${r.count} of max ${r.max}`,
+        Capacity: `remaining work ${r.count} of max ${r.max}`,
+        RateLimit: `${r.count} starts in ${m.per_seconds}s of max ${r.max}` }[type];
+      return [i ? "; " : "", `${type} ${m.matcher.kind}${m.matcher.status ? `/${m.matcher.status}` : ""}${by}: ${what}`];
     }));
   } else if (why.reason === "ready") {
     text = "Ready: no rule holds it back, the next claim may start it";
