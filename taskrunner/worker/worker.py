@@ -68,8 +68,8 @@ def _log_tick(rows: list[dict[str, Any]]) -> None:
         )
 
 
-# Tasks per purge_finished() call (one transaction, ~1-2 s of deletes on a loaded 2-core
-# machine: docs/performance.md, "Retention"); it holds no lock that a claim waits for.
+# Tasks per purge_finished() call (one transaction: 2-4 s of deletes on this shared 2-core
+# machine, docs/performance.md "Retention"); it holds no lock that a claim waits for.
 PURGE_CHUNK = 1000
 
 
