@@ -14,16 +14,20 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import psycopg
 import pytest
 from conftest import create_batch, task_spec, webhook
 from falcon import testing
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from procs import Sink as ProcSink
+from procs import service, wait_for
 from test_worker import (  # noqa: F401 (sink and start_worker are fixtures)
     Hit,
     sink,
@@ -300,3 +304,84 @@ def test_an_otlp_endpoint_turns_spans_on(monkeypatch) -> None:
     finally:
         tracing._provider.shutdown()
         tracing.disable()
+
+
+# -- end to end: the API under gunicorn, a worker process, OTLP over HTTP ----------------
+
+
+class Collector:
+    """An OTLP/HTTP trace receiver: keeps every span the processes export."""
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource in request.resource_spans:
+                    for scope in resource.scope_spans:
+                        collector.spans.extend(scope.spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def named(self, name: str) -> list[Any]:
+        return [s for s in list(self.spans) if s.name == name]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_a_callers_trace_runs_through_api_claims_and_webhooks(db_url: str, tmp_path) -> None:
+    collector, target = Collector(), ProcSink()
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    tasks = [
+        {
+            "id": "a",
+            "name": "a",
+            "kind": "k",
+            "on_start": _hook(f"{target.url}/start"),
+            "on_success": [_hook(f"{target.url}/done")],
+        },
+        {
+            "id": "b",
+            "name": "b",
+            "kind": "k",
+            "on_start": _hook(f"{target.url}/start"),
+            "dependencies": [{"id": "a", "requires_success": True}],
+        },
+    ]
+    try:
+        with service(db_url, tmp_path, worker_processes=1, API_PROCESSES="1", **otel) as svc:
+            svc.post(tasks, headers={"traceparent": TRACEPARENT, "tracestate": TRACESTATE})
+            wait_for(lambda: len(target.requests) == 3, message="three webhooks")
+            wait_for(lambda: len(collector.named("webhook start")) == 2, message="the spans")
+            wait_for(lambda: collector.named("webhook success"), message="the end webhook span")
+        sent = [tracing.parse(r["headers"]["traceparent"]) for r in target.requests]
+        (api,) = collector.named("POST /task")
+        webhooks = collector.named("webhook start") + collector.named("webhook success")
+        claims = collector.named("claim_tasks") + collector.named("claim_deliveries")
+    finally:
+        target.close()
+        collector.close()
+
+    assert api.trace_id.hex() == TRACE and api.parent_span_id.hex() == SPAN
+    # every webhook: the caller's trace, a span id of its own, the API's span as parent
+    assert {c.trace_id for c in sent} == {TRACE}
+    assert {c.span_id for c in sent} == {s.span_id.hex() for s in webhooks}
+    assert len(claims) == 3
+    for span in webhooks + claims:
+        assert span.trace_id.hex() == TRACE and span.parent_span_id == api.span_id
+    assert {r["headers"]["tracestate"] for r in target.requests} == {TRACESTATE}
