@@ -154,7 +154,12 @@ async def call(client: httpx.AsyncClient, item: WorkItem, config: Config) -> Web
     try:
         result = await _attempt(client, item, config, started_at, trace)
     except Exception as exc:  # a case none of the handlers below foresaw; retry it
-        log.warning("delivery %s: unexpected error", item.delivery_id, exc_info=True)
+        log.warning(
+            "delivery %s: unexpected error",
+            item.delivery_id,
+            exc_info=True,
+            extra={"delivery_id": str(item.delivery_id), "task_id": str(item.task_id)},
+        )
         result = _failed(started_at, f"unexpected error: {describe_exception(exc)}")
     except BaseException:  # cancelled (shutdown): the span still ends
         tracing.end_span(span, error="cancelled")

@@ -134,7 +134,7 @@ class Worker:
                 await asyncio.gather(listener, return_exceptions=True)
                 await listen_pool.close()
                 await self._pool.close()
-        log.info("worker %s stopped", self.worker_id)
+        log.info("worker %s stopped", self.worker_id, extra={"worker": self.worker_id})
 
     # --- the main loop -------------------------------------------------------------------
 
@@ -146,12 +146,14 @@ class Worker:
             try:
                 await self._round()
             except DatabaseUnavailable as exc:
-                log.warning("database unavailable (%s); retrying", exc.__cause__)
+                log.warning(
+                    "database unavailable (%s); retrying", exc.__cause__, extra=self._fields()
+                )
                 await self._sleep(backoff.next())
                 continue
             except psycopg.Error:
                 # not an outage (a bug or bad data): log it and keep the worker alive
-                log.exception("worker round failed; retrying")
+                log.exception("worker round failed; retrying", extra=self._fields())
                 await self._sleep(backoff.next())
                 continue
             backoff.reset()
@@ -245,7 +247,12 @@ class Worker:
         self._in_flight.pop(delivery_id, None)
         if not task.cancelled() and task.exception() is not None:
             # a bug or bad data, not an outage: the lease expires and tick() recovers it
-            log.error("delivery %s failed in the worker", delivery_id, exc_info=task.exception())
+            log.error(
+                "delivery %s failed in the worker",
+                delivery_id,
+                exc_info=task.exception(),
+                extra=self._fields(delivery_id),
+            )
         if self._free_slots() == 1:  # we were full: claim into the freed slot now
             self._wake.set()
 
@@ -261,6 +268,12 @@ class Worker:
             self._log(item, logging.WARNING, "gave up: %s", result.error)
         elif status is not None:
             self._log(item, logging.INFO, "recorded: %s", status)
+
+    def _fields(self, delivery_id: uuid.UUID | None = None) -> dict[str, str]:
+        """The JSON log fields of a line about this worker (and one of its deliveries)."""
+        if delivery_id is None:
+            return {"worker": self.worker_id}
+        return {"worker": self.worker_id, "delivery_id": str(delivery_id)}
 
     def _log(self, item: WorkItem, level: int, message: str, *args: Any) -> None:
         """A line about one attempt, naming its delivery, task, event and attempt."""
@@ -297,12 +310,17 @@ class Worker:
                         "delivery %s not recorded (%s); its lease will expire",
                         delivery_id,
                         exc.__cause__,
+                        extra=self._fields(delivery_id),
                     )
                     return None
                 await asyncio.sleep(backoff.next())
         self._unrecorded.discard(delivery_id)
         if status == "stale":
-            log.info("delivery %s: lease lost before recording", delivery_id)
+            log.info(
+                "delivery %s: lease lost before recording",
+                delivery_id,
+                extra=self._fields(delivery_id),
+            )
         if delay_ms is not None:
             self._retry_due(delay_ms / 1000)
         return status
