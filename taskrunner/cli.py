@@ -332,6 +332,8 @@ defaults (environment variable: value when unset; README.md lists every setting)
   WEBHOOK_MAX_ATTEMPTS    {_DEFAULTS.webhook_max_attempts}
   WEBHOOK_ALLOW_PRIVATE   true under `up` (false for `worker`)
   API_TOKEN               unset: no authentication
+  OTEL_EXPORTER_OTLP_ENDPOINT
+                          unset: no OpenTelemetry spans (they need the otel extra)
 """
 
 
