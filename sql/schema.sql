@@ -121,7 +121,10 @@ CREATE TYPE taskrunner.work_item AS (
 	body jsonb,
 	headers jsonb,
 	task_name text,
-	task_kind text
+	task_kind text,
+	batch_id uuid,
+	traceparent text,
+	tracestate text
 );
 
 
@@ -1045,10 +1048,11 @@ CREATE FUNCTION taskrunner.claim_deliveries(p_worker text, p_max integer, p_leas
         RETURNING d.id, d.action_id, d.task_id, d.event, d.attempts - d.round_base AS attempt
     )
     SELECT l.id, l.task_id, l.event, l.attempt, a.url, a.verb, a.body, a.headers,
-           t.name, t.kind
+           t.name, t.kind, t.batch_id, b.traceparent, b.tracestate
     FROM leased l
     JOIN taskrunner.action a ON a.id = l.action_id
     JOIN taskrunner.task t ON t.id = l.task_id
+    LEFT JOIN taskrunner.batch b ON b.batch_id = t.batch_id
 $$;
 
 
@@ -1149,10 +1153,11 @@ BEGIN
         RETURNING id, action_id, task_id
     )
     SELECT s.id, s.task_id, 'start'::taskrunner.action_event, 1, a.url, a.verb, a.body,
-           a.headers, t.name, t.kind
+           a.headers, t.name, t.kind, t.batch_id, b.traceparent, b.tracestate
     FROM starts s
     JOIN taskrunner.action a ON a.id = s.action_id
-    JOIN taskrunner.task t ON t.id = s.task_id;
+    JOIN taskrunner.task t ON t.id = s.task_id
+    LEFT JOIN taskrunner.batch b ON b.batch_id = t.batch_id;
 END $$;
 
 
@@ -2881,7 +2886,11 @@ CREATE TABLE taskrunner.batch (
     paused bigint DEFAULT 0 NOT NULL,
     canceled bigint DEFAULT 0 NOT NULL,
     sum_success numeric DEFAULT 0 NOT NULL,
-    sum_failures numeric DEFAULT 0 NOT NULL
+    sum_failures numeric DEFAULT 0 NOT NULL,
+    traceparent text DEFAULT NULLIF(current_setting('taskrunner.traceparent'::text, true), ''::text),
+    tracestate text DEFAULT NULLIF(current_setting('taskrunner.tracestate'::text, true), ''::text),
+    CONSTRAINT batch_traceparent_check CHECK ((traceparent ~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'::text)),
+    CONSTRAINT batch_tracestate_check CHECK ((length(tracestate) <= 512))
 );
 
 
@@ -2890,6 +2899,22 @@ CREATE TABLE taskrunner.batch (
 --
 
 COMMENT ON TABLE taskrunner.batch IS 'One row per batch: creation facts and counts as of the last fold_batch_deltas(); read batch_summary for exact figures.';
+
+
+--
+-- Name: COLUMN batch.traceparent; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.batch.traceparent IS 'W3C traceparent of the request that created the batch (version 00 form), or NULL; the
+worker sends a child of it on every webhook of the batch''s tasks. Defaults to the
+setting taskrunner.traceparent (SET LOCAL it before create_batch).';
+
+
+--
+-- Name: COLUMN batch.tracestate; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.batch.tracestate IS 'W3C tracestate sent with traceparent, passed on as it came (setting taskrunner.tracestate).';
 
 
 --
@@ -3651,4 +3676,5 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261127140100'),
     ('20261128100000'),
     ('20261128120000'),
-    ('20261128140000');
+    ('20261128140000'),
+    ('20261128150000');

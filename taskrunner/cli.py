@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import sys
 import textwrap
 import time
@@ -126,7 +127,7 @@ def _migrate(url: str, *, rollback: bool = False, dump: bool = False) -> None:
             migrate.migrate(url, dump_schema=dump)
     except migrate.MigrationError as exc:
         raise CliError(str(exc)) from exc
-    print(f"taskrunner: {migrate.summary(before, migrate.applied_versions(url))}", flush=True)
+    logs.say(f"taskrunner: {migrate.summary(before, migrate.applied_versions(url))}")
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -156,11 +157,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     env = _child_env(config)
     logs.log_start(log, f"supervisor of {config.worker_processes} worker processes", config)
 
-    def start() -> None:
-        for i in range(config.worker_processes):
-            supervisor.spawn(f"worker {i + 1}", _self_argv("worker", "--processes", "1"), env)
+    return supervisor.run(
+        lambda: _spawn_workers(supervisor, config.worker_processes, env), errors=(CliError,)
+    )
 
-    return supervisor.run(start, errors=(CliError,))
+
+def _spawn_workers(supervisor: Supervisor, count: int, env: dict[str, str]) -> None:
+    """Start ``count`` worker processes, each logging the id it will record on its claims
+    (``hostname:pid``, as ``worker.default_worker_id`` makes it: the ``worker`` field)."""
+    for i in range(count):
+        proc = supervisor.spawn(f"worker {i + 1}", _self_argv("worker", "--processes", "1"), env)
+        worker_id = f"{socket.gethostname()}:{proc.pid}"
+        log.info("worker %d is %s", i + 1, worker_id, extra={"worker": worker_id})
 
 
 def _healthy(port: int) -> bool:
@@ -202,12 +210,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             except embedded.EmbeddedError as exc:
                 raise CliError(str(exc)) from exc
             how = "started" if cluster.started_here else "already running"
-            print(f"taskrunner: embedded PostgreSQL {how} in {cluster.data_dir}", flush=True)
+            logs.say(f"taskrunner: embedded PostgreSQL {how} in {cluster.data_dir}")
             if cluster.cluster_dir != cluster.base_dir:
-                print(
+                logs.say(
                     f"taskrunner: (user {embedded.SERVER_USER_WHEN_ROOT} cannot enter "
-                    f"{cluster.base_dir}, so its cluster for this checkout lives there)",
-                    flush=True,
+                    f"{cluster.base_dir}, so its cluster for this checkout lives there)"
                 )
             config = dataclasses.replace(config, database_url=url)
         _migrate(config.database_url)
@@ -215,7 +222,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         extra = {}
         if not os.environ.get("WEBHOOK_ALLOW_PRIVATE"):
             extra["WEBHOOK_ALLOW_PRIVATE"] = "true"
-            print(
+            logs.say(
                 "taskrunner: WEBHOOK_ALLOW_PRIVATE=true (the `up` default, so webhooks may "
                 "call localhost; set WEBHOOK_ALLOW_PRIVATE=false to forbid private addresses)"
             )
@@ -226,8 +233,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         env = _child_env(config, **extra)
 
         supervisor.spawn("the API (gunicorn)", _gunicorn_argv(), env)
-        for i in range(config.worker_processes):
-            supervisor.spawn(f"worker {i + 1}", _self_argv("worker", "--processes", "1"), env)
+        _spawn_workers(supervisor, config.worker_processes, env)
 
         deadline = time.monotonic() + HEALTH_TIMEOUT
 
@@ -237,9 +243,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             return _healthy(config.port)
 
         supervisor.watch(until=ready)
-        print(f"taskrunner is up: http://127.0.0.1:{config.port}", flush=True)
-        print(f"DATABASE_URL={logs.redact_url(config.database_url)}", flush=True)
-        print(f"web UI: http://127.0.0.1:{config.port}/ui", flush=True)
+        logs.say(f"taskrunner is up: http://127.0.0.1:{config.port}")
+        logs.say(f"DATABASE_URL={logs.redact_url(config.database_url)}")
+        logs.say(f"web UI: http://127.0.0.1:{config.port}/ui")
 
     try:
         return supervisor.run(start, errors=(CliError,))
@@ -247,7 +253,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if metrics_dir is not None:  # every process writing to it has stopped
             shutil.rmtree(metrics_dir, ignore_errors=True)
         if cluster is not None and cluster.started_here:
-            print("taskrunner: stopping the embedded PostgreSQL", file=sys.stderr)
+            logs.say("taskrunner: stopping the embedded PostgreSQL", stream=sys.stderr)
             cluster.stop()
 
 
@@ -327,6 +333,8 @@ defaults (environment variable: value when unset; README.md lists every setting)
   TASK_RETRY_MAX_ATTEMPTS {_DEFAULTS.task_retry_max_attempts} (runs of a task that sets no retry)
   WEBHOOK_ALLOW_PRIVATE   true under `up` (false for `worker`)
   API_TOKEN               unset: no authentication
+  OTEL_EXPORTER_OTLP_ENDPOINT
+                          unset: no OpenTelemetry spans (they need the otel extra)
 """
 
 
@@ -519,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.func(args)
     except CliError as exc:
-        print(f"taskrunner: {exc}", file=sys.stderr)
+        logs.say(f"taskrunner: {exc}", level=logging.ERROR, stream=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130

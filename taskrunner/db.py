@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,9 @@ def is_conflict(exc: BaseException) -> bool:
     return (getattr(exc, "sqlstate", None) or "").startswith("40")
 
 
+Before = Sequence[tuple[str, dict[str, Any]]]
+
+
 class StatsCall:
     """One call that may change tasks, as the API (sync) and the worker (asyncio) run it.
 
@@ -87,11 +90,17 @@ class StatsCall:
     triggers counted), handed to metrics after commit. A transaction PostgreSQL rolled
     back for a conflict (a deadlock between two completions propagating into shared
     children, say) is run again, ``CONFLICT_ATTEMPTS`` times in all. Only the waiting
-    differs between ``run_with_stats`` and ``run_with_stats_async``.
+    differs between ``run_with_stats`` and ``run_with_stats_async``. ``before``: named
+    queries to run first in the same transaction (``set_batch_trace`` before
+    ``create_batch``).
     """
 
-    def __init__(self, name: str, params: dict[str, Any]) -> None:
-        self.statements = ((QUERIES[name], params), (QUERIES["take_stats"], None))
+    def __init__(self, name: str, params: dict[str, Any], before: Before = ()) -> None:
+        self.statements = (
+            *((QUERIES[n], p) for n, p in before),
+            (QUERIES[name], params),
+            (QUERIES["take_stats"], None),
+        )
         self.attempt = 0
         self.results: list[list[dict]] | None = None
 
@@ -108,7 +117,7 @@ class StatsCall:
 
     def rows(self) -> list[dict]:
         """After commit: record the transitions, return the query's rows."""
-        rows, stats = self.results
+        *_, rows, stats = self.results
         if stats and stats[0]["stats"]:  # nothing to count when no transition happened
             metrics.record_stats(stats[0]["stats"])
         return rows
@@ -118,9 +127,11 @@ Transaction = Callable[[], contextlib.AbstractContextManager[psycopg.Connection]
 AsyncTransaction = Callable[[], contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection]]
 
 
-def run_with_stats(transaction: Transaction, name: str, params: dict[str, Any]) -> list[dict]:
+def run_with_stats(
+    transaction: Transaction, name: str, params: dict[str, Any], before: Before = ()
+) -> list[dict]:
     """Run ``name`` as a ``StatsCall`` in transactions opened by ``transaction()``."""
-    call = StatsCall(name, params)
+    call = StatsCall(name, params, before)
     while call.results is None:
         with call.retrying(), transaction() as conn:
             # every statement sent before the first read: in pipeline mode they travel together

@@ -15,7 +15,8 @@ import dataclasses
 import logging
 import logging.config
 import re
-from typing import Any
+import sys
+from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from taskrunner.config import Config
@@ -77,9 +78,36 @@ def dict_config(config: Config) -> dict[str, Any]:
     }
 
 
+_json_lines = False  # LOG_FORMAT=json in this process (configure)
+
+
 def configure(config: Config) -> None:
     """Configure this process's logging (call once, early, before logging anything)."""
+    global _json_lines
     logging.config.dictConfig(dict_config(config))
+    _json_lines = config.log_format == "json"
+
+
+def json_lines() -> bool:
+    """Whether this process writes JSON lines (then every line it writes must be one)."""
+    return _json_lines
+
+
+def say(
+    message: str,
+    *,
+    level: int = logging.INFO,
+    stream: TextIO | None = None,
+    logger: str = "taskrunner.cli",
+    **fields: Any,
+) -> None:
+    """A line for the person at the terminal (``up``'s progress, the supervisor's news):
+    printed as it is to ``stream`` (stdout by default), or with ``LOG_FORMAT=json`` a log
+    record carrying ``fields``, so that every line of the output is a JSON object."""
+    if _json_lines:
+        logging.getLogger(logger).log(level, message, extra=fields)
+    else:
+        print(message, file=stream or sys.stdout, flush=True)
 
 
 def redact_url(url: str | None) -> str | None:

@@ -9,6 +9,7 @@ the package is installed, not through a path into a checkout. dbmate comes from 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -16,6 +17,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
+
+from taskrunner import logs
 
 
 def _sql_dir() -> Path:
@@ -109,7 +112,13 @@ def _run_dbmate(
     env = {**os.environ, "PATH": _pg_bin_path()}
     # dbmate also reads a .env file from its working directory: run it from sql/, not
     # from wherever the caller happens to be.
-    result = subprocess.run(args, cwd=SQL_DIR, env=env, check=False)
+    if not logs.json_lines():
+        result = subprocess.run(args, cwd=SQL_DIR, env=env, check=False)
+    else:  # every line of the output must be a JSON object: dbmate's become log records
+        result = subprocess.run(args, cwd=SQL_DIR, env=env, check=False, capture_output=True)
+        level = logging.ERROR if result.returncode else logging.INFO
+        for line in (result.stdout + result.stderr).decode(errors="replace").splitlines():
+            logs.say(line, level=level, logger=__name__)
     if result.returncode != 0:
         raise MigrationError(f"dbmate {command} failed (exit code {result.returncode})")
 

@@ -6,6 +6,12 @@
 -- Create a validated, normalised batch atomically; returns created tasks in input order.
 SELECT * FROM taskrunner.create_batch(%(tasks)s::jsonb, %(requester)s::text);
 
+-- name: set_batch_trace
+-- Before create_batch, in its transaction: the batch row it makes takes these as its
+-- traceparent and tracestate (their column defaults read the settings).
+SELECT set_config('taskrunner.traceparent', %(traceparent)s::text, true),
+       set_config('taskrunner.tracestate', coalesce(%(tracestate)s::text, ''), true);
+
 -- name: get_task
 SELECT * FROM taskrunner.task WHERE id = %(id)s::uuid;
 

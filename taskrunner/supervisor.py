@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+
+from taskrunner import logs
 
 _PR_SET_PDEATHSIG = 1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -44,7 +47,7 @@ def _raise_stop(signum: int, _frame) -> None:
 
 
 def _note_repeat(signum: int, _frame) -> None:
-    print("taskrunner: still stopping, please wait", file=sys.stderr, flush=True)
+    logs.say("taskrunner: still stopping, please wait", stream=sys.stderr, logger=__name__)
 
 
 def _set_stop_handlers(handler: Callable) -> None:
@@ -59,11 +62,12 @@ class Supervisor:
         self.grace = grace
         self.children: list[tuple[str, subprocess.Popen]] = []
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         # Each child in its own process group: a terminal's Ctrl-C reaches only us, and we
         # stop the children with SIGTERM (a graceful shutdown for gunicorn and workers).
         proc = subprocess.Popen(argv, env=env, process_group=0, preexec_fn=die_with_parent)
         self.children.append((name, proc))
+        return proc
 
     def dead_child(self) -> tuple[str, int] | None:
         for name, proc in self.children:
@@ -94,7 +98,13 @@ class Supervisor:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                print(f"taskrunner: {name} did not stop in time, killing it", file=sys.stderr)
+                logs.say(
+                    f"taskrunner: {name} did not stop in time, killing it",
+                    level=logging.WARNING,
+                    stream=sys.stderr,
+                    logger=__name__,
+                    pid=proc.pid,
+                )
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -108,9 +118,14 @@ class Supervisor:
             start()
             self.watch()
         except Stop:
-            print("taskrunner: stopping", file=sys.stderr, flush=True)
+            logs.say("taskrunner: stopping", stream=sys.stderr, logger=__name__)
         except (ChildExited, *errors) as exc:
-            print(f"taskrunner: {exc}; stopping everything", file=sys.stderr, flush=True)
+            logs.say(
+                f"taskrunner: {exc}; stopping everything",
+                level=logging.ERROR,
+                stream=sys.stderr,
+                logger=__name__,
+            )
             code = 1
         finally:
             _set_stop_handlers(_note_repeat)

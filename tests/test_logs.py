@@ -194,14 +194,55 @@ def test_an_instance_directory_outlives_only_its_own_process(tmp_path: Path) -> 
     assert sorted(p.name for p in parent.iterdir()) == [mine.name]
 
 
-def test_log_format_json_writes_one_object_per_line(db_url: str, tmp_path: Path) -> None:
-    env = service_env(with_password(db_url), free_port(), tmp_path, LOG_FORMAT="json")
-    env["LOG_LEVEL"] = "info"
-    with logged(["worker"], env) as worker:
-        start = json.loads(worker.wait_for('"worker starting'))
-        started = json.loads(worker.wait_for("started", '"worker":'))
-        output = worker.stop()
+def test_log_format_json_makes_every_line_of_up_a_json_object_with_its_ids(
+    db_url: str, state_dir: Path
+) -> None:
+    sink = Sink()  # reports Success through the handle (no API_TOKEN here: it sends none)
+    port = free_port()
+    env = _up_env(db_url, state_dir, port) | {"LOG_FORMAT": "json"}
+    del env["API_TOKEN"]
+    args = ["up", "--port", str(port), "--api-processes", "1", "--worker-processes", "1"]
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    body = [
+        {
+            "id": "a",
+            "name": "a",
+            "kind": "k",
+            "on_start": _hook(f"{sink.url}/start"),
+            "on_success": [_hook(f"{sink.url}/done")],
+        }
+    ]
+    try:
+        with logged(args, env) as up:
+            up.wait_for("taskrunner is up", timeout=90)
+            headers = {"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}
+            created = httpx.post(f"http://127.0.0.1:{port}/task", json=body, headers=headers)
+            assert created.status_code == 201, created.text
+            up.wait_for("(success of task", "recorded: delivered")
+            up.proc.send_signal(signal.SIGTERM)
+            assert up.proc.wait(timeout=60) == 0
+            output = up.stop()
+    finally:
+        sink.close()
 
-    assert start["levelname"] == "INFO" and start["name"] == "taskrunner.cli"
-    assert started["message"] == f"worker {started['worker']} started"
+    lines = [json.loads(line) for line in output.splitlines()]  # each one a JSON object
+    task_id, batch_id = created.json()[0]["id"], created.headers["X-Batch-ID"]
+
+    def the(start: str) -> dict:
+        return next(line for line in lines if line["message"].startswith(start))
+
+    assert the("up starting")["name"] == "taskrunner.cli"
+    assert the("taskrunner is up")["levelname"] == "INFO"
+    # up names each worker process by the id the worker logs and records on its claims
+    worker = the("worker 1 is ")["worker"]
+    assert the(f"worker {worker} started")["worker"] == worker
+    created_line = the(f"batch {batch_id} created")
+    assert created_line["batch_id"] == batch_id and created_line["trace_id"] == trace
+    updated = the(f"task {task_id} updated")
+    assert updated["task_id"] == task_id and updated["batch_id"] == batch_id
+    claimed = [line for line in lines if line["message"].endswith("claimed (task Running)")]
+    (start,) = [line for line in claimed if f"task {task_id}" in line["message"]]
+    assert start["task_id"] == task_id and start["batch_id"] == batch_id
+    assert start["worker"] == worker and start["trace_id"] == trace
+    assert start["delivery_id"] in start["message"]
     assert_no_secrets(output)

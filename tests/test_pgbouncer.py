@@ -38,6 +38,9 @@ def bouncer_url(db_url: str) -> Iterator[str]:
         yield make_conninfo(db_url, host="127.0.0.1", port=str(port))
 
 
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
 def test_a_dag_runs_through_pgbouncer_with_listen_direct(db_url, bouncer_url, conn, tmp_path):
     sink = Sink()
     port = free_port()
@@ -63,7 +66,10 @@ def test_a_dag_runs_through_pgbouncer_with_listen_direct(db_url, bouncer_url, co
             # enough rounds on each pooled connection to pass psycopg's prepare threshold
             for _ in range(20):
                 assert httpx.get(f"{base}/task", params={"kind": "etl"}).status_code == 200
-            resp = httpx.post(f"{base}/task", json=dag, headers={"X-Requester": "bouncer"})
+            # the trace context is set for create_batch's transaction (SET LOCAL): it must
+            # stay in that transaction, which PgBouncer keeps on one server connection
+            headers = {"X-Requester": "bouncer", "traceparent": TRACEPARENT}
+            resp = httpx.post(f"{base}/task", json=dag, headers=headers)
             assert resp.status_code == 201, resp.text
             batch = resp.headers["X-Batch-ID"]
 
@@ -79,6 +85,7 @@ def test_a_dag_runs_through_pgbouncer_with_listen_direct(db_url, bouncer_url, co
         sink.close()
     order = [r["path"] for r in sink.starts()]
     assert order[-1] == "/start/c" and len(order) == 3
+    assert {r["headers"]["traceparent"][3:35] for r in sink.requests} == {TRACEPARENT[3:35]}
     actors = {
         r["actor"]
         for r in conn.execute("SELECT DISTINCT actor FROM taskrunner.task_history").fetchall()

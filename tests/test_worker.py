@@ -46,6 +46,7 @@ class Hit:
     query: dict[str, list[str]]
     headers: dict[str, str]  # lower-case names
     body: Any
+    raw_headers: list[tuple[str, str]] = field(default_factory=list)  # as sent, repeats too
 
 
 Responder = Callable[[Hit], tuple[int, Any]]
@@ -89,6 +90,7 @@ def _handler_for(sink: Sink) -> type[BaseHTTPRequestHandler]:
                 query=parse_qs(parts.query),
                 headers={k.lower(): v for k, v in self.headers.items()},
                 body=json.loads(raw) if raw else None,
+                raw_headers=list(self.headers.items()),
             )
             status, body = sink.answer(hit)
             payload = b"" if body is None else json.dumps(body).encode()

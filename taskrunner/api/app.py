@@ -5,7 +5,7 @@ from __future__ import annotations
 import falcon
 import psycopg_pool
 
-from taskrunner import db
+from taskrunner import db, tracing
 from taskrunner.api import errors, openapi, ui
 from taskrunner.api.auth import BearerAuth
 from taskrunner.api.batches import (
@@ -29,6 +29,7 @@ from taskrunner.api.resources import (
     TaskItem,
     TaskMove,
 )
+from taskrunner.api.spans import RequestSpans
 from taskrunner.api.store import Store
 from taskrunner.config import Config
 from taskrunner.migrate import newest_version
@@ -44,6 +45,8 @@ def create_app(
         pool, config.counter_flush_interval, config.counter_buffer_max
     )
     middleware: list = [RequestMetrics()]
+    if tracing.enabled():
+        middleware.append(RequestSpans())
     if config.access_log:
         middleware.append(RequestLog())
     if config.api_token:
@@ -79,6 +82,7 @@ def get_app() -> falcon.App:
     config = Config.from_env()
     if not config.database_url:
         raise SystemExit("DATABASE_URL is not set")
+    tracing.configure("taskrunner-api")
     pool = db.create_pool(
         config.database_url,
         max_size=config.pool_max_size,

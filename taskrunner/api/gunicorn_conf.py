@@ -51,7 +51,10 @@ def child_exit(server, worker) -> None:
 
 
 def worker_exit(server, worker) -> None:
-    """In the exiting worker: write the PUT /task increments it still holds."""
+    """In the exiting worker: write the PUT /task increments it still holds, export the
+    spans it still buffers."""
+    from taskrunner import tracing
     from taskrunner.api import counters
 
     counters.close_all()
+    tracing.shutdown()

@@ -484,7 +484,28 @@ _PATHS: dict[str, dict] = {
                     "required": False,
                     "schema": {"type": "string", "maxLength": LIMITS["requester_chars"]},
                     "description": "Who asked; recorded on every task of the batch",
-                }
+                },
+                {
+                    "name": "traceparent",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": (
+                        "W3C trace context, stored with the batch: every webhook of its "
+                        "tasks carries a child of it (same trace id, a new span id). A "
+                        "malformed one is ignored, as W3C asks (no error)"
+                    ),
+                },
+                {
+                    "name": "tracestate",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": (
+                        "Sent on with traceparent; dropped if over 512 characters or not "
+                        "printable ASCII"
+                    ),
+                },
             ],
             "requestBody": {
                 **_body(_ref("TaskBatch"), "The tasks; `id` is a local id"),

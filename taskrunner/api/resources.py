@@ -14,10 +14,11 @@ from typing import Any
 import falcon
 import psycopg
 
-from taskrunner import metrics
+from taskrunner import metrics, tracing
 from taskrunner.api import serialize
 from taskrunner.api.counters import CounterBuffer
 from taskrunner.api.errors import ApiError, bad_request, not_found
+from taskrunner.api.spans import request_trace
 from taskrunner.api.store import Store
 from taskrunner.api.validation import (
     LIMITS,
@@ -73,11 +74,26 @@ def _requester(req: falcon.Request) -> str | None:
     return requester
 
 
+def _batch_trace(req: falcon.Request) -> tracing.TraceContext | None:
+    """The parent of a new batch's webhooks: this request's span when spans are on, else
+    the request's own ``traceparent`` (a malformed one is ignored, as W3C asks)."""
+    incoming = request_trace(req)
+    span = req.context.get("span")
+    if span is not None:
+        return tracing.context_of(span, incoming.tracestate if incoming else None)
+    return incoming
+
+
+def _trace_params(trace: tracing.TraceContext) -> dict[str, Any]:
+    return {"traceparent": trace.traceparent, "tracestate": trace.tracestate}
+
+
 def _log_task(row: dict, what: str) -> None:
     """The info line of a change the API made to a task: ``task X updated -> Success``."""
     task_id = str(row["id"])
     status = metrics.status_label(str(row["status"]))
-    log.info("task %s %s -> %s", task_id, what, status, extra={"task_id": task_id})
+    extra = {"task_id": task_id, "batch_id": str(row["batch_id"])}
+    log.info("task %s %s -> %s", task_id, what, status, extra=extra)
 
 
 class TaskCollection:
@@ -99,8 +115,10 @@ class TaskCollection:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         tasks = batch_input(read_json(req), self.url_policy, self.default_max_attempts)
+        trace = _batch_trace(req)
+        before = [("set_batch_trace", _trace_params(trace))] if trace else []
         rows = self.store.call(
-            "create_batch", {"tasks": json.dumps(tasks), "requester": _requester(req)}
+            "create_batch", {"tasks": json.dumps(tasks), "requester": _requester(req)}, before
         )
         if not rows:  # dedupe skipped every task
             log.info("batch of %d tasks: every task deduplicated, none created", len(tasks))
@@ -112,7 +130,7 @@ class TaskCollection:
             batch_id,
             len(rows),
             rows[0].get("requester"),
-            extra={"batch_id": batch_id},
+            extra={"batch_id": batch_id, "trace_id": trace.trace_id if trace else None},
         )
         resp.set_header("X-Batch-ID", batch_id)
         _send(resp, [serialize.task(r) for r in rows], 201)
@@ -196,7 +214,7 @@ class DeliveryRetry:
             "delivery %s queued again (%s)",
             delivery_id,
             metrics.status_label(str(row.get("status"))),
-            extra={"delivery_id": delivery_id},
+            extra={"delivery_id": delivery_id, "task_id": str(row.get("task_id"))},
         )
         _send(resp, serialize.delivery(row))
 

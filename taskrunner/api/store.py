@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from taskrunner.db import QUERIES, is_conflict, run_with_stats, wrap_exceptions
+from taskrunner.db import QUERIES, Before, is_conflict, run_with_stats, wrap_exceptions
 
 DOWN_TIMEOUT = 0.5  # seconds to wait for a connection while the database seems down
 
@@ -31,11 +31,14 @@ class Store:
         self.pool = pool
         self._down = False  # the last attempt could not reach the database
 
-    def call(self, name: str, params: dict[str, Any]) -> list[dict]:
-        """Run a query that may change tasks (``db.run_with_stats``); returns its rows.
-        In pipeline mode: BEGIN, the query and ``take_stats`` travel in one round trip,
-        COMMIT in a second (four before; docs/performance.md, S1)."""
-        return run_with_stats(functools.partial(self._transaction, pipeline=True), name, params)
+    def call(self, name: str, params: dict[str, Any], before: Before = ()) -> list[dict]:
+        """Run a query that may change tasks (``db.run_with_stats``, after the queries
+        ``before`` in the same transaction); returns its rows. In pipeline mode: BEGIN, the
+        query and ``take_stats`` travel in one round trip, COMMIT in a second (four before;
+        docs/performance.md, S1)."""
+        return run_with_stats(
+            functools.partial(self._transaction, pipeline=True), name, params, before
+        )
 
     def read(self, *queries: tuple[str, dict[str, Any]]) -> list[list[dict]]:
         """Run read-only queries on one connection, in one transaction."""

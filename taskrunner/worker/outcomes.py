@@ -119,7 +119,12 @@ class OutcomeRecorder:
 
     async def _write_unrecordable(self, entry: Entry, exc: Exception) -> None:
         outcome = entry[0]
-        log.error("delivery %s: outcome could not be recorded: %s", outcome.delivery_id, exc)
+        log.error(
+            "delivery %s: outcome could not be recorded: %s",
+            outcome.delivery_id,
+            exc,
+            extra={"delivery_id": str(outcome.delivery_id), "worker": self._worker_id},
+        )
         try:
             statuses = await self._write([outcome.unrecordable(exc)])
         except Exception as again:

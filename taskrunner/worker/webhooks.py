@@ -2,8 +2,9 @@
 
 A work item (a row of ``claim_tasks`` / ``claim_deliveries``) becomes one HTTP request:
 the action's verb; its URL with ``handle=<HOST_URL>/task/<task_id>`` added to the query;
-its JSON body and headers, plus ``X-Task-Id``, ``X-Task-Trigger`` and an
-``Idempotency-Key`` (the delivery id, stable across retries), and with
+its JSON body and headers, plus ``X-Task-Id``, ``X-Task-Trigger``, an
+``Idempotency-Key`` (the delivery id, stable across retries), ``traceparent`` (a new span
+of the batch's trace, when the batch has one: ``taskrunner.tracing``), and with
 ``WEBHOOK_SIGNING_SECRET`` set a ``Webhook-Signature`` of the request as sent
 (``taskrunner.signing``). Redirects are never
 followed: a 3xx is a failure like any other non-2xx answer. Every connection goes through
@@ -27,7 +28,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 
-from taskrunner import netguard, signing
+from taskrunner import netguard, signing, tracing
 from taskrunner.api.validation import Invalid, cancel_actions_input
 from taskrunner.config import Config
 from taskrunner.vocabulary import TRIGGER_LABELS
@@ -50,6 +51,9 @@ class WorkItem:
     verb: str
     body: Any
     headers: dict[str, Any]
+    batch_id: uuid.UUID | None = None
+    # the batch's stored trace context: the parent of this webhook's span
+    trace: tracing.TraceContext | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> WorkItem:
@@ -62,6 +66,8 @@ class WorkItem:
             verb=row["verb"],
             body=row["body"],
             headers=row["headers"] or {},
+            batch_id=row.get("batch_id"),
+            trace=tracing.parse(row.get("traceparent"), row.get("tracestate")),
         )
 
 
@@ -99,9 +105,15 @@ def with_handle(url: str, handle: str) -> str:
 
 
 def build_request(
-    client: httpx.AsyncClient, item: WorkItem, host_url: str, secrets: Sequence[str] = ()
+    client: httpx.AsyncClient,
+    item: WorkItem,
+    host_url: str,
+    secrets: Sequence[str] = (),
+    trace: tracing.TraceContext | None = None,
 ) -> httpx.Request:
-    """The HTTP request for a work item, signed with ``secrets`` when there are any."""
+    """The HTTP request for a work item, signed with ``secrets`` when there are any,
+    carrying ``trace`` (this webhook's own span, a child of the batch's) as
+    ``traceparent``/``tracestate`` in place of any the action's headers name."""
     headers = {str(k): str(v) for k, v in item.headers.items()}
     headers.update(
         {
@@ -113,6 +125,8 @@ def build_request(
     content = {} if item.body is None else {"json": item.body}
     url = with_handle(item.url, f"{host_url}/task/{item.task_id}")
     request = client.build_request(item.verb.upper(), url, headers=headers, **content)
+    if trace is not None:
+        request.headers.update(trace.headers())  # case-insensitive: replaces the action's
     if secrets:
         # of the request as httpx will send it: its normalised URL, its encoded body
         request.headers[signing.HEADER] = signing.sign(
@@ -124,13 +138,54 @@ def build_request(
 async def call(client: httpx.AsyncClient, item: WorkItem, config: Config) -> WebhookResult:
     """Make one attempt; never raises (but for cancellation): whatever the target, the
     URL or the answer throws becomes this attempt's failed outcome, so one hostile target
-    can fail only its own delivery."""
+    can fail only its own delivery. The attempt is a span of the batch's trace: an
+    OpenTelemetry CLIENT span when spans are on, else just a new span id."""
     started_at = datetime.now(UTC)
+    span = None
+    if tracing.enabled():
+        facts = _span_facts(item)
+        span = tracing.start_span(
+            f"webhook {item.event}", kind="client", parent=item.trace, attributes=facts
+        )
+    if span is not None:
+        trace = tracing.context_of(span, item.trace.tracestate if item.trace else None)
+    else:
+        trace = item.trace.child() if item.trace else None
     try:
-        return await _attempt(client, item, config, started_at)
+        result = await _attempt(client, item, config, started_at, trace)
     except Exception as exc:  # a case none of the handlers below foresaw; retry it
-        log.warning("delivery %s: unexpected error", item.delivery_id, exc_info=True)
-        return _failed(started_at, f"unexpected error: {describe_exception(exc)}")
+        log.warning(
+            "delivery %s: unexpected error",
+            item.delivery_id,
+            exc_info=True,
+            extra={"delivery_id": str(item.delivery_id), "task_id": str(item.task_id)},
+        )
+        result = _failed(started_at, f"unexpected error: {describe_exception(exc)}")
+    except BaseException:  # cancelled (shutdown): the span still ends
+        tracing.end_span(span, error="cancelled")
+        raise
+    tracing.end_span(span, {"http.response.status_code": result.status_code}, error=result.error)
+    return result
+
+
+def _span_facts(item: WorkItem) -> dict[str, Any]:
+    """A webhook span's attributes: never the query string or headers (they may carry
+    the target's secrets)."""
+    try:
+        parts = urlsplit(item.url)
+        host, path = parts.hostname, parts.path or "/"
+    except ValueError:  # the attempt fails on it, with its reason; the span still starts
+        host = path = None
+    return {
+        "http.request.method": item.verb.upper(),
+        "server.address": host,
+        "url.path": path,
+        "http.request.resend_count": item.attempt - 1 if item.attempt > 1 else None,
+        "taskrunner.task_id": str(item.task_id),
+        "taskrunner.delivery_id": str(item.delivery_id),
+        "taskrunner.batch_id": str(item.batch_id) if item.batch_id else None,
+        "taskrunner.event": item.event,
+    }
 
 
 def _failed(started_at: datetime, error: str, *, retryable: bool = True, **fields) -> WebhookResult:
@@ -140,10 +195,15 @@ def _failed(started_at: datetime, error: str, *, retryable: bool = True, **field
 
 
 async def _attempt(
-    client: httpx.AsyncClient, item: WorkItem, config: Config, started_at: datetime
+    client: httpx.AsyncClient,
+    item: WorkItem,
+    config: Config,
+    started_at: datetime,
+    trace: tracing.TraceContext | None,
 ) -> WebhookResult:
     try:
-        request = build_request(client, item, config.host_url, config.webhook_signing_secrets)
+        secrets = config.webhook_signing_secrets
+        request = build_request(client, item, config.host_url, secrets, trace)
     except httpx.InvalidURL as exc:
         # never sent, and no later attempt can fix it
         return _failed(started_at, f"invalid URL: {exc}", retryable=False)

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
@@ -29,7 +30,7 @@ import httpx
 import psycopg
 import psycopg_pool
 
-from taskrunner import metrics
+from taskrunner import metrics, tracing
 from taskrunner.config import Config
 from taskrunner.db import (
     QUERIES,
@@ -159,7 +160,7 @@ class Worker:
                 await asyncio.gather(listener, *purge, return_exceptions=True)
                 await listen_pool.close()
                 await self._pool.close()
-        log.info("worker %s stopped", self.worker_id)
+        log.info("worker %s stopped", self.worker_id, extra={"worker": self.worker_id})
 
     # --- the main loop -------------------------------------------------------------------
 
@@ -172,12 +173,14 @@ class Worker:
             try:
                 await self._round(claims)
             except DatabaseUnavailable as exc:
-                log.warning("database unavailable (%s); retrying", exc.__cause__)
+                log.warning(
+                    "database unavailable (%s); retrying", exc.__cause__, extra=self._fields()
+                )
                 await self._sleep(backoff.next())
                 continue
             except psycopg.Error:
                 # not an outage (a bug or bad data): log it and keep the worker alive
-                log.exception("worker round failed; retrying")
+                log.exception("worker round failed; retrying", extra=self._fields())
                 await self._sleep(backoff.next())
                 continue
             backoff.reset()
@@ -207,9 +210,12 @@ class Worker:
             self._tasks_first = not self._tasks_first
             claimed = 0
             for query in order:
+                began = time.time_ns()
                 rows = await self._call(query, self._claim_params(free - claimed))
                 for row in rows:
-                    self._start(WorkItem.from_row(row))
+                    item = WorkItem.from_row(row)
+                    self._claim_span(query, item, began)
+                    self._start(item)
                 claimed += len(rows)
             if claimed < free:
                 return
@@ -229,6 +235,21 @@ class Worker:
         # for long does not make the worker spin.
         self._overdue_rounds += 1
         return now + min(self.config.poll_interval, 0.005 * 2 ** (self._overdue_rounds - 1))
+
+    def _claim_span(self, query: str, item: WorkItem, began: int) -> None:
+        """With spans on, a claim span in the batch's trace for each item claimed: the
+        claim call's duration (a claim that found nothing leaves no span)."""
+        if not tracing.enabled():
+            return
+        facts = {
+            "taskrunner.worker": self.worker_id,
+            "taskrunner.task_id": str(item.task_id),
+            "taskrunner.delivery_id": str(item.delivery_id),
+            "taskrunner.event": item.event,
+            "db.system": "postgresql",
+        }
+        span = tracing.start_span(query, parent=item.trace, attributes=facts, start_time=began)
+        tracing.end_span(span)
 
     def _claim_params(self, free: int) -> dict[str, Any]:
         return {"worker": self.worker_id, "max": free, "lease_seconds": self.lease_seconds}
@@ -308,7 +329,12 @@ class Worker:
         self._in_flight.pop(delivery_id, None)
         if not task.cancelled() and task.exception() is not None:
             # a bug or bad data, not an outage: the lease expires and tick() recovers it
-            log.error("delivery %s failed in the worker", delivery_id, exc_info=task.exception())
+            log.error(
+                "delivery %s failed in the worker",
+                delivery_id,
+                exc_info=task.exception(),
+                extra=self._fields(delivery_id),
+            )
         if self._free_slots() == 1:  # we were full: claim into the freed slot now
             self._wake_for(*CLAIMS)
 
@@ -328,6 +354,12 @@ class Worker:
         elif status is not None:
             self._log(item, logging.INFO, "recorded: %s", status)
 
+    def _fields(self, delivery_id: uuid.UUID | None = None) -> dict[str, str]:
+        """The JSON log fields of a line about this worker (and one of its deliveries)."""
+        if delivery_id is None:
+            return {"worker": self.worker_id}
+        return {"worker": self.worker_id, "delivery_id": str(delivery_id)}
+
     def _log(self, item: WorkItem, level: int, message: str, *args: Any) -> None:
         """A line about one attempt, naming its delivery, task, event and attempt."""
         if log.isEnabledFor(level):
@@ -342,6 +374,8 @@ class Worker:
                 extra={
                     "delivery_id": str(item.delivery_id),
                     "task_id": str(item.task_id),
+                    "batch_id": str(item.batch_id) if item.batch_id else None,
+                    "trace_id": item.trace.trace_id if item.trace else None,
                     "worker": self.worker_id,
                 },
             )
@@ -361,12 +395,17 @@ class Worker:
                         "delivery %s not recorded (%s); its lease will expire",
                         delivery_id,
                         exc.__cause__,
+                        extra=self._fields(delivery_id),
                     )
                     return None
                 await asyncio.sleep(backoff.next())
         self._unrecorded.discard(delivery_id)
         if status == "stale":
-            log.info("delivery %s: lease lost before recording", delivery_id)
+            log.info(
+                "delivery %s: lease lost before recording",
+                delivery_id,
+                extra=self._fields(delivery_id),
+            )
         if delay_ms is not None:
             self._retry_due(delay_ms / 1000)
         return status
