@@ -222,6 +222,60 @@ $$;
 
 
 --
+-- Name: _cancel_dead_ends(uuid[]); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[]) RETURNS void
+    LANGUAGE plpgsql
+    SET enable_seqscan TO 'off'
+    AS $$
+DECLARE
+    v_from uuid[] := p_ended;
+    v_level uuid[];
+BEGIN
+    LOOP
+        SELECT array_agg(id) INTO v_level FROM (
+            SELECT t.id FROM taskrunner.task t
+            WHERE t.id IN (SELECT d.parent_id FROM taskrunner.dependency d
+                           WHERE d.child_id = ANY (v_from))
+              AND NOT taskrunner.is_terminal(t.status)
+            ORDER BY t.id
+            FOR NO KEY UPDATE SKIP LOCKED) candidates;
+        EXIT WHEN v_level IS NULL;
+
+        SELECT array_agg(t.id) INTO v_level
+        FROM taskrunner.task t
+        WHERE t.id = ANY (v_level) AND NOT taskrunner.is_terminal(t.status)
+          AND NOT EXISTS (SELECT 1 FROM taskrunner.dependency d
+                          JOIN taskrunner.task c ON c.id = d.child_id
+                          WHERE d.parent_id = t.id AND NOT taskrunner.is_terminal(c.status));
+        EXIT WHEN v_level IS NULL;
+
+        PERFORM set_config('taskrunner.dead_end_walk', 'on', true);
+        WITH canceled AS (
+            UPDATE taskrunner.task
+            SET status = 'canceled', status_reason = 'dead end: every child task has ended'
+            WHERE id = ANY (v_level)
+            RETURNING id, dead_end_barrier
+        )
+        SELECT array_agg(id) FILTER (WHERE NOT dead_end_barrier) INTO v_from FROM canceled;
+        PERFORM set_config('taskrunner.dead_end_walk', '', true);
+        EXIT WHEN v_from IS NULL;
+    END LOOP;
+END $$;
+
+
+--
+-- Name: FUNCTION _cancel_dead_ends(p_ended uuid[]); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[]) IS 'Dead-end cancellation from tasks that just ended (the after-update trigger calls it when
+settings.dead_end_cancel is on): cancels every unfinished parent whose children have all
+ended, level by level upward; a canceled dead_end_barrier task stops the walk. Parents
+locked by another transaction at that instant are skipped.';
+
+
+--
 -- Name: _dedupe_match(text, taskrunner.task_status, jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -392,6 +446,7 @@ CREATE TABLE taskrunner.task (
     started_at timestamp with time zone,
     ended_at timestamp with time zone,
     last_updated timestamp with time zone DEFAULT now() NOT NULL,
+    dead_end_barrier boolean DEFAULT false NOT NULL,
     CONSTRAINT task_counters_non_negative CHECK (((success >= 0) AND (failures >= 0))),
     CONSTRAINT task_deps_counters CHECK ((((deps_finished >= 0) AND (deps_finished <= deps_total)) AND ((deps_succeeded >= 0) AND (deps_succeeded <= deps_finished)))),
     CONSTRAINT task_failure_has_reason CHECK (((status <> 'failure'::taskrunner.task_status) OR (failure_reason IS NOT NULL))),
@@ -473,6 +528,13 @@ COMMENT ON COLUMN taskrunner.task.started_at IS 'When the target acknowledged th
 --
 
 COMMENT ON COLUMN taskrunner.task.last_updated IS 'Heartbeat: drives timeouts.';
+
+
+--
+-- Name: COLUMN task.dead_end_barrier; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.dead_end_barrier IS 'Dead-end cancellation (taskrunner.settings.dead_end_cancel) does not walk above this task.';
 
 
 --
@@ -1027,7 +1089,7 @@ BEGIN
     ), new_tasks AS (
         INSERT INTO taskrunner.task (id, batch_id, local_id, requester, name, kind, status,
                                      priority, timeout, metadata, rules, admission_key,
-                                     deps_total, status_reason)
+                                     deps_total, status_reason, dead_end_barrier)
         SELECT i.new_id, v_batch, i.local_id, p_requester, i.t ->> 'name', i.t ->> 'kind',
                CASE WHEN coalesce(e.n, 0) > 0 THEN 'waiting' ELSE 'pending' END::taskrunner.task_status,
                coalesce((i.t ->> 'priority')::int, 0),
@@ -1038,7 +1100,8 @@ BEGIN
                                          coalesce(i.t -> 'rules', '[]'),
                                          coalesce(i.t -> 'metadata', '{}')),
                coalesce(e.n, 0),
-               'created'
+               'created',
+               coalesce((i.t ->> 'dead_end_barrier')::boolean, false)
         FROM ids i
         LEFT JOIN (SELECT child_id, count(*) AS n FROM edges GROUP BY 1) e ON e.child_id = i.new_id
         WHERE i.new_id IS NOT NULL
@@ -1669,6 +1732,27 @@ COMMENT ON FUNCTION taskrunner.take_stats() IS 'The transitions counted by trigg
 
 
 --
+-- Name: tg_task__admission_key(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.tg_task__admission_key() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    NEW.admission_key := taskrunner._admission_key(NEW.kind, NEW.priority, NEW.rules,
+                                                   NEW.metadata);
+    RETURN NEW;
+END $$;
+
+
+--
+-- Name: FUNCTION tg_task__admission_key(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.tg_task__admission_key() IS 'Trigger: recompute admission_key when kind, priority, rules or metadata change.';
+
+
+--
 -- Name: tg_task__after_insert(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -1757,6 +1841,12 @@ BEGIN
     END IF;
     IF v_ended IS NOT NULL THEN
         PERFORM taskrunner._propagate(v_ended);
+        -- dead-end cancellation (off by default); not for the tasks that a walk itself
+        -- cancels (it goes on from them, or stops at a barrier)
+        IF current_setting('taskrunner.dead_end_walk', true) IS DISTINCT FROM 'on'
+           AND (SELECT dead_end_cancel FROM taskrunner.settings) THEN
+            PERFORM taskrunner._cancel_dead_ends(v_ended);
+        END IF;
     END IF;
     IF v_wake_tasks THEN
         PERFORM pg_notify('taskrunner_task', '');
@@ -2074,10 +2164,10 @@ others.';
 
 
 --
--- Name: update_task(uuid, taskrunner.task_status, bigint, bigint, jsonb, text); Type: FUNCTION; Schema: taskrunner; Owner: -
+-- Name: update_task(uuid, taskrunner.task_status, bigint, bigint, jsonb, text, integer); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
-CREATE FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status DEFAULT NULL::taskrunner.task_status, p_new_success bigint DEFAULT NULL::bigint, p_new_failures bigint DEFAULT NULL::bigint, p_metadata jsonb DEFAULT NULL::jsonb, p_failure_reason text DEFAULT NULL::text) RETURNS taskrunner.task
+CREATE FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status DEFAULT NULL::taskrunner.task_status, p_new_success bigint DEFAULT NULL::bigint, p_new_failures bigint DEFAULT NULL::bigint, p_metadata jsonb DEFAULT NULL::jsonb, p_failure_reason text DEFAULT NULL::text, p_priority integer DEFAULT NULL::integer) RETURNS taskrunner.task
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -2105,7 +2195,9 @@ BEGIN
     UPDATE taskrunner.task
     SET success = success + coalesce(p_new_success, 0),
         failures = failures + coalesce(p_new_failures, 0),
-        metadata = coalesce(p_metadata, metadata),
+        -- merged, as ArcRun does: the keys given replace theirs, the others stay
+        metadata = metadata || coalesce(p_metadata, '{}'),
+        priority = coalesce(p_priority, priority),
         status = coalesce(p_status, status),
         failure_reason = CASE WHEN p_status = 'failure' THEN p_failure_reason ELSE failure_reason END,
         status_reason = CASE WHEN p_status IS NULL THEN status_reason
@@ -2121,11 +2213,12 @@ END $$;
 
 
 --
--- Name: FUNCTION update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text); Type: COMMENT; Schema: taskrunner; Owner: -
+-- Name: FUNCTION update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text, p_priority integer); Type: COMMENT; Schema: taskrunner; Owner: -
 --
 
-COMMENT ON FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text) IS 'PATCH /task/{id}: counters, metadata and the outcome of a running task. A report
-acknowledges the start (started_at), so tick() does not restart the task.';
+COMMENT ON FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text, p_priority integer) IS 'PATCH /task/{id}: counters, metadata (merged into the task''s: the keys given replace
+theirs), priority and the outcome of a running task. A report acknowledges the start
+(started_at), so tick() does not restart the task.';
 
 
 --
@@ -2558,6 +2651,32 @@ COMMENT ON VIEW taskrunner.running_tasks IS 'Running tasks with worker, claim/st
 
 
 --
+-- Name: settings; Type: TABLE; Schema: taskrunner; Owner: -
+--
+
+CREATE TABLE taskrunner.settings (
+    id boolean DEFAULT true NOT NULL,
+    dead_end_cancel boolean DEFAULT false NOT NULL,
+    CONSTRAINT settings_one_row CHECK (id)
+);
+
+
+--
+-- Name: TABLE settings; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TABLE taskrunner.settings IS 'Settings read by the SQL state machine: one row (UPDATE it; taskrunner migrate writes the
+environment''s DEAD_END_CANCEL into it when that is set).';
+
+
+--
+-- Name: COLUMN settings.dead_end_cancel; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.settings.dead_end_cancel IS 'On: a task whose children have all ended is canceled, walking upward (see _cancel_dead_ends).';
+
+
+--
 -- Name: task_history; Type: TABLE; Schema: taskrunner; Owner: -
 --
 
@@ -2668,6 +2787,14 @@ ALTER TABLE ONLY taskrunner.delivery
 
 ALTER TABLE ONLY taskrunner.dependency
     ADD CONSTRAINT dependency_pkey PRIMARY KEY (parent_id, child_id);
+
+
+--
+-- Name: settings settings_pkey; Type: CONSTRAINT; Schema: taskrunner; Owner: -
+--
+
+ALTER TABLE ONLY taskrunner.settings
+    ADD CONSTRAINT settings_pkey PRIMARY KEY (id);
 
 
 --
@@ -2862,6 +2989,13 @@ CREATE TRIGGER _110_freeze_rule_fields BEFORE UPDATE OF metadata ON taskrunner.t
 
 
 --
+-- Name: task _120_admission_key; Type: TRIGGER; Schema: taskrunner; Owner: -
+--
+
+CREATE TRIGGER _120_admission_key BEFORE UPDATE OF kind, priority, rules, metadata ON taskrunner.task FOR EACH ROW WHEN (((old.kind IS DISTINCT FROM new.kind) OR (old.priority IS DISTINCT FROM new.priority) OR (old.rules IS DISTINCT FROM new.rules) OR (old.metadata IS DISTINCT FROM new.metadata))) EXECUTE FUNCTION taskrunner.tg_task__admission_key();
+
+
+--
 -- Name: task _500_batch_counts_delete; Type: TRIGGER; Schema: taskrunner; Owner: -
 --
 
@@ -2980,4 +3114,6 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261127120500'),
     ('20261127130000'),
     ('20261127140000'),
-    ('20261127140100');
+    ('20261127140100'),
+    ('20261128130000'),
+    ('20261128130100');

@@ -82,6 +82,8 @@ class Config:
     pool_max_size: int = 8
     statement_timeout: float = 30.0
     api_token: str | None = None
+    # DEAD_END_CANCEL: written to taskrunner.settings by `migrate`/`up`; None: leave it
+    dead_end_cancel: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.host_url:
@@ -125,4 +127,5 @@ class Config:
             pool_max_size=_int(env, "POOL_MAX_SIZE", 8),
             statement_timeout=_float(env, "STATEMENT_TIMEOUT", 30.0),
             api_token=env.get("API_TOKEN") or None,
+            dead_end_cancel=_bool(env["DEAD_END_CANCEL"]) if env.get("DEAD_END_CANCEL") else None,
         )

@@ -23,7 +23,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from taskrunner.vocabulary import TERMINAL_STATUSES, status_label
+from taskrunner.vocabulary import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,13 @@ def _record_entry(parts: list[str]) -> bool:
     elif head == "blocked" and len(parts) == 2:
         BLOCKED.inc(n)
     elif head == "propagation" and len(parts) == 3:
-        PROPAGATIONS.labels(parent_outcome=status_label(parts[1])).inc(n)
+        PROPAGATIONS.labels(parent_outcome=parts[1]).inc(n)
     elif len(parts) >= 4:
         # from>to>kind>n; a kind may itself contain ">"
         from_status, to_status, kind = parts[0], parts[1], ">".join(parts[2:-1])
-        TRANSITIONS.labels(status_label(from_status), status_label(to_status)).inc(n)
+        TRANSITIONS.labels(from_status, to_status).inc(n)
         if to_status in TERMINAL_STATUSES:
-            TASKS_COMPLETED.labels(outcome=status_label(to_status), kind=kind).inc(n)
+            TASKS_COMPLETED.labels(outcome=to_status, kind=kind).inc(n)
     else:
         return False
     return True

@@ -38,7 +38,7 @@ LIMIT %(limit)s::int OFFSET %(offset)s::int;
 -- name: update_task
 SELECT * FROM taskrunner.update_task(%(id)s::uuid, %(status)s::taskrunner.task_status,
     %(new_success)s::bigint, %(new_failures)s::bigint, %(metadata)s::jsonb,
-    %(failure_reason)s::text);
+    %(failure_reason)s::text, %(priority)s::int);
 
 -- name: cancel_task
 SELECT * FROM taskrunner.cancel_task(%(id)s::uuid);
@@ -55,6 +55,10 @@ SELECT taskrunner.add_counters(%(updates)s::jsonb) AS updated;
 -- name: existing_tasks
 -- Which of these ids are tasks (PUT /task checks ids it has not seen; primary-key probes).
 SELECT id::text AS id FROM taskrunner.task WHERE id = ANY(%(ids)s::uuid[]);
+
+-- name: set_dead_end_cancel
+-- taskrunner migrate: DEAD_END_CANCEL into the settings row that the triggers read.
+UPDATE taskrunner.settings SET dead_end_cancel = %(on)s::boolean;
 
 -- name: claim_tasks
 SELECT * FROM taskrunner.claim_tasks(%(worker)s::text, %(max)s::int, %(lease_seconds)s::int);
@@ -130,7 +134,7 @@ SELECT taskrunner.set_batch_rules(%(id)s::uuid, %(kind)s::text, %(rules)s::jsonb
 -- name: batch_tasks
 -- The DAG's nodes: the fields of ArcRun's BasicTaskDto, in creation order.
 SELECT id, name, kind, status, created_at, started_at, ended_at, success, failures,
-       batch_id, priority
+       batch_id, priority, dead_end_barrier
 FROM taskrunner.task WHERE batch_id = %(id)s::uuid ORDER BY seq;
 
 -- name: batch_links

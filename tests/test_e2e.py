@@ -60,7 +60,7 @@ def test_dag_runs_to_completion_through_real_processes(db_url, conn, tmp_path):
     assert len(order) == 5  # each start fired once
     # the API's /metrics includes the workers' metrics (shared multiprocess directory)
     assert "worker_loop_duration_seconds_count" in metrics
-    assert 'tasks_completed_total{kind="etl",outcome="Success"} 5.0' in metrics
+    assert 'tasks_completed_total{kind="etl",outcome="success"} 5.0' in metrics
     hist = conn.execute(
         "SELECT count(*) AS n FROM taskrunner.task_history WHERE to_status = 'success'"
     ).fetchone()["n"]

@@ -80,6 +80,25 @@ _TASK = {
     "started_at": _nullable(_TIME),
     "ended_at": _nullable(_TIME),
     "last_updated": _TIME,
+    "dead_end_barrier": {
+        "type": "boolean",
+        "description": "Dead-end cancellation (when on) does not walk above this task",
+    },
+}
+
+# an action as the seed shows it (GET /task/{id}'s flat "actions" list)
+_FLAT_ACTION = {
+    "kind": {"type": "string", "enum": ["Webhook"]},
+    "trigger": {"type": "string", "enum": list(vocab.TRIGGERS)},
+    "params": _object(
+        {
+            "url": _STRING,
+            "verb": {"type": "string", "enum": list(vocab.VERB_LABELS)},
+            "body": {},
+            "headers": {"type": "object", "additionalProperties": _STRING},
+        },
+        optional=("body", "headers"),
+    ),
 }
 
 _SCHEMAS: dict[str, dict] = {
@@ -122,17 +141,7 @@ _SCHEMAS: dict[str, dict] = {
     "Action": _object(
         {
             "id": _INT,
-            "kind": {"type": "string", "enum": ["Webhook"]},
-            "trigger": {"type": "string", "enum": list(vocab.TRIGGERS)},
-            "params": _object(
-                {
-                    "url": _STRING,
-                    "verb": {"type": "string", "enum": list(vocab.VERB_LABELS)},
-                    "body": {},
-                    "headers": {"type": "object", "additionalProperties": _STRING},
-                },
-                optional=("body", "headers"),
-            ),
+            **_FLAT_ACTION,
             "deliveries": {"type": "array", "items": _ref("Delivery")},
         }
     ),
@@ -149,6 +158,11 @@ _SCHEMAS: dict[str, dict] = {
             "on_success": {"type": "array", "items": _ref("Action")},
             "on_failure": {"type": "array", "items": _ref("Action")},
             "on_cancel": {"type": "array", "items": _ref("Action")},
+            "actions": {
+                "type": "array",
+                "description": "Every action of the task in the seed's flat form",
+                "items": _object(_FLAT_ACTION),
+            },
             "why_not_running": _nullable(_ref("WhyNotRunning")),
         }
     ),
@@ -228,7 +242,7 @@ _SCHEMAS.update(
                 "failures": _INT,
                 "expected_count": {"type": "null", "description": "Always null (not yet)"},
                 "batch_id": _UUID_OUT,
-                "dead_end_barrier": {"type": "boolean", "description": "Always false"},
+                "dead_end_barrier": {"type": "boolean"},
                 "priority": _INT,
             }
         ),

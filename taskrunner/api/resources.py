@@ -29,6 +29,7 @@ from taskrunner.api.validation import (
 )
 from taskrunner.db import DomainError
 from taskrunner.netguard import Policy
+from taskrunner.vocabulary import status_label
 
 log = logging.getLogger("taskrunner.api")
 
@@ -76,7 +77,7 @@ def _requester(req: falcon.Request) -> str | None:
 def _log_task(row: dict, what: str) -> None:
     """The info line of a change the API made to a task: ``task X updated -> Success``."""
     task_id = str(row["id"])
-    status = metrics.status_label(str(row["status"]))
+    status = status_label(str(row["status"]))
     log.info("task %s %s -> %s", task_id, what, status, extra={"task_id": task_id})
 
 
@@ -189,7 +190,7 @@ class DeliveryRetry:
         log.info(
             "delivery %s queued again (%s)",
             delivery_id,
-            metrics.status_label(str(row.get("status"))),
+            status_label(str(row.get("status"))),
             extra={"delivery_id": delivery_id},
         )
         _send(resp, serialize.delivery(row))

@@ -194,6 +194,7 @@ _TASK = _object(
         },
         "rules": _array({"type": "object"}, LIMITS["rules"]),
         "dedupe_strategy": _array(_MATCHER, LIMITS["dedupe_matchers"]),
+        "dead_end_barrier": {"type": "boolean"},
     },
     required=["id", "name", "kind", "on_start"],
 )
@@ -205,6 +206,7 @@ _PATCH = _object(
         "new_failures": _COUNT,
         "metadata": {"type": "object"},
         "failure_reason": _text(LIMITS["failure_reason_chars"]),
+        "priority": _int(*vocab.PRIORITY_RANGE),
     }
 )
 _COUNTERS = _object({"new_success": _COUNT, "new_failures": _COUNT})
@@ -613,6 +615,7 @@ def _task(
         "dedupe": dedupe,
         "actions": actions,
         "dependencies": deps,
+        "dead_end_barrier": task.get("dead_end_barrier", False),
     }
     return normalised, errors + action_errors + dep_errors
 
@@ -694,6 +697,7 @@ def update_input(body: Any) -> dict:
         "new_failures": _optional_int(body.get("new_failures")),
         "metadata": None if metadata is None else json.dumps(metadata),
         "failure_reason": reason,
+        "priority": _optional_int(body.get("priority")),
     }
 
 

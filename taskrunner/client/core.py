@@ -237,13 +237,16 @@ class Routes:
         new_failures: int | None = None,
         failure_reason: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        priority: int | None = None,
     ) -> models.Task:
-        """``PATCH /task/{id}``: progress, outcome, metadata; any call is a heartbeat."""
+        """``PATCH /task/{id}``: progress, outcome, metadata (merged into the task's),
+        priority; any call is a heartbeat."""
         body = _filters(
             status=status,
             new_success=new_success,
             new_failures=new_failures,
             failure_reason=failure_reason,
+            priority=priority,
         )
         if metadata is not None:
             body["metadata"] = dict(metadata)
