@@ -228,40 +228,72 @@ $$;
 CREATE FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[]) RETURNS void
     LANGUAGE plpgsql
     SET enable_seqscan TO 'off'
+    SET enable_hashjoin TO 'off'
+    SET enable_mergejoin TO 'off'
     AS $$
 DECLARE
-    v_from uuid[] := p_ended;
-    v_level uuid[];
+    v_candidates uuid[];
+    v_is_candidate jsonb;  -- {"<id>": true}: a set with O(log n) lookups (?), unlike an array
+    v_alive jsonb;
+    v_dead uuid[];
 BEGIN
-    LOOP
-        SELECT array_agg(id) INTO v_level FROM (
-            SELECT t.id FROM taskrunner.task t
-            WHERE t.id IN (SELECT d.parent_id FROM taskrunner.dependency d
-                           WHERE d.child_id = ANY (v_from))
-              AND NOT taskrunner.is_terminal(t.status)
-            ORDER BY t.id
-            FOR NO KEY UPDATE SKIP LOCKED) candidates;
-        EXIT WHEN v_level IS NULL;
+    WITH RECURSIVE up(id, barrier) AS (
+        SELECT p.id, p.dead_end_barrier
+        FROM taskrunner.dependency d
+        JOIN taskrunner.task p ON p.id = d.parent_id
+        WHERE d.child_id = ANY (p_ended) AND NOT taskrunner.is_terminal(p.status)
+        UNION
+        SELECT p.id, p.dead_end_barrier
+        FROM up
+        JOIN taskrunner.dependency d ON d.child_id = up.id
+        JOIN taskrunner.task p ON p.id = d.parent_id
+        WHERE NOT up.barrier AND NOT taskrunner.is_terminal(p.status)
+    )
+    SELECT array_agg(DISTINCT id) INTO v_candidates FROM up;
+    IF v_candidates IS NULL THEN
+        RETURN;
+    END IF;
 
-        SELECT array_agg(t.id) INTO v_level
-        FROM taskrunner.task t
-        WHERE t.id = ANY (v_level) AND NOT taskrunner.is_terminal(t.status)
-          AND NOT EXISTS (SELECT 1 FROM taskrunner.dependency d
-                          JOIN taskrunner.task c ON c.id = d.child_id
-                          WHERE d.parent_id = t.id AND NOT taskrunner.is_terminal(c.status));
-        EXIT WHEN v_level IS NULL;
+    SELECT array_agg(id) INTO v_candidates FROM (
+        SELECT t.id FROM taskrunner.task t
+        WHERE t.id = ANY (v_candidates)
+        ORDER BY t.id
+        FOR NO KEY UPDATE SKIP LOCKED) locked;
+    IF v_candidates IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT jsonb_object_agg(id, true) INTO v_is_candidate FROM unnest(v_candidates) id;
 
-        PERFORM set_config('taskrunner.dead_end_walk', 'on', true);
-        WITH canceled AS (
-            UPDATE taskrunner.task
-            SET status = 'canceled', status_reason = 'dead end: every child task has ended'
-            WHERE id = ANY (v_level)
-            RETURNING id, dead_end_barrier
-        )
-        SELECT array_agg(id) FILTER (WHERE NOT dead_end_barrier) INTO v_from FROM canceled;
-        PERFORM set_config('taskrunner.dead_end_walk', '', true);
-        EXIT WHEN v_from IS NULL;
-    END LOOP;
+    WITH RECURSIVE alive(id) AS (
+        SELECT p.id
+        FROM taskrunner.task p
+        WHERE p.id = ANY (v_candidates)
+          AND EXISTS (SELECT 1 FROM taskrunner.dependency d
+                      JOIN taskrunner.task c ON c.id = d.child_id
+                      WHERE d.parent_id = p.id AND NOT taskrunner.is_terminal(c.status)
+                        AND NOT v_is_candidate ? c.id::text)
+        UNION
+        SELECT p.parent_id
+        FROM alive
+        CROSS JOIN LATERAL (SELECT d.parent_id FROM taskrunner.dependency d
+                            WHERE d.child_id = alive.id) p
+        WHERE v_is_candidate ? p.parent_id::text
+    )
+    SELECT coalesce(jsonb_object_agg(id, true), '{}') INTO v_alive FROM alive;
+
+    SELECT array_agg(t.id) INTO v_dead
+    FROM taskrunner.task t
+    WHERE t.id = ANY (v_candidates) AND NOT taskrunner.is_terminal(t.status)
+      AND NOT v_alive ? t.id::text;
+    IF v_dead IS NULL THEN
+        RETURN;
+    END IF;
+
+    PERFORM set_config('taskrunner.dead_end_walk', 'on', true);
+    UPDATE taskrunner.task
+    SET status = 'canceled', status_reason = 'dead end: every child task has ended'
+    WHERE id = ANY (v_dead);
+    PERFORM set_config('taskrunner.dead_end_walk', '', true);
 END $$;
 
 
@@ -270,9 +302,9 @@ END $$;
 --
 
 COMMENT ON FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[]) IS 'Dead-end cancellation from tasks that just ended (the after-update trigger calls it when
-settings.dead_end_cancel is on): cancels every unfinished parent whose children have all
-ended, level by level upward; a canceled dead_end_barrier task stops the walk. Parents
-locked by another transaction at that instant are skipped.';
+settings.dead_end_cancel is on): cancels, in one UPDATE, every unfinished task above them
+whose children all end, walking upward; a dead_end_barrier task is canceled but its
+parents are not looked at. Candidates locked by another transaction are skipped.';
 
 
 --

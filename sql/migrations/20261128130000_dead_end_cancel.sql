@@ -25,62 +25,100 @@ environment''s DEAD_END_CANCEL into it when that is set).';
 COMMENT ON COLUMN taskrunner.settings.dead_end_cancel IS
 'On: a task whose children have all ended is canceled, walking upward (see _cancel_dead_ends).';
 
--- The walk, one level per round: the parents of the tasks that just ended. Each round
--- locks its candidates (in id order) and then, in a new statement (a new snapshot, after
--- the locks), keeps those whose children have all ended, and cancels them in one UPDATE
--- (history, cancel webhooks of running ones and propagation as for any cancel). That
--- UPDATE's own trigger does not walk (taskrunner.dead_end_walk): the loop goes on from the
--- canceled tasks that are not barriers, so a 10,000-deep chain is a loop, not a 10,000-deep
--- trigger recursion.
+-- The walk, set-based, in three statements:
+-- 1. the candidates: every unfinished task reachable upward from the tasks that just
+--    ended, through unfinished tasks that are not barriers (a barrier is a candidate, its
+--    parents are not), by one recursive query;
+-- 2. lock them in id order, skipping those another transaction holds (SKIP LOCKED);
+-- 3. in a new statement (a new snapshot, after the locks), the dead ends among the locked
+--    ones: those that are not kept alive. A candidate is kept alive by a child that has not
+--    ended and is not a locked candidate, and passes that on to its candidate parents (a
+--    second recursive query, upward). Since every candidate has a child (it was reached
+--    from one), a candidate that nothing keeps alive has children that all end now.
+-- They are canceled by one UPDATE (history, cancel webhooks of running ones, propagation:
+-- as for any cancel), whose own trigger does not walk again (taskrunner.dead_end_walk).
+-- A 10,000-deep chain is two recursive queries and one UPDATE, no trigger recursion.
 --
--- A candidate whose row another transaction holds is skipped (SKIP LOCKED), as ArcRun
--- does: waiting would deadlock with that transaction's propagation when it is ending the
--- candidate (it locks the candidate, then wants this transaction's children). So a parent
--- that is ended, claimed or reported on at the same instant is left alone.
+-- A candidate whose row another transaction holds is skipped (as ArcRun does) and counts
+-- as alive: waiting could deadlock with that transaction's propagation when it is ending
+-- the candidate (it locks the candidate, then wants this transaction's children). So a
+-- parent that is ended, claimed or reported on at the same instant is left alone.
 CREATE FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[]) RETURNS void
 LANGUAGE plpgsql
 SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 DECLARE
-    v_from uuid[] := p_ended;
-    v_level uuid[];
+    v_candidates uuid[];
+    v_is_candidate jsonb;  -- {"<id>": true}: a set with O(log n) lookups (?), unlike an array
+    v_alive jsonb;
+    v_dead uuid[];
 BEGIN
-    LOOP
-        SELECT array_agg(id) INTO v_level FROM (
-            SELECT t.id FROM taskrunner.task t
-            WHERE t.id IN (SELECT d.parent_id FROM taskrunner.dependency d
-                           WHERE d.child_id = ANY (v_from))
-              AND NOT taskrunner.is_terminal(t.status)
-            ORDER BY t.id
-            FOR NO KEY UPDATE SKIP LOCKED) candidates;
-        EXIT WHEN v_level IS NULL;
+    WITH RECURSIVE up(id, barrier) AS (
+        SELECT p.id, p.dead_end_barrier
+        FROM taskrunner.dependency d
+        JOIN taskrunner.task p ON p.id = d.parent_id
+        WHERE d.child_id = ANY (p_ended) AND NOT taskrunner.is_terminal(p.status)
+        UNION
+        SELECT p.id, p.dead_end_barrier
+        FROM up
+        JOIN taskrunner.dependency d ON d.child_id = up.id
+        JOIN taskrunner.task p ON p.id = d.parent_id
+        WHERE NOT up.barrier AND NOT taskrunner.is_terminal(p.status)
+    )
+    SELECT array_agg(DISTINCT id) INTO v_candidates FROM up;
+    IF v_candidates IS NULL THEN
+        RETURN;
+    END IF;
 
-        SELECT array_agg(t.id) INTO v_level
-        FROM taskrunner.task t
-        WHERE t.id = ANY (v_level) AND NOT taskrunner.is_terminal(t.status)
-          AND NOT EXISTS (SELECT 1 FROM taskrunner.dependency d
-                          JOIN taskrunner.task c ON c.id = d.child_id
-                          WHERE d.parent_id = t.id AND NOT taskrunner.is_terminal(c.status));
-        EXIT WHEN v_level IS NULL;
+    SELECT array_agg(id) INTO v_candidates FROM (
+        SELECT t.id FROM taskrunner.task t
+        WHERE t.id = ANY (v_candidates)
+        ORDER BY t.id
+        FOR NO KEY UPDATE SKIP LOCKED) locked;
+    IF v_candidates IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT jsonb_object_agg(id, true) INTO v_is_candidate FROM unnest(v_candidates) id;
 
-        PERFORM set_config('taskrunner.dead_end_walk', 'on', true);
-        WITH canceled AS (
-            UPDATE taskrunner.task
-            SET status = 'canceled', status_reason = 'dead end: every child task has ended'
-            WHERE id = ANY (v_level)
-            RETURNING id, dead_end_barrier
-        )
-        SELECT array_agg(id) FILTER (WHERE NOT dead_end_barrier) INTO v_from FROM canceled;
-        PERFORM set_config('taskrunner.dead_end_walk', '', true);
-        EXIT WHEN v_from IS NULL;
-    END LOOP;
+    WITH RECURSIVE alive(id) AS (
+        SELECT p.id
+        FROM taskrunner.task p
+        WHERE p.id = ANY (v_candidates)
+          AND EXISTS (SELECT 1 FROM taskrunner.dependency d
+                      JOIN taskrunner.task c ON c.id = d.child_id
+                      WHERE d.parent_id = p.id AND NOT taskrunner.is_terminal(c.status)
+                        AND NOT v_is_candidate ? c.id::text)
+        UNION
+        SELECT p.parent_id
+        FROM alive
+        CROSS JOIN LATERAL (SELECT d.parent_id FROM taskrunner.dependency d
+                            WHERE d.child_id = alive.id) p
+        WHERE v_is_candidate ? p.parent_id::text
+    )
+    SELECT coalesce(jsonb_object_agg(id, true), '{}') INTO v_alive FROM alive;
+
+    SELECT array_agg(t.id) INTO v_dead
+    FROM taskrunner.task t
+    WHERE t.id = ANY (v_candidates) AND NOT taskrunner.is_terminal(t.status)
+      AND NOT v_alive ? t.id::text;
+    IF v_dead IS NULL THEN
+        RETURN;
+    END IF;
+
+    PERFORM set_config('taskrunner.dead_end_walk', 'on', true);
+    UPDATE taskrunner.task
+    SET status = 'canceled', status_reason = 'dead end: every child task has ended'
+    WHERE id = ANY (v_dead);
+    PERFORM set_config('taskrunner.dead_end_walk', '', true);
 END $$;
 
 COMMENT ON FUNCTION taskrunner._cancel_dead_ends(uuid[]) IS
 'Dead-end cancellation from tasks that just ended (the after-update trigger calls it when
-settings.dead_end_cancel is on): cancels every unfinished parent whose children have all
-ended, level by level upward; a canceled dead_end_barrier task stops the walk. Parents
-locked by another transaction at that instant are skipped.';
+settings.dead_end_cancel is on): cancels, in one UPDATE, every unfinished task above them
+whose children all end, walking upward; a dead_end_barrier task is canceled but its
+parents are not looked at. Candidates locked by another transaction are skipped.';
 
 CREATE OR REPLACE FUNCTION taskrunner.tg_task__after_update() RETURNS trigger
     LANGUAGE plpgsql
