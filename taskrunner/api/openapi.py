@@ -177,6 +177,11 @@ _SCHEMAS["TaskBatch"]["items"]["properties"]["rules"]["items"] = _ref("Rule")
 _TASK_FIELDS = _SCHEMAS["TaskBatch"]["items"]["properties"]
 _TASK_FIELDS["timeout"]["default"] = vocab.DEFAULT_TIMEOUT_SECONDS
 _TASK_FIELDS["priority"]["default"] = vocab.DEFAULT_PRIORITY
+_TASK_FIELDS["dead_end_barrier"]["default"] = False
+_UPDATE_FIELDS = _SCHEMAS["TaskUpdate"]["properties"]
+_UPDATE_FIELDS["metadata"]["description"] = (
+    "Merged into the task's metadata: the keys given replace theirs, the others stay"
+)
 
 # -- the batch routes (taskrunner/api/batches.py): ArcRun's names ----------------------------
 _COUNT = {"type": "integer", "minimum": 0}
