@@ -222,10 +222,10 @@ $$;
 
 
 --
--- Name: _cancel_dead_ends(uuid[]); Type: FUNCTION; Schema: taskrunner; Owner: -
+-- Name: _cancel_dead_ends(uuid[], uuid[]); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
-CREATE FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[]) RETURNS void
+CREATE FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[], p_candidates uuid[] DEFAULT '{}'::uuid[]) RETURNS integer
     LANGUAGE plpgsql
     SET enable_seqscan TO 'off'
     SET enable_hashjoin TO 'off'
@@ -233,15 +233,17 @@ CREATE FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[]) RETURNS void
     AS $$
 DECLARE
     v_candidates uuid[];
+    v_locked uuid[];
     v_is_candidate jsonb;  -- {"<id>": true}: a set with O(log n) lookups (?), unlike an array
     v_alive jsonb;
     v_dead uuid[];
 BEGIN
+    SELECT p_candidates || coalesce(array_agg(d.parent_id), '{}') INTO v_candidates
+    FROM taskrunner.dependency d WHERE d.child_id = ANY (p_ended);
     WITH RECURSIVE up(id, barrier) AS (
         SELECT p.id, p.dead_end_barrier
-        FROM taskrunner.dependency d
-        JOIN taskrunner.task p ON p.id = d.parent_id
-        WHERE d.child_id = ANY (p_ended) AND NOT taskrunner.is_terminal(p.status)
+        FROM taskrunner.task p
+        WHERE p.id = ANY (v_candidates) AND NOT taskrunner.is_terminal(p.status)
         UNION
         SELECT p.id, p.dead_end_barrier
         FROM up
@@ -251,16 +253,23 @@ BEGIN
     )
     SELECT array_agg(DISTINCT id) INTO v_candidates FROM up;
     IF v_candidates IS NULL THEN
-        RETURN;
+        RETURN 0;
     END IF;
 
-    SELECT array_agg(id) INTO v_candidates FROM (
+    SELECT array_agg(id) INTO v_locked FROM (
         SELECT t.id FROM taskrunner.task t
         WHERE t.id = ANY (v_candidates)
         ORDER BY t.id
         FOR NO KEY UPDATE SKIP LOCKED) locked;
+    IF cardinality(v_locked) IS DISTINCT FROM cardinality(v_candidates) THEN
+        INSERT INTO taskrunner.dead_end_recheck (task_id)
+        SELECT id FROM unnest(v_candidates) id
+        WHERE NOT id = ANY (coalesce(v_locked, '{}'))
+        ON CONFLICT DO NOTHING;
+    END IF;
+    v_candidates := v_locked;
     IF v_candidates IS NULL THEN
-        RETURN;
+        RETURN 0;
     END IF;
     SELECT jsonb_object_agg(id, true) INTO v_is_candidate FROM unnest(v_candidates) id;
 
@@ -286,7 +295,7 @@ BEGIN
     WHERE t.id = ANY (v_candidates) AND NOT taskrunner.is_terminal(t.status)
       AND NOT v_alive ? t.id::text;
     IF v_dead IS NULL THEN
-        RETURN;
+        RETURN 0;
     END IF;
 
     PERFORM set_config('taskrunner.dead_end_walk', 'on', true);
@@ -294,17 +303,20 @@ BEGIN
     SET status = 'canceled', status_reason = 'dead end: every child task has ended'
     WHERE id = ANY (v_dead);
     PERFORM set_config('taskrunner.dead_end_walk', '', true);
+    RETURN cardinality(v_dead);
 END $$;
 
 
 --
--- Name: FUNCTION _cancel_dead_ends(p_ended uuid[]); Type: COMMENT; Schema: taskrunner; Owner: -
+-- Name: FUNCTION _cancel_dead_ends(p_ended uuid[], p_candidates uuid[]); Type: COMMENT; Schema: taskrunner; Owner: -
 --
 
-COMMENT ON FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[]) IS 'Dead-end cancellation from tasks that just ended (the after-update trigger calls it when
-settings.dead_end_cancel is on): cancels, in one UPDATE, every unfinished task above them
-whose children all end, walking upward; a dead_end_barrier task is canceled but its
-parents are not looked at. Candidates locked by another transaction are skipped.';
+COMMENT ON FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[], p_candidates uuid[]) IS 'Dead-end cancellation from tasks that just ended (p_ended: the after-update trigger calls
+it when settings.dead_end_cancel is on) or from candidates to look at again
+(p_candidates): cancels, in one UPDATE, every unfinished task above them whose children
+all end, walking upward; a dead_end_barrier task is canceled but its parents are not
+looked at. Candidates locked by another transaction are queued in dead_end_recheck.
+Returns how many it canceled.';
 
 
 --
@@ -1463,6 +1475,39 @@ COMMENT ON FUNCTION taskrunner.pause_task(p_id uuid) IS 'Pause a waiting or pend
 
 
 --
+-- Name: recheck_dead_ends(integer); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.recheck_dead_ends(p_max integer DEFAULT 1000) RETURNS integer
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_ids uuid[];
+BEGIN
+    WITH taken AS (
+        DELETE FROM taskrunner.dead_end_recheck
+        WHERE task_id IN (SELECT task_id FROM taskrunner.dead_end_recheck
+                          ORDER BY task_id LIMIT p_max FOR UPDATE SKIP LOCKED)
+        RETURNING task_id
+    )
+    SELECT array_agg(task_id) INTO v_ids FROM taken;
+    IF v_ids IS NULL OR NOT (SELECT dead_end_cancel FROM taskrunner.settings) THEN
+        RETURN 0;
+    END IF;
+    RETURN taskrunner._cancel_dead_ends('{}', v_ids);
+END $$;
+
+
+--
+-- Name: FUNCTION recheck_dead_ends(p_max integer); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.recheck_dead_ends(p_max integer) IS 'Look again at up to p_max dead-end candidates that a walk skipped (dead_end_recheck):
+cancels those that are dead ends now, queues again those still locked. The workers''
+housekeeping calls it; returns how many it canceled.';
+
+
+--
 -- Name: release_deliveries(text, uuid[]); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -2607,6 +2652,23 @@ COMMENT ON VIEW taskrunner.blocked_tasks IS 'Pending tasks that a rule currently
 
 
 --
+-- Name: dead_end_recheck; Type: TABLE; Schema: taskrunner; Owner: -
+--
+
+CREATE TABLE taskrunner.dead_end_recheck (
+    task_id uuid NOT NULL
+);
+
+
+--
+-- Name: TABLE dead_end_recheck; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TABLE taskrunner.dead_end_recheck IS 'Dead-end candidates that a walk skipped because another transaction held them; the
+workers'' housekeeping rechecks them (recheck_dead_ends).';
+
+
+--
 -- Name: delivery_attempt; Type: TABLE; Schema: taskrunner; Owner: -
 --
 
@@ -2795,6 +2857,14 @@ ALTER TABLE ONLY taskrunner.batch_delta
 
 ALTER TABLE ONLY taskrunner.batch
     ADD CONSTRAINT batch_pkey PRIMARY KEY (batch_id);
+
+
+--
+-- Name: dead_end_recheck dead_end_recheck_pkey; Type: CONSTRAINT; Schema: taskrunner; Owner: -
+--
+
+ALTER TABLE ONLY taskrunner.dead_end_recheck
+    ADD CONSTRAINT dead_end_recheck_pkey PRIMARY KEY (task_id);
 
 
 --

@@ -84,9 +84,11 @@ SELECT * FROM taskrunner.retry_delivery(%(delivery_id)s::uuid);
 
 -- name: tick
 -- Housekeeping: timeouts and expired leases (a lease that expired is an attempt: gives up
--- at max_attempts), then fold the batch count deltas.
+-- at max_attempts), then fold the batch count deltas, then look again at the dead-end
+-- candidates that a walk had to skip (dead-end cancellation on).
 SELECT taskrunner.tick(%(max_attempts)s::int) AS result,
-       taskrunner.fold_batch_deltas() AS batch_deltas_folded;
+       taskrunner.fold_batch_deltas() AS batch_deltas_folded,
+       taskrunner.recheck_dead_ends() AS dead_ends_canceled;
 
 -- name: take_stats
 SELECT taskrunner.take_stats() AS stats;

@@ -200,9 +200,19 @@ def test_a_deep_chain_is_walked_in_one_statement(conn):
     assert counts == [{"status": "canceled", "n": n}]
 
 
-def test_a_parent_held_by_another_transaction_is_skipped_not_waited_for(db_url, conn):
-    """A parent locked elsewhere (here: a report on it, in an open transaction) is left
-    alone: waiting could deadlock with that transaction's propagation into our children."""
+def recheck(conn) -> int:
+    return conn.execute("SELECT taskrunner.recheck_dead_ends() AS n").fetchone()["n"]
+
+
+def queued(conn) -> set:
+    rows = conn.execute("SELECT task_id FROM taskrunner.dead_end_recheck").fetchall()
+    return {r["task_id"] for r in rows}
+
+
+def test_a_parent_held_by_another_transaction_is_queued_not_waited_for(db_url, conn):
+    """A parent locked elsewhere (here: a report on it, in an open transaction) is not
+    waited for (that could deadlock with the other's propagation into our children): it is
+    queued, and the housekeeping's recheck cancels it once the lock is gone."""
     dead_end_cancel(conn)
     t = create_batch(conn, [task_spec("p"), task_spec("c", deps=["p"])])
     conn.execute("SELECT * FROM taskrunner.claim_tasks('w1', 10, 60)")
@@ -210,8 +220,40 @@ def test_a_parent_held_by_another_transaction_is_skipped_not_waited_for(db_url, 
         other.execute("SELECT taskrunner.update_task(%s, NULL, 1)", (t["p"]["id"],))
         conn.execute("SET statement_timeout = '5s'")
         cancel(conn, t["c"]["id"])  # returns at once, though p is locked
+        assert queued(conn) == {t["p"]["id"]}
+        assert recheck(conn) == 0  # still locked: queued again
+        assert queued(conn) == {t["p"]["id"]}
         other.commit()
     assert statuses(conn) == {"p": "running", "c": "canceled"}
+    assert recheck(conn) == 1
+    assert statuses(conn) == {"p": "canceled", "c": "canceled"}
+    assert queued(conn) == set()
+
+
+def test_two_children_ending_in_concurrent_transactions_still_cancel_the_parent(db_url, conn):
+    """p -> c1, p -> c2, both canceled in two open transactions: the first walk sees c2
+    live (its end is not committed) and keeps p; the second finds p locked by the first and
+    queues it. After both commit, the recheck cancels p: no write skew leaves it behind."""
+    dead_end_cancel(conn)
+    t = create_batch(
+        conn, [task_spec("p"), task_spec("c1", deps=["p"]), task_spec("c2", deps=["p"])]
+    )
+    with psycopg.connect(db_url) as first, psycopg.connect(db_url) as second:
+        first.execute("SELECT taskrunner.cancel_task(%s)", (t["c1"]["id"],))
+        second.execute("SET statement_timeout = '5s'")
+        second.execute("SELECT taskrunner.cancel_task(%s)", (t["c2"]["id"],))
+        first.commit()
+        second.commit()
+    assert statuses(conn) == {"p": "pending", "c1": "canceled", "c2": "canceled"}
+    assert recheck(conn) == 1
+    assert statuses(conn)["p"] == "canceled"
+
+
+def test_the_recheck_does_nothing_when_the_setting_is_off(conn):
+    t = create_batch(conn, [task_spec("p")])
+    conn.execute("INSERT INTO taskrunner.dead_end_recheck VALUES (%s)", (t["p"]["id"],))
+    assert recheck(conn) == 0
+    assert statuses(conn) == {"p": "pending"} and queued(conn) == set()
 
 
 # -- PATCH fields: priority, merged metadata --------------------------------------------------

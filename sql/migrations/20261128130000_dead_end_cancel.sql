@@ -39,11 +39,24 @@ COMMENT ON COLUMN taskrunner.settings.dead_end_cancel IS
 -- as for any cancel), whose own trigger does not walk again (taskrunner.dead_end_walk).
 -- A 10,000-deep chain is two recursive queries and one UPDATE, no trigger recursion.
 --
--- A candidate whose row another transaction holds is skipped (as ArcRun does) and counts
--- as alive: waiting could deadlock with that transaction's propagation when it is ending
--- the candidate (it locks the candidate, then wants this transaction's children). So a
--- parent that is ended, claimed or reported on at the same instant is left alone.
-CREATE FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[]) RETURNS void
+-- A candidate whose row another transaction holds is not waited for: waiting could
+-- deadlock with that transaction's propagation when it is ending the candidate (it locks
+-- the candidate, then wants this transaction's children). It is skipped (counted as alive)
+-- and queued in dead_end_recheck, and the workers' housekeeping looks at it again
+-- (recheck_dead_ends). That also closes the race of two children of one parent ending in
+-- two concurrent transactions, each seeing the other child still live: the second one to
+-- reach the parent finds it locked by the first, so the parent is queued and rechecked
+-- once both have committed.
+CREATE TABLE taskrunner.dead_end_recheck (
+    task_id uuid PRIMARY KEY
+);
+
+COMMENT ON TABLE taskrunner.dead_end_recheck IS
+'Dead-end candidates that a walk skipped because another transaction held them; the
+workers'' housekeeping rechecks them (recheck_dead_ends).';
+
+CREATE FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[], p_candidates uuid[] DEFAULT '{}')
+RETURNS int
 LANGUAGE plpgsql
 SET enable_seqscan = off
 SET enable_hashjoin = off
@@ -51,15 +64,17 @@ SET enable_mergejoin = off
 AS $$
 DECLARE
     v_candidates uuid[];
+    v_locked uuid[];
     v_is_candidate jsonb;  -- {"<id>": true}: a set with O(log n) lookups (?), unlike an array
     v_alive jsonb;
     v_dead uuid[];
 BEGIN
+    SELECT p_candidates || coalesce(array_agg(d.parent_id), '{}') INTO v_candidates
+    FROM taskrunner.dependency d WHERE d.child_id = ANY (p_ended);
     WITH RECURSIVE up(id, barrier) AS (
         SELECT p.id, p.dead_end_barrier
-        FROM taskrunner.dependency d
-        JOIN taskrunner.task p ON p.id = d.parent_id
-        WHERE d.child_id = ANY (p_ended) AND NOT taskrunner.is_terminal(p.status)
+        FROM taskrunner.task p
+        WHERE p.id = ANY (v_candidates) AND NOT taskrunner.is_terminal(p.status)
         UNION
         SELECT p.id, p.dead_end_barrier
         FROM up
@@ -69,16 +84,23 @@ BEGIN
     )
     SELECT array_agg(DISTINCT id) INTO v_candidates FROM up;
     IF v_candidates IS NULL THEN
-        RETURN;
+        RETURN 0;
     END IF;
 
-    SELECT array_agg(id) INTO v_candidates FROM (
+    SELECT array_agg(id) INTO v_locked FROM (
         SELECT t.id FROM taskrunner.task t
         WHERE t.id = ANY (v_candidates)
         ORDER BY t.id
         FOR NO KEY UPDATE SKIP LOCKED) locked;
+    IF cardinality(v_locked) IS DISTINCT FROM cardinality(v_candidates) THEN
+        INSERT INTO taskrunner.dead_end_recheck (task_id)
+        SELECT id FROM unnest(v_candidates) id
+        WHERE NOT id = ANY (coalesce(v_locked, '{}'))
+        ON CONFLICT DO NOTHING;
+    END IF;
+    v_candidates := v_locked;
     IF v_candidates IS NULL THEN
-        RETURN;
+        RETURN 0;
     END IF;
     SELECT jsonb_object_agg(id, true) INTO v_is_candidate FROM unnest(v_candidates) id;
 
@@ -104,7 +126,7 @@ BEGIN
     WHERE t.id = ANY (v_candidates) AND NOT taskrunner.is_terminal(t.status)
       AND NOT v_alive ? t.id::text;
     IF v_dead IS NULL THEN
-        RETURN;
+        RETURN 0;
     END IF;
 
     PERFORM set_config('taskrunner.dead_end_walk', 'on', true);
@@ -112,13 +134,40 @@ BEGIN
     SET status = 'canceled', status_reason = 'dead end: every child task has ended'
     WHERE id = ANY (v_dead);
     PERFORM set_config('taskrunner.dead_end_walk', '', true);
+    RETURN cardinality(v_dead);
 END $$;
 
-COMMENT ON FUNCTION taskrunner._cancel_dead_ends(uuid[]) IS
-'Dead-end cancellation from tasks that just ended (the after-update trigger calls it when
-settings.dead_end_cancel is on): cancels, in one UPDATE, every unfinished task above them
-whose children all end, walking upward; a dead_end_barrier task is canceled but its
-parents are not looked at. Candidates locked by another transaction are skipped.';
+COMMENT ON FUNCTION taskrunner._cancel_dead_ends(uuid[], uuid[]) IS
+'Dead-end cancellation from tasks that just ended (p_ended: the after-update trigger calls
+it when settings.dead_end_cancel is on) or from candidates to look at again
+(p_candidates): cancels, in one UPDATE, every unfinished task above them whose children
+all end, walking upward; a dead_end_barrier task is canceled but its parents are not
+looked at. Candidates locked by another transaction are queued in dead_end_recheck.
+Returns how many it canceled.';
+
+-- The workers' housekeeping (the tick query): candidates that a walk had to skip.
+CREATE FUNCTION taskrunner.recheck_dead_ends(p_max int DEFAULT 1000) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids uuid[];
+BEGIN
+    WITH taken AS (
+        DELETE FROM taskrunner.dead_end_recheck
+        WHERE task_id IN (SELECT task_id FROM taskrunner.dead_end_recheck
+                          ORDER BY task_id LIMIT p_max FOR UPDATE SKIP LOCKED)
+        RETURNING task_id
+    )
+    SELECT array_agg(task_id) INTO v_ids FROM taken;
+    IF v_ids IS NULL OR NOT (SELECT dead_end_cancel FROM taskrunner.settings) THEN
+        RETURN 0;
+    END IF;
+    RETURN taskrunner._cancel_dead_ends('{}', v_ids);
+END $$;
+
+COMMENT ON FUNCTION taskrunner.recheck_dead_ends(int) IS
+'Look again at up to p_max dead-end candidates that a walk skipped (dead_end_recheck):
+cancels those that are dead ends now, queues again those still locked. The workers''
+housekeeping calls it; returns how many it canceled.';
 
 CREATE OR REPLACE FUNCTION taskrunner.tg_task__after_update() RETURNS trigger
     LANGUAGE plpgsql
@@ -487,6 +536,8 @@ BEGIN
     RETURN NULL;
 END $$;
 
-DROP FUNCTION taskrunner._cancel_dead_ends(uuid[]);
+DROP FUNCTION taskrunner.recheck_dead_ends(int);
+DROP FUNCTION taskrunner._cancel_dead_ends(uuid[], uuid[]);
+DROP TABLE taskrunner.dead_end_recheck;
 DROP TABLE taskrunner.settings;
 ALTER TABLE taskrunner.task DROP COLUMN dead_end_barrier;
