@@ -4,6 +4,8 @@ ArcRun (priority, merged metadata) at the SQL level."""
 from __future__ import annotations
 
 import json
+import random
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -314,3 +316,47 @@ def test_a_merge_that_changes_a_rule_field_is_refused_and_one_that_keeps_it_is_n
         update(conn, t["id"], {"tenant": "t2"})
     assert err.value.sqlstate == "TR409"
     assert err.value.diag.message_detail.startswith("metadata.tenant:")
+
+
+def test_concurrent_ends_leave_no_dead_end_and_cancel_none_too_early(db_url, conn):
+    """Four connections cancel the children of 150 parents (three children each) at once,
+    in random order. Afterwards (and one recheck, as the housekeeping does) no unfinished
+    task has only ended children, and from the history: every dead-end cancel came after
+    each child's end."""
+    dead_end_cancel(conn)
+    specs = []
+    for i in range(150):
+        specs.append(task_spec(f"p{i}"))
+        specs += [task_spec(f"c{i}.{j}", deps=[(f"p{i}", False)]) for j in range(3)]
+    t = create_batch(conn, specs)
+    children = [row["id"] for local, row in t.items() if local.startswith("c")]
+    random.shuffle(children)
+
+    def cancel_all(ids):
+        with psycopg.connect(db_url, autocommit=True) as c:
+            for task_id in ids:
+                c.execute("SELECT taskrunner.cancel_task(%s)", (task_id,))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(cancel_all, [children[i::4] for i in range(4)]))
+    recheck(conn)
+
+    left = conn.execute(
+        "SELECT count(*) AS n FROM taskrunner.task p "
+        "WHERE NOT taskrunner.is_terminal(p.status) "
+        "AND EXISTS (SELECT 1 FROM taskrunner.dependency d WHERE d.parent_id = p.id) "
+        "AND NOT EXISTS (SELECT 1 FROM taskrunner.dependency d "
+        "                JOIN taskrunner.task c ON c.id = d.child_id "
+        "                WHERE d.parent_id = p.id AND NOT taskrunner.is_terminal(c.status))"
+    ).fetchone()["n"]
+    assert left == 0
+    early = conn.execute(
+        "SELECT count(*) AS n FROM taskrunner.task_history h "
+        "JOIN taskrunner.dependency d ON d.parent_id = h.task_id "
+        "JOIN taskrunner.task_history ch ON ch.task_id = d.child_id "
+        "     AND ch.to_status IN ('success', 'failure', 'canceled') "
+        "WHERE h.reason = %s AND ch.at > h.at",
+        (DEAD_END,),
+    ).fetchone()["n"]
+    assert early == 0
+    assert set(statuses(conn).values()) == {"canceled"}
