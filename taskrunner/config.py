@@ -14,6 +14,18 @@ def _bool(value: str | None, default: bool = False) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _switch(env: dict, name: str) -> bool | None:
+    """``env[name]`` as true/false (1/0, yes/no, on/off); None when unset or empty."""
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return None
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise SystemExit(f"{name} must be true or false, got {raw!r}")
+
+
 def _number(env: dict, name: str, default, kind: type, what: str):
     """``env[name]`` converted by ``kind`` (int or float); ``default`` when unset or empty."""
     raw = env.get(name)
@@ -127,5 +139,5 @@ class Config:
             pool_max_size=_int(env, "POOL_MAX_SIZE", 8),
             statement_timeout=_float(env, "STATEMENT_TIMEOUT", 30.0),
             api_token=env.get("API_TOKEN") or None,
-            dead_end_cancel=_bool(env["DEAD_END_CANCEL"]) if env.get("DEAD_END_CANCEL") else None,
+            dead_end_cancel=_switch(env, "DEAD_END_CANCEL"),
         )

@@ -28,6 +28,8 @@ from taskrunner.vocabulary import TERMINAL_STATUSES
 log = logging.getLogger(__name__)
 
 TASKS_CREATED = Counter("tasks_created_total", "Tasks created")
+# Status label values (outcome, from_status, to_status, parent_outcome) are the SQL status
+# names, lowercase, as the seed's are: outcome="success"; the JSON API capitalises them.
 TASKS_COMPLETED = Counter(
     "tasks_completed_total", "Tasks that reached a terminal status", ["outcome", "kind"]
 )
