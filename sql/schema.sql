@@ -234,7 +234,7 @@ CREATE FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[], p_candidates uuid[]
 DECLARE
     v_candidates uuid[];
     v_locked uuid[];
-    v_is_candidate jsonb;  -- {"<id>": true}: a set with O(log n) lookups (?), unlike an array
+    v_is_candidate jsonb;  -- {"<id>": true}: a set; `?` finds a key in O(log n), = ANY in O(n)
     v_alive jsonb;
     v_dead uuid[];
 BEGIN
@@ -264,8 +264,7 @@ BEGIN
     IF cardinality(v_locked) IS DISTINCT FROM cardinality(v_candidates) THEN
         INSERT INTO taskrunner.dead_end_recheck (task_id)
         SELECT id FROM unnest(v_candidates) id
-        WHERE NOT id = ANY (coalesce(v_locked, '{}'))
-        ON CONFLICT DO NOTHING;
+        WHERE NOT id = ANY (coalesce(v_locked, '{}'));
     END IF;
     v_candidates := v_locked;
     IF v_candidates IS NULL THEN
@@ -1486,11 +1485,11 @@ DECLARE
 BEGIN
     WITH taken AS (
         DELETE FROM taskrunner.dead_end_recheck
-        WHERE task_id IN (SELECT task_id FROM taskrunner.dead_end_recheck
-                          ORDER BY task_id LIMIT p_max FOR UPDATE SKIP LOCKED)
+        WHERE id IN (SELECT id FROM taskrunner.dead_end_recheck
+                     ORDER BY id LIMIT p_max FOR UPDATE SKIP LOCKED)
         RETURNING task_id
     )
-    SELECT array_agg(task_id) INTO v_ids FROM taken;
+    SELECT array_agg(DISTINCT task_id) INTO v_ids FROM taken;
     IF v_ids IS NULL OR NOT (SELECT dead_end_cancel FROM taskrunner.settings) THEN
         RETURN 0;
     END IF;
@@ -2656,6 +2655,7 @@ COMMENT ON VIEW taskrunner.blocked_tasks IS 'Pending tasks that a rule currently
 --
 
 CREATE TABLE taskrunner.dead_end_recheck (
+    id bigint NOT NULL,
     task_id uuid NOT NULL
 );
 
@@ -2666,6 +2666,20 @@ CREATE TABLE taskrunner.dead_end_recheck (
 
 COMMENT ON TABLE taskrunner.dead_end_recheck IS 'Dead-end candidates that a walk skipped because another transaction held them; the
 workers'' housekeeping rechecks them (recheck_dead_ends).';
+
+
+--
+-- Name: dead_end_recheck_id_seq; Type: SEQUENCE; Schema: taskrunner; Owner: -
+--
+
+ALTER TABLE taskrunner.dead_end_recheck ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME taskrunner.dead_end_recheck_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
 
 
 --
@@ -2864,7 +2878,7 @@ ALTER TABLE ONLY taskrunner.batch
 --
 
 ALTER TABLE ONLY taskrunner.dead_end_recheck
-    ADD CONSTRAINT dead_end_recheck_pkey PRIMARY KEY (task_id);
+    ADD CONSTRAINT dead_end_recheck_pkey PRIMARY KEY (id);
 
 
 --

@@ -253,7 +253,7 @@ def test_two_children_ending_in_concurrent_transactions_still_cancel_the_parent(
 
 def test_the_recheck_does_nothing_when_the_setting_is_off(conn):
     t = create_batch(conn, [task_spec("p")])
-    conn.execute("INSERT INTO taskrunner.dead_end_recheck VALUES (%s)", (t["p"]["id"],))
+    conn.execute("INSERT INTO taskrunner.dead_end_recheck (task_id) VALUES (%s)", (t["p"]["id"],))
     assert recheck(conn) == 0
     assert statuses(conn) == {"p": "pending"} and queued(conn) == set()
 

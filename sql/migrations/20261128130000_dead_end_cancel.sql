@@ -47,8 +47,11 @@ COMMENT ON COLUMN taskrunner.settings.dead_end_cancel IS
 -- two concurrent transactions, each seeing the other child still live: the second one to
 -- reach the parent finds it locked by the first, so the parent is queued and rechecked
 -- once both have committed.
+-- (No unique task_id: an insert never waits on another transaction's insert of the same
+-- task; the recheck takes duplicates together.)
 CREATE TABLE taskrunner.dead_end_recheck (
-    task_id uuid PRIMARY KEY
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    task_id uuid NOT NULL
 );
 
 COMMENT ON TABLE taskrunner.dead_end_recheck IS
@@ -65,7 +68,7 @@ AS $$
 DECLARE
     v_candidates uuid[];
     v_locked uuid[];
-    v_is_candidate jsonb;  -- {"<id>": true}: a set with O(log n) lookups (?), unlike an array
+    v_is_candidate jsonb;  -- {"<id>": true}: a set; `?` finds a key in O(log n), = ANY in O(n)
     v_alive jsonb;
     v_dead uuid[];
 BEGIN
@@ -95,8 +98,7 @@ BEGIN
     IF cardinality(v_locked) IS DISTINCT FROM cardinality(v_candidates) THEN
         INSERT INTO taskrunner.dead_end_recheck (task_id)
         SELECT id FROM unnest(v_candidates) id
-        WHERE NOT id = ANY (coalesce(v_locked, '{}'))
-        ON CONFLICT DO NOTHING;
+        WHERE NOT id = ANY (coalesce(v_locked, '{}'));
     END IF;
     v_candidates := v_locked;
     IF v_candidates IS NULL THEN
@@ -153,11 +155,11 @@ DECLARE
 BEGIN
     WITH taken AS (
         DELETE FROM taskrunner.dead_end_recheck
-        WHERE task_id IN (SELECT task_id FROM taskrunner.dead_end_recheck
-                          ORDER BY task_id LIMIT p_max FOR UPDATE SKIP LOCKED)
+        WHERE id IN (SELECT id FROM taskrunner.dead_end_recheck
+                     ORDER BY id LIMIT p_max FOR UPDATE SKIP LOCKED)
         RETURNING task_id
     )
-    SELECT array_agg(task_id) INTO v_ids FROM taken;
+    SELECT array_agg(DISTINCT task_id) INTO v_ids FROM taken;
     IF v_ids IS NULL OR NOT (SELECT dead_end_cancel FROM taskrunner.settings) THEN
         RETURN 0;
     END IF;
