@@ -62,6 +62,7 @@ def test_minimal_task_gets_the_defaults():
                 }
             ],
             "dependencies": [],
+            "dead_end_barrier": False,
         }
     ]
 
@@ -372,6 +373,7 @@ def test_update_input_normalises():
             "new_success": 2,
             "new_failures": None,
             "metadata": {"a": 1},
+            "priority": 7,
         }
     ) == {
         "status": "failure",
@@ -379,6 +381,7 @@ def test_update_input_normalises():
         "new_failures": None,
         "metadata": '{"a": 1}',
         "failure_reason": "x",
+        "priority": 7,
     }
     assert update_input({})["status"] is None
 
