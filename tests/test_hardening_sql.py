@@ -45,6 +45,7 @@ def report(conn, task_id, status=None, reason=None, metadata=None, new_success=N
             "new_failures": None,
             "metadata": json.dumps(metadata) if metadata is not None else None,
             "failure_reason": reason,
+            "priority": None,
         },
     ).fetchone()
 
