@@ -270,6 +270,103 @@ COMMENT ON FUNCTION taskrunner._batch_ended_before(p_batch uuid, p_cutoff timest
 
 
 --
+-- Name: _cancel_dead_ends(uuid[], uuid[]); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[], p_candidates uuid[] DEFAULT '{}'::uuid[]) RETURNS integer
+    LANGUAGE plpgsql
+    SET enable_seqscan TO 'off'
+    SET enable_hashjoin TO 'off'
+    SET enable_mergejoin TO 'off'
+    AS $$
+DECLARE
+    v_candidates uuid[];
+    v_locked uuid[];
+    v_is_candidate jsonb;  -- {"<id>": true}: a set; `?` finds a key in O(log n), = ANY in O(n)
+    v_alive jsonb;
+    v_dead uuid[];
+BEGIN
+    SELECT p_candidates || coalesce(array_agg(d.parent_id), '{}') INTO v_candidates
+    FROM taskrunner.dependency d WHERE d.child_id = ANY (p_ended);
+    WITH RECURSIVE up(id, barrier) AS (
+        SELECT p.id, p.dead_end_barrier
+        FROM taskrunner.task p
+        WHERE p.id = ANY (v_candidates) AND NOT taskrunner.is_terminal(p.status)
+        UNION
+        SELECT p.id, p.dead_end_barrier
+        FROM up
+        JOIN taskrunner.dependency d ON d.child_id = up.id
+        JOIN taskrunner.task p ON p.id = d.parent_id
+        WHERE NOT up.barrier AND NOT taskrunner.is_terminal(p.status)
+    )
+    SELECT array_agg(DISTINCT id) INTO v_candidates FROM up;
+    IF v_candidates IS NULL THEN
+        RETURN 0;
+    END IF;
+
+    SELECT array_agg(id) INTO v_locked FROM (
+        SELECT t.id FROM taskrunner.task t
+        WHERE t.id = ANY (v_candidates)
+        ORDER BY t.id
+        FOR NO KEY UPDATE SKIP LOCKED) locked;
+    IF cardinality(v_locked) IS DISTINCT FROM cardinality(v_candidates) THEN
+        INSERT INTO taskrunner.dead_end_recheck (task_id)
+        SELECT id FROM unnest(v_candidates) id
+        WHERE NOT id = ANY (coalesce(v_locked, '{}'));
+    END IF;
+    v_candidates := v_locked;
+    IF v_candidates IS NULL THEN
+        RETURN 0;
+    END IF;
+    SELECT jsonb_object_agg(id, true) INTO v_is_candidate FROM unnest(v_candidates) id;
+
+    WITH RECURSIVE alive(id) AS (
+        SELECT p.id
+        FROM taskrunner.task p
+        WHERE p.id = ANY (v_candidates)
+          AND EXISTS (SELECT 1 FROM taskrunner.dependency d
+                      JOIN taskrunner.task c ON c.id = d.child_id
+                      WHERE d.parent_id = p.id AND NOT taskrunner.is_terminal(c.status)
+                        AND NOT v_is_candidate ? c.id::text)
+        UNION
+        SELECT p.parent_id
+        FROM alive
+        CROSS JOIN LATERAL (SELECT d.parent_id FROM taskrunner.dependency d
+                            WHERE d.child_id = alive.id) p
+        WHERE v_is_candidate ? p.parent_id::text
+    )
+    SELECT coalesce(jsonb_object_agg(id, true), '{}') INTO v_alive FROM alive;
+
+    SELECT array_agg(t.id) INTO v_dead
+    FROM taskrunner.task t
+    WHERE t.id = ANY (v_candidates) AND NOT taskrunner.is_terminal(t.status)
+      AND NOT v_alive ? t.id::text;
+    IF v_dead IS NULL THEN
+        RETURN 0;
+    END IF;
+
+    PERFORM set_config('taskrunner.dead_end_walk', 'on', true);
+    UPDATE taskrunner.task
+    SET status = 'canceled', status_reason = 'dead end: every child task has ended'
+    WHERE id = ANY (v_dead);
+    PERFORM set_config('taskrunner.dead_end_walk', '', true);
+    RETURN cardinality(v_dead);
+END $$;
+
+
+--
+-- Name: FUNCTION _cancel_dead_ends(p_ended uuid[], p_candidates uuid[]); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner._cancel_dead_ends(p_ended uuid[], p_candidates uuid[]) IS 'Dead-end cancellation from tasks that just ended (p_ended: the after-update trigger calls
+it when settings.dead_end_cancel is on) or from candidates to look at again
+(p_candidates): cancels, in one UPDATE, every unfinished task above them whose children
+all end, walking upward; a dead_end_barrier task is canceled but its parents are not
+looked at. Candidates locked by another transaction are queued in dead_end_recheck.
+Returns how many it canceled.';
+
+
+--
 -- Name: _dedupe_match(text, taskrunner.task_status, jsonb); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -456,6 +553,7 @@ CREATE TABLE taskrunner.task (
     backoff_max_seconds double precision DEFAULT 300 NOT NULL,
     not_before timestamp with time zone,
     expected_count bigint,
+    dead_end_barrier boolean DEFAULT false NOT NULL,
     CONSTRAINT task_counters_non_negative CHECK (((success >= 0) AND (failures >= 0))),
     CONSTRAINT task_deps_counters CHECK ((((deps_finished >= 0) AND (deps_finished <= deps_total)) AND ((deps_succeeded >= 0) AND (deps_succeeded <= deps_finished)))),
     CONSTRAINT task_expected_count_non_negative CHECK ((expected_count >= 0)),
@@ -590,6 +688,13 @@ clear it once due, so NULL means "claimable now" (or never scheduled).';
 COMMENT ON COLUMN taskrunner.task.expected_count IS 'How many items the task expects to process (ArcRun''s expected_count; NULL: not said).
 Capacity rules count the remaining work of running tasks:
 greatest(coalesce(expected_count, 0) - success - failures, 0).';
+
+
+--
+-- Name: COLUMN task.dead_end_barrier; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.task.dead_end_barrier IS 'Dead-end cancellation (taskrunner.settings.dead_end_cancel) does not walk above this task.';
 
 
 --
@@ -1326,7 +1431,8 @@ BEGIN
         INSERT INTO taskrunner.task (id, batch_id, local_id, requester, name, kind, status,
                                      priority, timeout, metadata, rules, admission_key,
                                      deps_total, status_reason, max_attempts, backoff_seconds,
-                                     backoff_max_seconds, not_before, expected_count)
+                                     backoff_max_seconds, not_before, expected_count,
+                                     dead_end_barrier)
         SELECT i.new_id, v_batch, i.local_id, p_requester, i.t ->> 'name', i.t ->> 'kind',
                CASE WHEN coalesce(e.n, 0) > 0 THEN 'waiting' ELSE 'pending' END::taskrunner.task_status,
                coalesce((i.t ->> 'priority')::int, 0),
@@ -1343,7 +1449,8 @@ BEGIN
                coalesce((i.t #>> '{retry,backoff_seconds}')::float8, 5),
                coalesce((i.t #>> '{retry,backoff_max_seconds}')::float8, 300),
                CASE WHEN s.not_before > now() THEN s.not_before END,
-               (i.t ->> 'expected_count')::bigint
+               (i.t ->> 'expected_count')::bigint,
+               coalesce((i.t ->> 'dead_end_barrier')::boolean, false)
         FROM ids i
         LEFT JOIN (SELECT child_id, count(*) AS n FROM edges GROUP BY 1) e ON e.child_id = i.new_id
         -- a delay counts from the database's clock; a time already past is no delay
@@ -1836,6 +1943,39 @@ it again until tasks = 0. The workers call it each tick when RETENTION_DAYS is s
 
 
 --
+-- Name: recheck_dead_ends(integer); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.recheck_dead_ends(p_max integer DEFAULT 1000) RETURNS integer
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_ids uuid[];
+BEGIN
+    WITH taken AS (
+        DELETE FROM taskrunner.dead_end_recheck
+        WHERE id IN (SELECT id FROM taskrunner.dead_end_recheck
+                     ORDER BY id LIMIT p_max FOR UPDATE SKIP LOCKED)
+        RETURNING task_id
+    )
+    SELECT array_agg(DISTINCT task_id) INTO v_ids FROM taken;
+    IF v_ids IS NULL OR NOT (SELECT dead_end_cancel FROM taskrunner.settings) THEN
+        RETURN 0;
+    END IF;
+    RETURN taskrunner._cancel_dead_ends('{}', v_ids);
+END $$;
+
+
+--
+-- Name: FUNCTION recheck_dead_ends(p_max integer); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.recheck_dead_ends(p_max integer) IS 'Look again at up to p_max dead-end candidates that a walk skipped (dead_end_recheck):
+cancels those that are dead ends now, queues again those still locked. The workers''
+housekeeping calls it; returns how many it canceled.';
+
+
+--
 -- Name: release_deliveries(text, uuid[]); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -2163,6 +2303,28 @@ COMMENT ON FUNCTION taskrunner.take_stats() IS 'The transitions counted by trigg
 
 
 --
+-- Name: tg_task__admission_key(); Type: FUNCTION; Schema: taskrunner; Owner: -
+--
+
+CREATE FUNCTION taskrunner.tg_task__admission_key() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    NEW.admission_key := taskrunner._admission_key(NEW.kind, NEW.priority, NEW.rules,
+                                                   NEW.metadata, NEW.expected_count);
+    RETURN NEW;
+END $$;
+
+
+--
+-- Name: FUNCTION tg_task__admission_key(); Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON FUNCTION taskrunner.tg_task__admission_key() IS 'Trigger: recompute admission_key when kind, priority, rules, metadata or expected_count
+change (expected_count is in the key of a task with a capacity rule, see _admission_key).';
+
+
+--
 -- Name: tg_task__after_insert(); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
@@ -2251,6 +2413,12 @@ BEGIN
     END IF;
     IF v_ended IS NOT NULL THEN
         PERFORM taskrunner._propagate(v_ended);
+        -- dead-end cancellation (off by default); not for the tasks that a walk itself
+        -- cancels (it goes on from them, or stops at a barrier)
+        IF current_setting('taskrunner.dead_end_walk', true) IS DISTINCT FROM 'on'
+           AND (SELECT dead_end_cancel FROM taskrunner.settings) THEN
+            PERFORM taskrunner._cancel_dead_ends(v_ended);
+        END IF;
     END IF;
     IF v_wake_tasks THEN
         PERFORM pg_notify('taskrunner_task', '');
@@ -2353,28 +2521,6 @@ BEGIN
         FROM new_rows));
     RETURN NULL;
 END $$;
-
-
---
--- Name: tg_task__capacity_key(); Type: FUNCTION; Schema: taskrunner; Owner: -
---
-
-CREATE FUNCTION taskrunner.tg_task__capacity_key() RETURNS trigger
-    LANGUAGE plpgsql
-    AS $$
-BEGIN
-    NEW.admission_key := taskrunner._admission_key(NEW.kind, NEW.priority, NEW.rules,
-                                                   NEW.metadata, NEW.expected_count);
-    RETURN NEW;
-END $$;
-
-
---
--- Name: FUNCTION tg_task__capacity_key(); Type: COMMENT; Schema: taskrunner; Owner: -
---
-
-COMMENT ON FUNCTION taskrunner.tg_task__capacity_key() IS 'Trigger: a task with a capacity rule whose expected_count changes gets its admission key
-recomputed (the key includes the expected_count, see _admission_key).';
 
 
 --
@@ -2643,10 +2789,10 @@ others.';
 
 
 --
--- Name: update_task(uuid, taskrunner.task_status, bigint, bigint, jsonb, text, boolean, bigint); Type: FUNCTION; Schema: taskrunner; Owner: -
+-- Name: update_task(uuid, taskrunner.task_status, bigint, bigint, jsonb, text, boolean, bigint, integer); Type: FUNCTION; Schema: taskrunner; Owner: -
 --
 
-CREATE FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status DEFAULT NULL::taskrunner.task_status, p_new_success bigint DEFAULT NULL::bigint, p_new_failures bigint DEFAULT NULL::bigint, p_metadata jsonb DEFAULT NULL::jsonb, p_failure_reason text DEFAULT NULL::text, p_retryable boolean DEFAULT NULL::boolean, p_expected_count bigint DEFAULT NULL::bigint) RETURNS taskrunner.task
+CREATE FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status DEFAULT NULL::taskrunner.task_status, p_new_success bigint DEFAULT NULL::bigint, p_new_failures bigint DEFAULT NULL::bigint, p_metadata jsonb DEFAULT NULL::jsonb, p_failure_reason text DEFAULT NULL::text, p_retryable boolean DEFAULT NULL::boolean, p_expected_count bigint DEFAULT NULL::bigint, p_priority integer DEFAULT NULL::integer) RETURNS taskrunner.task
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -2689,8 +2835,10 @@ BEGIN
     UPDATE taskrunner.task
     SET success = success + coalesce(p_new_success, 0),
         failures = failures + coalesce(p_new_failures, 0),
-        metadata = coalesce(p_metadata, metadata),
+        -- merged, as ArcRun does: the keys given replace theirs, the others stay
+        metadata = metadata || coalesce(p_metadata, '{}'),
         expected_count = coalesce(p_expected_count, expected_count),
+        priority = coalesce(p_priority, priority),
         status = coalesce(p_status, status),
         failure_reason = CASE WHEN p_status = 'failure' THEN p_failure_reason ELSE failure_reason END,
         status_reason = CASE WHEN p_status IS NULL THEN status_reason
@@ -2714,14 +2862,14 @@ END $$;
 
 
 --
--- Name: FUNCTION update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text, p_retryable boolean, p_expected_count bigint); Type: COMMENT; Schema: taskrunner; Owner: -
+-- Name: FUNCTION update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text, p_retryable boolean, p_expected_count bigint, p_priority integer); Type: COMMENT; Schema: taskrunner; Owner: -
 --
 
-COMMENT ON FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text, p_retryable boolean, p_expected_count bigint) IS 'PATCH /task/{id}: counters, metadata, expected_count (>= 0) and the outcome of a running
-task. A report acknowledges the start (started_at), so tick() does not restart the task.
-A failure with runs left is retried (see tg_task__retry) unless p_retryable is false.
-Progress on a task with an expected_count wakes the workers (capacity rules may admit
-more).';
+COMMENT ON FUNCTION taskrunner.update_task(p_id uuid, p_status taskrunner.task_status, p_new_success bigint, p_new_failures bigint, p_metadata jsonb, p_failure_reason text, p_retryable boolean, p_expected_count bigint, p_priority integer) IS 'PATCH /task/{id}: counters, metadata (merged into the task''s: the keys given replace
+theirs), priority, expected_count (>= 0) and the outcome of a running task. A report
+acknowledges the start (started_at), so tick() does not restart the task. A failure with
+runs left is retried (see tg_task__retry) unless p_retryable is false. Progress on a task
+with an expected_count wakes the workers (capacity rules may admit more).';
 
 
 --
@@ -3102,6 +3250,38 @@ COMMENT ON VIEW taskrunner.blocked_tasks IS 'Pending tasks that a rule currently
 
 
 --
+-- Name: dead_end_recheck; Type: TABLE; Schema: taskrunner; Owner: -
+--
+
+CREATE TABLE taskrunner.dead_end_recheck (
+    id bigint NOT NULL,
+    task_id uuid NOT NULL
+);
+
+
+--
+-- Name: TABLE dead_end_recheck; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TABLE taskrunner.dead_end_recheck IS 'Dead-end candidates that a walk skipped because another transaction held them; the
+workers'' housekeeping rechecks them (recheck_dead_ends).';
+
+
+--
+-- Name: dead_end_recheck_id_seq; Type: SEQUENCE; Schema: taskrunner; Owner: -
+--
+
+ALTER TABLE taskrunner.dead_end_recheck ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME taskrunner.dead_end_recheck_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
 -- Name: delivery_attempt; Type: TABLE; Schema: taskrunner; Owner: -
 --
 
@@ -3200,6 +3380,32 @@ COMMENT ON VIEW taskrunner.running_tasks IS 'Running tasks with worker, claim/st
 
 
 --
+-- Name: settings; Type: TABLE; Schema: taskrunner; Owner: -
+--
+
+CREATE TABLE taskrunner.settings (
+    id boolean DEFAULT true NOT NULL,
+    dead_end_cancel boolean DEFAULT false NOT NULL,
+    CONSTRAINT settings_one_row CHECK (id)
+);
+
+
+--
+-- Name: TABLE settings; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON TABLE taskrunner.settings IS 'Settings read by the SQL state machine: one row (UPDATE it; taskrunner migrate writes the
+environment''s DEAD_END_CANCEL into it when that is set).';
+
+
+--
+-- Name: COLUMN settings.dead_end_cancel; Type: COMMENT; Schema: taskrunner; Owner: -
+--
+
+COMMENT ON COLUMN taskrunner.settings.dead_end_cancel IS 'On: a task whose children have all ended is canceled, walking upward (see _cancel_dead_ends).';
+
+
+--
 -- Name: task_history; Type: TABLE; Schema: taskrunner; Owner: -
 --
 
@@ -3289,6 +3495,14 @@ ALTER TABLE ONLY taskrunner.batch
 
 
 --
+-- Name: dead_end_recheck dead_end_recheck_pkey; Type: CONSTRAINT; Schema: taskrunner; Owner: -
+--
+
+ALTER TABLE ONLY taskrunner.dead_end_recheck
+    ADD CONSTRAINT dead_end_recheck_pkey PRIMARY KEY (id);
+
+
+--
 -- Name: delivery_attempt delivery_attempt_pkey; Type: CONSTRAINT; Schema: taskrunner; Owner: -
 --
 
@@ -3310,6 +3524,14 @@ ALTER TABLE ONLY taskrunner.delivery
 
 ALTER TABLE ONLY taskrunner.dependency
     ADD CONSTRAINT dependency_pkey PRIMARY KEY (parent_id, child_id);
+
+
+--
+-- Name: settings settings_pkey; Type: CONSTRAINT; Schema: taskrunner; Owner: -
+--
+
+ALTER TABLE ONLY taskrunner.settings
+    ADD CONSTRAINT settings_pkey PRIMARY KEY (id);
 
 
 --
@@ -3548,10 +3770,10 @@ CREATE TRIGGER _110_freeze_rule_fields BEFORE UPDATE OF metadata ON taskrunner.t
 
 
 --
--- Name: task _120_capacity_key; Type: TRIGGER; Schema: taskrunner; Owner: -
+-- Name: task _120_admission_key; Type: TRIGGER; Schema: taskrunner; Owner: -
 --
 
-CREATE TRIGGER _120_capacity_key BEFORE UPDATE OF expected_count ON taskrunner.task FOR EACH ROW WHEN (((old.expected_count IS DISTINCT FROM new.expected_count) AND (new.rules @> '[{"type": "capacity"}]'::jsonb))) EXECUTE FUNCTION taskrunner.tg_task__capacity_key();
+CREATE TRIGGER _120_admission_key BEFORE UPDATE OF kind, priority, rules, metadata, expected_count ON taskrunner.task FOR EACH ROW WHEN (((old.kind IS DISTINCT FROM new.kind) OR (old.priority IS DISTINCT FROM new.priority) OR (old.rules IS DISTINCT FROM new.rules) OR (old.metadata IS DISTINCT FROM new.metadata) OR (old.expected_count IS DISTINCT FROM new.expected_count))) EXECUTE FUNCTION taskrunner.tg_task__admission_key();
 
 
 --
@@ -3676,5 +3898,7 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261127140100'),
     ('20261128100000'),
     ('20261128120000'),
+    ('20261128130000'),
+    ('20261128130100'),
     ('20261128140000'),
     ('20261128150000');

@@ -111,8 +111,24 @@ def _self_argv(*args: str) -> list[str]:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    _migrate(_require_database(_config(args)), rollback=args.rollback, dump=args.dump)
+    config = _config(args)
+    _migrate(_require_database(config), rollback=args.rollback, dump=args.dump)
+    if not args.rollback:
+        _apply_settings(config)
     return 0
+
+
+def _apply_settings(config: Config) -> None:
+    """Write the settings that SQL reads (taskrunner.settings) from the environment; an
+    unset variable leaves the database's value alone."""
+    if config.dead_end_cancel is None:
+        return
+    from taskrunner import db
+
+    with db.connect(config.database_url) as conn:
+        conn.execute(db.QUERIES["set_dead_end_cancel"], {"on": config.dead_end_cancel})
+    state = "on" if config.dead_end_cancel else "off"
+    print(f"taskrunner: dead-end cancellation {state} (DEAD_END_CANCEL)", flush=True)
 
 
 def _migrate(url: str, *, rollback: bool = False, dump: bool = False) -> None:
@@ -218,6 +234,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 )
             config = dataclasses.replace(config, database_url=url)
         _migrate(config.database_url)
+        _apply_settings(config)
 
         extra = {}
         if not os.environ.get("WEBHOOK_ALLOW_PRIVATE"):

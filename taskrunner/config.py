@@ -14,6 +14,18 @@ def _bool(value: str | None, default: bool = False) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _switch(env: dict, name: str) -> bool | None:
+    """``env[name]`` as true/false (1/0, yes/no, on/off); None when unset or empty."""
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return None
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise SystemExit(f"{name} must be true or false, got {raw!r}")
+
+
 def _number(env: dict, name: str, default, kind: type, what: str):
     """``env[name]`` converted by ``kind`` (int or float); ``default`` when unset or empty."""
     raw = env.get(name)
@@ -96,6 +108,8 @@ class Config:
     api_token: str | None = None
     # runs of a task that sets no "retry" (1 = no retry); see README "Task retries"
     task_retry_max_attempts: int = 1
+    # DEAD_END_CANCEL: written to taskrunner.settings by `migrate`/`up`; None: leave it
+    dead_end_cancel: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.host_url:
@@ -145,4 +159,5 @@ class Config:
             statement_timeout=_float(env, "STATEMENT_TIMEOUT", 30.0),
             api_token=env.get("API_TOKEN") or None,
             task_retry_max_attempts=_int(env, "TASK_RETRY_MAX_ATTEMPTS", 1),
+            dead_end_cancel=_switch(env, "DEAD_END_CANCEL"),
         )

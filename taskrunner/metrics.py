@@ -26,11 +26,13 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from taskrunner.vocabulary import TERMINAL_STATUSES, status_label
+from taskrunner.vocabulary import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
 
 TASKS_CREATED = Counter("tasks_created_total", "Tasks created")
+# Status label values (outcome, from_status, to_status, parent_outcome) are the SQL status
+# names, lowercase, as the seed's are: outcome="success"; the JSON API capitalises them.
 TASKS_COMPLETED = Counter(
     "tasks_completed_total", "Tasks that reached a terminal status", ["outcome", "kind"]
 )
@@ -125,13 +127,13 @@ def _record_entry(parts: list[str]) -> bool:
     elif head == "blocked" and len(parts) == 2:
         BLOCKED.inc(n)
     elif head == "propagation" and len(parts) == 3:
-        PROPAGATIONS.labels(parent_outcome=status_label(parts[1])).inc(n)
+        PROPAGATIONS.labels(parent_outcome=parts[1]).inc(n)
     elif len(parts) >= 4:
         # from>to>kind>n; a kind may itself contain ">"
         from_status, to_status, kind = parts[0], parts[1], ">".join(parts[2:-1])
-        TRANSITIONS.labels(status_label(from_status), status_label(to_status)).inc(n)
+        TRANSITIONS.labels(from_status, to_status).inc(n)
         if to_status in TERMINAL_STATUSES:
-            TASKS_COMPLETED.labels(outcome=status_label(to_status), kind=kind).inc(n)
+            TASKS_COMPLETED.labels(outcome=to_status, kind=kind).inc(n)
     else:
         return False
     return True

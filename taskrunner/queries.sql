@@ -44,7 +44,8 @@ LIMIT %(limit)s::int OFFSET %(offset)s::int;
 -- name: update_task
 SELECT * FROM taskrunner.update_task(%(id)s::uuid, %(status)s::taskrunner.task_status,
     %(new_success)s::bigint, %(new_failures)s::bigint, %(metadata)s::jsonb,
-    %(failure_reason)s::text, %(retryable)s::boolean, %(expected_count)s::bigint);
+    %(failure_reason)s::text, %(retryable)s::boolean, %(expected_count)s::bigint,
+    %(priority)s::int);
 
 -- name: cancel_task
 SELECT * FROM taskrunner.cancel_task(%(id)s::uuid);
@@ -61,6 +62,10 @@ SELECT taskrunner.add_counters(%(updates)s::jsonb) AS updated;
 -- name: existing_tasks
 -- Which of these ids are tasks (PUT /task checks ids it has not seen; primary-key probes).
 SELECT id::text AS id FROM taskrunner.task WHERE id = ANY(%(ids)s::uuid[]);
+
+-- name: set_dead_end_cancel
+-- taskrunner migrate: DEAD_END_CANCEL into the settings row that the triggers read.
+UPDATE taskrunner.settings SET dead_end_cancel = %(on)s::boolean;
 
 -- name: claim_tasks
 SELECT * FROM taskrunner.claim_tasks(%(worker)s::text, %(max)s::int, %(lease_seconds)s::int);
@@ -86,10 +91,12 @@ SELECT * FROM taskrunner.retry_delivery(%(delivery_id)s::uuid);
 
 -- name: tick
 -- Housekeeping: timeouts and expired leases (a lease that expired is an attempt: gives up
--- at max_attempts), then fold the batch count deltas and prune the rate-limit ledger.
+-- at max_attempts), then fold the batch count deltas, prune the rate-limit ledger and look
+-- again at the dead-end candidates that a walk had to skip (dead-end cancellation on).
 SELECT taskrunner.tick(%(max_attempts)s::int) AS result,
        taskrunner.fold_batch_deltas() AS batch_deltas_folded,
-       taskrunner.prune_rate_starts() AS rate_starts_pruned;
+       taskrunner.prune_rate_starts() AS rate_starts_pruned,
+       taskrunner.recheck_dead_ends() AS dead_ends_canceled;
 
 -- name: next_wakeup
 -- Seconds until the earliest scheduled task (delayed start, retry backoff) falls due, by
@@ -176,7 +183,7 @@ SELECT taskrunner.set_batch_rules(%(id)s::uuid, %(kind)s::text, %(rules)s::jsonb
 -- name: batch_tasks
 -- The DAG's nodes: the fields of ArcRun's BasicTaskDto, in creation order.
 SELECT id, name, kind, status, created_at, started_at, ended_at, success, failures,
-       expected_count, batch_id, priority
+       expected_count, batch_id, priority, dead_end_barrier
 FROM taskrunner.task WHERE batch_id = %(id)s::uuid ORDER BY seq;
 
 -- name: batch_links

@@ -808,10 +808,10 @@ def _sample(name: str, **labels: str) -> float:
 
 def test_metrics_count_activity_including_cascades(client):
     created = _sample("tasks_created_total")
-    canceled = _sample("tasks_completed_total", outcome="Canceled", kind="metrics-k")
-    failed = _sample("tasks_completed_total", outcome="Failure", kind="metrics-k")
-    moved = _sample("task_status_transitions_total", from_status="Waiting", to_status="Failure")
-    propagated = _sample("dependency_propagations_total", parent_outcome="Canceled")
+    canceled = _sample("tasks_completed_total", outcome="canceled", kind="metrics-k")
+    failed = _sample("tasks_completed_total", outcome="failure", kind="metrics-k")
+    moved = _sample("task_status_transitions_total", from_status="waiting", to_status="failure")
+    propagated = _sample("dependency_propagations_total", parent_outcome="canceled")
 
     tasks = create(
         client, spec("p", kind="metrics-k"), spec("c", kind="metrics-k", dependencies=[{"id": "p"}])
@@ -819,31 +819,32 @@ def test_metrics_count_activity_including_cascades(client):
     client.simulate_delete(f"/task/{tasks['p']['id']}")  # the child fails by cascade
 
     assert _sample("tasks_created_total") == created + 2
-    assert _sample("tasks_completed_total", outcome="Canceled", kind="metrics-k") == canceled + 1
-    assert _sample("tasks_completed_total", outcome="Failure", kind="metrics-k") == failed + 1
+    assert _sample("tasks_completed_total", outcome="canceled", kind="metrics-k") == canceled + 1
+    assert _sample("tasks_completed_total", outcome="failure", kind="metrics-k") == failed + 1
     assert (
-        _sample("task_status_transitions_total", from_status="Waiting", to_status="Failure")
+        _sample("task_status_transitions_total", from_status="waiting", to_status="failure")
         == moved + 1
     )
-    assert _sample("dependency_propagations_total", parent_outcome="Canceled") == propagated + 1
+    assert _sample("dependency_propagations_total", parent_outcome="canceled") == propagated + 1
 
     result = client.simulate_get("/metrics")
     assert result.status_code == 200 and result.headers["content-type"].startswith("text/plain")
     for name in SEED_METRICS:
         assert f"# TYPE {name.removesuffix('_total')}" in result.text
-    assert 'tasks_completed_total{kind="metrics-k",outcome="Canceled"}' in result.text
+    assert 'tasks_completed_total{kind="metrics-k",outcome="canceled"}' in result.text
+    assert 'outcome="Canceled"' not in result.text  # the seed's lowercase values
 
 
 def test_record_stats_parses_every_entry_kind():
     blocked = _sample("tasks_blocked_by_concurrency_total")
-    done = _sample("tasks_completed_total", outcome="Success", kind="a>b")
-    moved = _sample("task_status_transitions_total", from_status="Pending", to_status="Running")
+    done = _sample("tasks_completed_total", outcome="success", kind="a>b")
+    moved = _sample("task_status_transitions_total", from_status="pending", to_status="running")
     metrics.record_stats("blocked>3;running>success>a>b>2;pending>running>k>4;bad;x>y>z>w;")
     metrics.record_stats(None)
     assert _sample("tasks_blocked_by_concurrency_total") == blocked + 3
-    assert _sample("tasks_completed_total", outcome="Success", kind="a>b") == done + 2
+    assert _sample("tasks_completed_total", outcome="success", kind="a>b") == done + 2
     assert (
-        _sample("task_status_transitions_total", from_status="Pending", to_status="Running")
+        _sample("task_status_transitions_total", from_status="pending", to_status="running")
         == moved + 4
     )
 

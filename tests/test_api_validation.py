@@ -63,6 +63,7 @@ def test_minimal_task_gets_the_defaults():
             ],
             "dependencies": [],
             "retry": {"max_attempts": 1, "backoff_seconds": 5, "backoff_max_seconds": 300},
+            "dead_end_barrier": False,
         }
     ]
 
@@ -374,6 +375,7 @@ def test_update_input_normalises():
             "new_failures": None,
             "metadata": {"a": 1},
             "expected_count": 7,
+            "priority": 7,
         }
     ) == {
         "status": "failure",
@@ -383,6 +385,7 @@ def test_update_input_normalises():
         "failure_reason": "x",
         "retryable": None,
         "expected_count": 7,
+        "priority": 7,
     }
     assert update_input({})["status"] is None
     assert update_input({"status": "Failure", "retryable": False})["retryable"] is False

@@ -109,6 +109,19 @@ def test_port_flag_keeps_an_explicit_host_url(monkeypatch: pytest.MonkeyPatch) -
     assert config.host_url == "https://tasks.example.com"
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(None, None), ("", None), ("true", True), ("ON", True), ("0", False)]
+)
+def test_dead_end_cancel_is_a_strict_switch(raw: str | None, expected: bool | None) -> None:
+    env = {} if raw is None else {"DEAD_END_CANCEL": raw}
+    assert Config.from_env(env).dead_end_cancel is expected
+
+
+def test_a_misspelt_dead_end_cancel_is_refused() -> None:
+    with pytest.raises(SystemExit, match="DEAD_END_CANCEL must be true or false"):
+        Config.from_env({"DEAD_END_CANCEL": "ture"})
+
+
 # -- migrate -------------------------------------------------------------------------------
 
 

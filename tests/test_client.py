@@ -120,6 +120,9 @@ def _scenario(call: Any, sink: Sink) -> None:
 
     wait_for(lambda: call("get_task", a.id).status == "Running", 30, message="a to start")
     assert call("update_task", a.id, new_success=2).success == 2
+    patched = call("update_task", a.id, priority=5, metadata={"step": 1})
+    assert (patched.priority, patched.metadata) == (5, {"tenant": "t1", "step": 1})  # merged
+    assert call("get_task", a.id).actions[0].params.url.endswith("/start/a")  # the flat list
     assert call("add_task_counters", a.id, new_success=1).accepted == 1
     assert call("add_counters", [{"task_id": a.id, "new_failures": 1}]).accepted == 1
     wait_for(lambda: call("get_task", a.id).failures == 1, 10, message="the counters flush")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import httpx
 import pytest
 from invariants import assert_rule_respected
-from procs import Sink, hook, service, wait_for
+from procs import TASKRUNNER, Reply, Sink, count, hook, local_ids, service, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +62,7 @@ def test_dag_runs_to_completion_through_real_processes(db_url, conn, tmp_path):
     assert len(order) == 5  # each start fired once
     # the API's /metrics includes the workers' metrics (shared multiprocess directory)
     assert "worker_loop_duration_seconds_count" in metrics
-    assert 'tasks_completed_total{kind="etl",outcome="Success"} 5.0' in metrics
+    assert 'tasks_completed_total{kind="etl",outcome="success"} 5.0' in metrics
     hist = conn.execute(
         "SELECT count(*) AS n FROM taskrunner.task_history WHERE to_status = 'success'"
     ).fetchone()["n"]
@@ -97,3 +99,46 @@ def test_max_one_rule_with_four_worker_processes(db_url, conn, tmp_path):
         "SELECT count(DISTINCT claimed_by) AS n FROM taskrunner.task"
     ).fetchone()["n"]
     assert workers >= 2, "the claims should have been spread over several worker processes"
+
+
+def test_dead_end_cancellation_through_real_processes(db_url, conn, tmp_path):
+    """DEAD_END_CANCEL=true through `taskrunner migrate`; then a running task whose only
+    child is canceled is a dead end: canceled, and a worker fires its cancel webhook."""
+    sink = Sink()
+    cancel_action = hook(f"{sink.url}/stop/p")
+    sink.respond = lambda req: (
+        Reply(body=cancel_action, report=False) if req["path"] == "/start/p" else Reply()
+    )
+    try:
+        with service(db_url, tmp_path, worker_processes=1) as svc:
+            migrate = subprocess.run(
+                [*TASKRUNNER, "migrate"],
+                env={**svc.env, "DEAD_END_CANCEL": "true"},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert migrate.returncode == 0, migrate.stderr
+            assert "dead-end cancellation on (DEAD_END_CANCEL)" in migrate.stdout
+            ids = local_ids(svc.post([_task(sink, "p"), _task(sink, "c", ["p"])]))
+            wait_for(
+                lambda: count(
+                    conn,
+                    "SELECT count(*) AS n FROM taskrunner.task WHERE id = %s "
+                    "AND started_at IS NOT NULL",
+                    ids["p"],
+                ),
+                30,
+                message="p to start (its cancel action registered)",
+            )
+            assert httpx.delete(f"{svc.base}/task/{ids['c']}").status_code == 200
+            wait_for(
+                lambda: any(r["path"] == "/stop/p" for r in sink.requests),
+                30,
+                message="the dead end's cancel webhook",
+            )
+            p = httpx.get(f"{svc.base}/task/{ids['p']}").json()
+    finally:
+        sink.close()
+    assert p["status"] == "Canceled"
+    assert p["status_reason"] == "dead end: every child task has ended"

@@ -47,6 +47,7 @@ def report(conn, task_id, status=None, reason=None, metadata=None, new_success=N
             "failure_reason": reason,
             "retryable": None,
             "expected_count": None,
+            "priority": None,
         },
     ).fetchone()
 

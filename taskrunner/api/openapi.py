@@ -96,6 +96,25 @@ _TASK = {
         **_nullable(_TIME),
         "description": "Not claimed before this time (delayed start, retry backoff); null once due",
     },
+    "dead_end_barrier": {
+        "type": "boolean",
+        "description": "Dead-end cancellation (when on) does not walk above this task",
+    },
+}
+
+# an action as the seed shows it (GET /task/{id}'s flat "actions" list)
+_FLAT_ACTION = {
+    "kind": {"type": "string", "enum": ["Webhook"]},
+    "trigger": {"type": "string", "enum": list(vocab.TRIGGERS)},
+    "params": _object(
+        {
+            "url": _STRING,
+            "verb": {"type": "string", "enum": list(vocab.VERB_LABELS)},
+            "body": {},
+            "headers": {"type": "object", "additionalProperties": _STRING},
+        },
+        optional=("body", "headers"),
+    ),
 }
 
 _SCHEMAS: dict[str, dict] = {
@@ -147,17 +166,7 @@ _SCHEMAS: dict[str, dict] = {
     "Action": _object(
         {
             "id": _INT,
-            "kind": {"type": "string", "enum": ["Webhook"]},
-            "trigger": {"type": "string", "enum": list(vocab.TRIGGERS)},
-            "params": _object(
-                {
-                    "url": _STRING,
-                    "verb": {"type": "string", "enum": list(vocab.VERB_LABELS)},
-                    "body": {},
-                    "headers": {"type": "object", "additionalProperties": _STRING},
-                },
-                optional=("body", "headers"),
-            ),
+            **_FLAT_ACTION,
             "deliveries": {"type": "array", "items": _ref("Delivery")},
         }
     ),
@@ -174,6 +183,11 @@ _SCHEMAS: dict[str, dict] = {
             "on_success": {"type": "array", "items": _ref("Action")},
             "on_failure": {"type": "array", "items": _ref("Action")},
             "on_cancel": {"type": "array", "items": _ref("Action")},
+            "actions": {
+                "type": "array",
+                "description": "Every action of the task in the seed's flat form",
+                "items": _object(_FLAT_ACTION),
+            },
             "why_not_running": _nullable(_ref("WhyNotRunning")),
         }
     ),
@@ -202,6 +216,11 @@ _RETRY_FIELDS["max_attempts"]["description"] = "Default: TASK_RETRY_MAX_ATTEMPTS
 _RETRY_FIELDS["backoff_seconds"]["default"] = vocab.DEFAULT_BACKOFF_SECONDS
 _RETRY_FIELDS["backoff_max_seconds"]["description"] = (
     f"Default: {vocab.DEFAULT_BACKOFF_MAX_SECONDS}, or backoff_seconds when larger"
+)
+_TASK_FIELDS["dead_end_barrier"]["default"] = False
+_UPDATE_FIELDS = _SCHEMAS["TaskUpdate"]["properties"]
+_UPDATE_FIELDS["metadata"]["description"] = (
+    "Merged into the task's metadata: the keys given replace theirs, the others stay"
 )
 
 # -- the batch routes (taskrunner/api/batches.py): ArcRun's names ----------------------------
@@ -268,7 +287,7 @@ _SCHEMAS.update(
                 "failures": _INT,
                 "expected_count": _nullable(_INT),
                 "batch_id": _UUID_OUT,
-                "dead_end_barrier": {"type": "boolean", "description": "Always false"},
+                "dead_end_barrier": {"type": "boolean"},
                 "priority": _INT,
             }
         ),

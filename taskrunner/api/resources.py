@@ -30,6 +30,7 @@ from taskrunner.api.validation import (
 )
 from taskrunner.db import DomainError
 from taskrunner.netguard import Policy
+from taskrunner.vocabulary import status_label
 
 log = logging.getLogger("taskrunner.api")
 
@@ -91,7 +92,7 @@ def _trace_params(trace: tracing.TraceContext) -> dict[str, Any]:
 def _log_task(row: dict, what: str) -> None:
     """The info line of a change the API made to a task: ``task X updated -> Success``."""
     task_id = str(row["id"])
-    status = metrics.status_label(str(row["status"]))
+    status = status_label(str(row["status"]))
     extra = {"task_id": task_id, "batch_id": str(row["batch_id"])}
     log.info("task %s %s -> %s", task_id, what, status, extra=extra)
 
@@ -213,7 +214,7 @@ class DeliveryRetry:
         log.info(
             "delivery %s queued again (%s)",
             delivery_id,
-            metrics.status_label(str(row.get("status"))),
+            status_label(str(row.get("status"))),
             extra={"delivery_id": delivery_id, "task_id": str(row.get("task_id"))},
         )
         _send(resp, serialize.delivery(row))

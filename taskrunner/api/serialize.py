@@ -59,7 +59,7 @@ def task(row: dict) -> dict:
         row,
         "id local_id batch_id requester name kind status status_reason priority timeout"
         " metadata rules expected_count success failures failure_reason created_at started_at"
-        " ended_at last_updated attempt retry not_before",
+        " ended_at last_updated attempt retry not_before dead_end_barrier",
         status=status_label(row["status"]),
         rules=[rule(r) for r in row["rules"]],
         retry={
@@ -70,19 +70,19 @@ def task(row: dict) -> dict:
     )
 
 
-def action(row: dict, deliveries: list[dict]) -> dict:
+def flat_action(row: dict) -> dict:
+    """An action in the seed's shape: ``{kind, trigger, params}``."""
     params: dict[str, Any] = {"url": row["url"], "verb": verb_label(row["verb"])}
     if row["body"] is not None:
         params["body"] = row["body"]
     if row["headers"]:
         params["headers"] = row["headers"]
-    return {
-        "id": row["id"],
-        "kind": "Webhook",
-        "trigger": TRIGGER_LABELS[row["event"]],
-        "params": params,
-        "deliveries": deliveries,
-    }
+    return {"kind": "Webhook", "trigger": TRIGGER_LABELS[row["event"]], "params": params}
+
+
+def action(row: dict, deliveries: list[dict]) -> dict:
+    """An action of the grouped form: the seed's shape with its id and deliveries."""
+    return {"id": row["id"], **flat_action(row), "deliveries": deliveries}
 
 
 def delivery(row: dict, attempts: list[dict] | None = None) -> dict:
@@ -110,8 +110,9 @@ def task_detail(
     deliveries: list[dict],
     attempts: list[dict],
 ) -> dict:
-    """A task with its dependencies and its actions grouped by trigger, each action with
-    its deliveries and each delivery with its attempts."""
+    """A task with its dependencies and its actions twice: grouped by trigger (``on_*``),
+    each action with its deliveries and each delivery with its attempts, and as the seed's
+    flat ``actions`` list (``{kind, trigger, params}``, every action of the task)."""
     attempts_of: dict[Any, list[dict]] = {}
     for a in attempts:
         attempts_of.setdefault(a["delivery_id"], []).append(a)
@@ -130,6 +131,7 @@ def task_detail(
         body[ACTION_FIELDS[a["event"]]].append(action(a, deliveries_of.get(a["id"], [])))
     # on_start is one action on input, so it is one action (or null) on output too
     body["on_start"] = next(iter(body["on_start"]), None)
+    body["actions"] = [flat_action(a) for a in actions]
     return body
 
 
@@ -175,14 +177,12 @@ def batch_stats(row: dict) -> dict:
 
 
 def basic_task(row: dict) -> dict:
-    """ArcRun's ``BasicTaskDto`` (a DAG node). We have no dead-end cancellation:
-    ``dead_end_barrier`` is always false."""
+    """ArcRun's ``BasicTaskDto`` (a DAG node)."""
     return _fields(
         row,
         "id name kind status created_at started_at ended_at success failures expected_count"
         " batch_id dead_end_barrier priority",
         status=status_label(row["status"]),
-        dead_end_barrier=False,
     )
 
 

@@ -242,6 +242,7 @@ _TASK = _object(
         ),
         "not_before": {"type": "string", "maxLength": 64},
         "delay_seconds": _number(*vocab.DELAY_SECONDS_RANGE),
+        "dead_end_barrier": {"type": "boolean"},
     },
     required=["id", "name", "kind", "on_start"],
 )
@@ -255,6 +256,7 @@ _PATCH = _object(
         "failure_reason": _text(LIMITS["failure_reason_chars"]),
         "retryable": {"type": "boolean"},
         "expected_count": _int(0, LIMITS["expected_count"]),
+        "priority": _int(*vocab.PRIORITY_RANGE),
     }
 )
 _COUNTERS = _object({"new_success": _COUNT, "new_failures": _COUNT})
@@ -752,6 +754,7 @@ def _task(
         "dependencies": deps,
         "retry": retry,
         **schedule,
+        "dead_end_barrier": task.get("dead_end_barrier", False),
     }
     if "expected_count" in task:
         normalised["expected_count"] = int(task["expected_count"])
@@ -843,6 +846,7 @@ def update_input(body: Any) -> dict:
         # true/false only with Failure: update_task owns that rule too
         "retryable": body.get("retryable"),
         "expected_count": _optional_int(body.get("expected_count")),
+        "priority": _optional_int(body.get("priority")),
     }
 
 

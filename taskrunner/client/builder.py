@@ -126,7 +126,7 @@ class Batch:
         """Add a task with local id ``id`` (its ``name`` too, unless given). ``fields``
         are the other task fields as the API names them: ``metadata``, ``priority``,
         ``timeout``, ``rules``, ``on_success``, ``on_failure``, ``on_cancel``,
-        ``dedupe_strategy``, ``retry``, ``not_before``, ``delay_seconds``."""
+        ``dedupe_strategy``, ``retry``, ``not_before``, ``delay_seconds``, ``dead_end_barrier``."""
         if id in self.tasks:
             raise ValueError(f"local id {id!r} is used twice")
         spec = TaskSpec(self, id, name or id, kind, on_start, dict(fields))

@@ -239,10 +239,11 @@ class Routes:
         metadata: Mapping[str, Any] | None = None,
         retryable: bool | None = None,
         expected_count: int | None = None,
+        priority: int | None = None,
     ) -> models.Task:
-        """``PATCH /task/{id}``: progress, outcome, metadata, expected_count; any call is a
-        heartbeat. ``retryable=False`` with ``status="Failure"``: no retry, the task fails
-        now."""
+        """``PATCH /task/{id}``: progress, outcome, metadata (merged into the task's),
+        expected_count, priority; any call is a heartbeat. ``retryable=False`` with
+        ``status="Failure"``: no retry, the task fails now."""
         body = _filters(
             status=status,
             new_success=new_success,
@@ -250,6 +251,7 @@ class Routes:
             failure_reason=failure_reason,
             retryable=retryable,
             expected_count=expected_count,
+            priority=priority,
         )
         if metadata is not None:
             body["metadata"] = dict(metadata)

@@ -90,6 +90,7 @@ class Task(Model):
     attempt: int = 0
     retry: dict[str, Any] = field(default_factory=dict)
     not_before: str | None = None
+    dead_end_barrier: bool = False
 
 
 @dataclass
@@ -143,6 +144,17 @@ class Action(Model):
 
 
 @dataclass
+class FlatAction(Model):
+    """One entry of ``TaskDetail.actions``: the seed's flat ``{kind, trigger, params}``."""
+
+    NESTED = {"params": ActionParams}
+
+    kind: str
+    trigger: str
+    params: ActionParams
+
+
+@dataclass
 class Parent(Model):
     """An unfinished parent in ``why_not_running``."""
 
@@ -181,6 +193,7 @@ class TaskDetail(Task):
         "on_success": Action,
         "on_failure": Action,
         "on_cancel": Action,
+        "actions": FlatAction,
         "why_not_running": WhyNotRunning,
     }
 
@@ -189,6 +202,7 @@ class TaskDetail(Task):
     on_success: list[Action] = field(default_factory=list)
     on_failure: list[Action] = field(default_factory=list)
     on_cancel: list[Action] = field(default_factory=list)
+    actions: list[FlatAction] = field(default_factory=list)
     why_not_running: WhyNotRunning | None = None
 
 
@@ -385,6 +399,7 @@ SCHEMA_NAMES: dict[type[Model], str] = {
     Delivery: "Delivery",
     Action: "Action",
     ActionParams: "Action.params",
+    FlatAction: "TaskDetail.actions[]",
     WhyNotRunning: "WhyNotRunning",
     Parent: "WhyNotRunning.parents[]",
     RuleAtLimit: "WhyNotRunning.rules[]",
