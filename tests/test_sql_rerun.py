@@ -106,7 +106,7 @@ def test_rerun_moves_a_failed_task_and_its_cascade_back(conn):
         a: ("rerun", "pending"),
         b: ("downstream", "waiting"),
         c: ("downstream", "waiting"),
-        d: ("waits_again", "waiting"),
+        d: ("waiting_again", "waiting"),
     }
     row = conn.execute("SELECT * FROM taskrunner.task WHERE id = %s", (a,)).fetchone()
     assert row["failure_reason"] is None and row["ended_at"] is None
@@ -226,7 +226,7 @@ def test_what_cannot_be_rerun(conn):
         conn.execute("SELECT * FROM taskrunner.rerun_task(%s)", (a,))
     assert exc.value.sqlstate == "TR409"
     assert "it is pending" in str(exc.value)
-    assert "only a failed or canceled task" in exc.value.diag.message_detail
+    assert "only a failure or canceled task" in exc.value.diag.message_detail
     with pytest.raises(psycopg.Error) as exc:
         conn.execute("SELECT * FROM taskrunner.rerun_task(%s)", (str(uuid.uuid4()),))
     assert exc.value.sqlstate == "TR404"

@@ -166,7 +166,7 @@ BEGIN
             WHERE t.id = c.id AND t.status IN ('waiting', 'pending', 'paused')
             RETURNING t.id, t.batch_id, t.previous_status, t.status
         )
-        SELECT m.id, m.batch_id, m.previous_status, m.status, 'waits_again'
+        SELECT m.id, m.batch_id, m.previous_status, m.status, 'waiting_again'
         FROM moved m
         WHERE m.status IS DISTINCT FROM m.previous_status;
     END IF;
@@ -195,7 +195,7 @@ BEGIN
     IF v_status NOT IN ('failure', 'canceled') THEN
         PERFORM taskrunner._raise('TR409',
             format('cannot rerun task %s: it is %s', p_id, v_status),
-            format('status: task is %s; only a failed or canceled task can be rerun',
+            format('status: task is %s; only a failure or canceled task can be rerun',
                    v_status));
     END IF;
     RETURN QUERY
@@ -206,7 +206,7 @@ COMMENT ON FUNCTION taskrunner.rerun_task(uuid) IS
 'POST /task/{id}/rerun: a failed or canceled task runs again (pending, or waiting for '
 'unfinished parents), with the tasks downstream that failed because of it (back to '
 'waiting); children that had not started wait for it again. Returns one row per task '
-'whose status changed (role rerun, downstream or waits_again). TR404; TR409 when the '
+'whose status changed (role rerun, downstream or waiting_again). TR404; TR409 when the '
 'task has not failed or been canceled, or requires the success of a task that failed or '
 'was canceled (rerun that one instead).';
 
@@ -228,7 +228,7 @@ BEGIN
         END IF;
         PERFORM taskrunner._raise('TR409',
             format('cannot rerun batch %s: no task of it failed or was canceled', p_batch),
-            'status: no task of the batch is Failure or Canceled');
+            'status: no task of the batch is failure or canceled');
     END IF;
     RETURN QUERY
     SELECT * FROM taskrunner._rerun(v_roots,

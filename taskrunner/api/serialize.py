@@ -58,6 +58,25 @@ def task(row: dict) -> dict:
     )
 
 
+RERUN_ROLES = ("rerun", "downstream", "waiting_again")
+
+
+def rerun(rows: list[dict]) -> dict:
+    """The rows of ``rerun_task``/``rerun_batch`` grouped by role: the tasks rerun, those
+    downstream rerun with them (their cascade), the unstarted children now waiting again."""
+    out: dict[str, list[dict]] = {role: [] for role in RERUN_ROLES}
+    for row in rows:
+        out[row["role"]].append(
+            {
+                "id": row["task_id"],
+                "batch_id": row["batch_id"],
+                "from_status": status_label(row["from_status"]),
+                "status": status_label(row["to_status"]),
+            }
+        )
+    return out
+
+
 def action(row: dict, deliveries: list[dict]) -> dict:
     params: dict[str, Any] = {"url": row["url"], "verb": verb_label(row["verb"])}
     if row["body"] is not None:
