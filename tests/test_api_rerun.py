@@ -66,9 +66,8 @@ def test_rerun_task_refusals(client, conn):
         "status: task is Pending; only a Failure or Canceled task can be rerun",
     )
     _fail(client, conn, a)
-    body = assert_error(
-        client.simulate_post(f"/task/{b}/rerun"), 409, f"dependencies: task {a} is Failure; rerun it instead"
-    )
+    detail = f"dependencies: task {a} is Failure; rerun it instead"
+    body = assert_error(client.simulate_post(f"/task/{b}/rerun"), 409, detail)
     assert a in body["error"]
 
 
