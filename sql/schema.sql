@@ -756,7 +756,7 @@ BEGIN
         RETURNING t.id, t.batch_id, t.previous_status, t.status,
                   CASE WHEN t.id = ANY (p_roots) THEN 'rerun' ELSE 'downstream' END AS role
     )
-    SELECT * FROM moved;
+    SELECT * FROM moved ORDER BY 1;
 
     -- 4. children that have not started wait for their rerun parents again
     IF v_children IS NOT NULL THEN
@@ -785,7 +785,8 @@ BEGIN
         )
         SELECT m.id, m.batch_id, m.previous_status, m.status, 'waiting_again'
         FROM moved m
-        WHERE m.status IS DISTINCT FROM m.previous_status;
+        WHERE m.status IS DISTINCT FROM m.previous_status
+        ORDER BY m.id;
     END IF;
 
     PERFORM set_config('taskrunner.rerun', '', true);
