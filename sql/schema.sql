@@ -653,28 +653,78 @@ HTTP 400, 404, 409) and a detail ("field: problem" lines).';
 
 CREATE FUNCTION taskrunner._rerun(p_roots uuid[], p_reason text) RETURNS TABLE(task_id uuid, batch_id uuid, from_status taskrunner.task_status, to_status taskrunner.task_status, role text)
     LANGUAGE plpgsql
+    SET enable_seqscan TO 'off'
+    SET jit TO 'off'
     AS $$
 #variable_conflict use_column
 DECLARE
-    v_all uuid[] := p_roots;
-    v_front uuid[] := p_roots;
-    v_next uuid[];
+    v_reach uuid[];
+    v_all uuid[];
     v_children uuid[];
     v_blocker record;
 BEGIN
-    -- 1. the roots' required parents
-    PERFORM 1 FROM taskrunner.task p
-    WHERE p.id IN (SELECT d.parent_id FROM taskrunner.dependency d
-                   WHERE d.child_id = ANY (p_roots) AND d.requires_success)
-      AND NOT taskrunner.is_terminal(p.status)
-    ORDER BY p.id
-    FOR SHARE;
-    SELECT d.child_id, p.id AS parent_id, p.status INTO v_blocker
-    FROM taskrunner.dependency d
+    -- How these queries are written, for plans that stay proportional to the tasks they
+    -- touch, whatever the table's size:
+    -- * a task's status is read through "LATERAL (SELECT ... WHERE id = ... OFFSET 0)": a
+    --   primary-key probe. Joined directly, a status test lets the planner scan the
+    --   status index instead (every failed task, with its dead versions), once per level
+    --   of a recursive query when the statistics are off;
+    -- * array membership is "IN (SELECT unnest(...))", a hashed subplan, where
+    --   "= ANY (...)" would compare with every element (a 10,000-task batch).
+
+    -- 2a. what the cascade can reach: through requires_success links, tasks that failed
+    --     without running. Ended tasks hold still (reruns take turns), so no lock yet.
+    WITH RECURSIVE reach(id) AS (
+        SELECT unnest(p_roots)
+        UNION
+        SELECT d.child_id
+        FROM reach r
+        JOIN taskrunner.dependency d ON d.parent_id = r.id AND d.requires_success
+        CROSS JOIN LATERAL (SELECT c.status, c.claimed_at FROM taskrunner.task c
+                            WHERE c.id = d.child_id OFFSET 0) c
+        WHERE c.status = 'failure' AND c.claimed_at IS NULL
+    )
+    SELECT array_agg(id) INTO v_reach FROM reach;
+
+    -- Their required parents, locked before their statuses are read (see above): every
+    -- one, ended or not.
+    PERFORM 1 FROM taskrunner.dependency d
     JOIN taskrunner.task p ON p.id = d.parent_id
+    WHERE d.child_id = ANY (v_reach) AND d.requires_success
+    ORDER BY p.id
+    FOR SHARE OF p;
+
+    -- 2b. the cascade: what the cascade reaches, but the tasks that a failed or canceled
+    --     required parent not rerun holds down, and everything below those
+    WITH RECURSIVE held(id) AS (
+        SELECT d.child_id
+        FROM taskrunner.dependency d
+        CROSS JOIN LATERAL (SELECT p.status FROM taskrunner.task p
+                            WHERE p.id = d.parent_id OFFSET 0) p
+        WHERE d.child_id = ANY (v_reach) AND d.requires_success
+          AND p.status IN ('failure', 'canceled')
+          AND d.parent_id NOT IN (SELECT unnest(v_reach))
+          AND d.child_id NOT IN (SELECT unnest(p_roots))
+        UNION
+        SELECT d.child_id
+        FROM held h
+        JOIN taskrunner.dependency d ON d.parent_id = h.id AND d.requires_success
+        WHERE d.child_id IN (SELECT unnest(v_reach))
+          AND d.child_id NOT IN (SELECT unnest(p_roots))
+    )
+    SELECT array_agg(r) INTO v_all
+    FROM unnest(v_reach) r
+    WHERE r NOT IN (SELECT id FROM held);
+
+    -- 1. (now that the cascade is known) no root may require the success of a task that
+    --    stays failed or canceled
+    SELECT d.child_id, d.parent_id, p.status INTO v_blocker
+    FROM taskrunner.dependency d
+    CROSS JOIN LATERAL (SELECT p.status FROM taskrunner.task p
+                        WHERE p.id = d.parent_id OFFSET 0) p
     WHERE d.child_id = ANY (p_roots) AND d.requires_success
-      AND p.status IN ('failure', 'canceled') AND NOT p.id = ANY (p_roots)
-    ORDER BY d.child_id, p.id
+      AND p.status IN ('failure', 'canceled') AND d.parent_id NOT IN (SELECT unnest(v_all))
+    ORDER BY d.child_id, d.parent_id
     LIMIT 1;
     IF FOUND THEN
         PERFORM taskrunner._raise('TR409',
@@ -685,44 +735,20 @@ BEGIN
                    'task too)', v_blocker.parent_id, v_blocker.status));
     END IF;
 
-    -- 2. the cascade, one level of the graph per round
-    LOOP
-        SELECT array_agg(DISTINCT c.id) INTO v_next
-        FROM taskrunner.dependency d
-        JOIN taskrunner.task c ON c.id = d.child_id
-        WHERE d.parent_id = ANY (v_front) AND d.requires_success
-          AND c.status = 'failure' AND c.claimed_at IS NULL
-          AND NOT c.id = ANY (v_all);
-        EXIT WHEN v_next IS NULL;
-        PERFORM 1 FROM taskrunner.task p
-        WHERE p.id IN (SELECT d.parent_id FROM taskrunner.dependency d
-                       WHERE d.child_id = ANY (v_next) AND d.requires_success)
-          AND NOT taskrunner.is_terminal(p.status)
-        ORDER BY p.id
-        FOR SHARE;
-        -- a child that another failed parent holds down stays failed (for now: when that
-        -- parent joins at a later level, the child is looked at again from there)
-        SELECT array_agg(c) INTO v_next
-        FROM unnest(v_next) c
-        WHERE NOT EXISTS (
-            SELECT 1 FROM taskrunner.dependency d
-            JOIN taskrunner.task p ON p.id = d.parent_id
-            WHERE d.child_id = c AND d.requires_success
-              AND p.status IN ('failure', 'canceled') AND NOT p.id = ANY (v_all));
-        EXIT WHEN v_next IS NULL;
-        v_all := v_all || v_next;
-        v_front := v_next;
-    END LOOP;
-
+    -- the children that have not started, locked with the tasks to rerun; a child claimed
+    -- (or canceled...) before we got its lock is left alone
     SELECT array_agg(DISTINCT d.child_id) INTO v_children
     FROM taskrunner.dependency d
-    JOIN taskrunner.task c ON c.id = d.child_id
-    WHERE d.parent_id = ANY (v_all) AND c.status IN ('waiting', 'pending', 'paused');
-
+    WHERE d.parent_id = ANY (v_all) AND d.child_id NOT IN (SELECT unnest(v_all));
     PERFORM 1 FROM taskrunner.task t
     WHERE t.id = ANY (v_all || coalesce(v_children, '{}'))
     ORDER BY t.id
     FOR NO KEY UPDATE;
+    SELECT array_agg(u.id) INTO v_children
+    FROM unnest(v_children) u(id)
+    CROSS JOIN LATERAL (SELECT t.status FROM taskrunner.task t
+                        WHERE t.id = u.id OFFSET 0) t
+    WHERE t.status IN ('waiting', 'pending', 'paused');
 
     PERFORM set_config('taskrunner.rerun', 'on', true);
 
@@ -731,9 +757,9 @@ BEGIN
     WITH counts AS (
         SELECT r.id,
                count(p.id) FILTER (WHERE taskrunner.is_terminal(p.status)
-                                     AND NOT p.id = ANY (v_all)) AS finished,
+                                     AND p.id NOT IN (SELECT unnest(v_all))) AS finished,
                count(p.id) FILTER (WHERE p.status = 'success') AS succeeded,
-               min(p.id::text) FILTER (WHERE p.id = ANY (v_all)) AS rerun_parent
+               min(p.id::text) FILTER (WHERE p.id IN (SELECT unnest(v_all))) AS rerun_parent
         FROM unnest(v_all) r(id)
         LEFT JOIN taskrunner.dependency d ON d.child_id = r.id
         LEFT JOIN taskrunner.task p ON p.id = d.parent_id
@@ -742,7 +768,7 @@ BEGIN
         UPDATE taskrunner.task t
         SET status = CASE WHEN c.finished = t.deps_total THEN 'pending'
                           ELSE 'waiting' END::taskrunner.task_status,
-            status_reason = CASE WHEN t.id = ANY (p_roots) THEN p_reason
+            status_reason = CASE WHEN t.id IN (SELECT unnest(p_roots)) THEN p_reason
                                  ELSE format('dependency %s rerun', c.rerun_parent) END,
             deps_finished = c.finished,
             deps_succeeded = c.succeeded,
@@ -752,9 +778,10 @@ BEGIN
             started_at = NULL,
             ended_at = NULL
         FROM counts c
-        WHERE t.id = c.id AND t.status IN ('failure', 'canceled')
+        WHERE t.id = c.id  -- each failed or canceled: ended tasks hold still, see above
         RETURNING t.id, t.batch_id, t.previous_status, t.status,
-                  CASE WHEN t.id = ANY (p_roots) THEN 'rerun' ELSE 'downstream' END AS role
+                  CASE WHEN t.id IN (SELECT unnest(p_roots)) THEN 'rerun'
+                       ELSE 'downstream' END AS role
     )
     SELECT * FROM moved ORDER BY 1;
 
@@ -765,7 +792,7 @@ BEGIN
             SELECT d.child_id AS id,
                    count(*) FILTER (WHERE taskrunner.is_terminal(p.status)) AS finished,
                    count(*) FILTER (WHERE p.status = 'success') AS succeeded,
-                   min(p.id::text) FILTER (WHERE p.id = ANY (v_all)) AS rerun_parent
+                   min(p.id::text) FILTER (WHERE p.id IN (SELECT unnest(v_all))) AS rerun_parent
             FROM taskrunner.dependency d
             JOIN taskrunner.task p ON p.id = d.parent_id
             WHERE d.child_id = ANY (v_children)
@@ -780,7 +807,7 @@ BEGIN
                 deps_finished = c.finished,
                 deps_succeeded = c.succeeded
             FROM counts c
-            WHERE t.id = c.id AND t.status IN ('waiting', 'pending', 'paused')
+            WHERE t.id = c.id  -- locked while waiting, pending or paused, see above
             RETURNING t.id, t.batch_id, t.previous_status, t.status
         )
         SELECT m.id, m.batch_id, m.previous_status, m.status, 'waiting_again'

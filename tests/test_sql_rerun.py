@@ -457,3 +457,20 @@ def test_concurrent_reruns_and_cancels_take_turns(conn, db_url):
     assert out["rows"][0]["status"] == "canceled"
     assert status_of(conn, b) == "failure"  # failed again, by a's cancel
     assert_consistent(conn)
+
+
+def test_rerun_of_a_deep_chain_is_one_call(conn):
+    """A 300-deep chain that failed at its root comes back whole (set-based: the
+    cascade is a recursive query, not a loop per level)."""
+    n = 300
+    specs = [task_spec("t0")] + [task_spec(f"t{i}", deps=[f"t{i - 1}"]) for i in range(1, n)]
+    tasks = create_batch(conn, specs)
+    root = str(tasks["t0"]["id"])
+    _run(conn, root, "failure")
+    assert set(statuses(conn).values()) == {"failure"}
+
+    moved = _rerun_task(conn, root)
+
+    assert len(moved) == n and moved[root] == ("rerun", "pending")
+    assert {status for _, status in moved.values()} == {"pending", "waiting"}
+    assert_consistent(conn)
