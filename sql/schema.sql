@@ -740,6 +740,11 @@ BEGIN
     SELECT array_agg(DISTINCT d.child_id) INTO v_children
     FROM taskrunner.dependency d
     WHERE d.parent_id = ANY (v_all) AND d.child_id NOT IN (SELECT unnest(v_all));
+    -- (deliveries before tasks, as finish_deliveries locks them)
+    PERFORM 1 FROM taskrunner.delivery d
+    WHERE d.task_id = ANY (v_all) AND d.event = 'start' AND d.status IN ('queued', 'in_flight')
+    ORDER BY d.id
+    FOR NO KEY UPDATE;
     PERFORM 1 FROM taskrunner.task t
     WHERE t.id = ANY (v_all || coalesce(v_children, '{}'))
     ORDER BY t.id
@@ -784,6 +789,14 @@ BEGIN
                        ELSE 'downstream' END AS role
     )
     SELECT * FROM moved ORDER BY 1;
+
+    -- A start of an earlier run still in flight (a task canceled while its start webhook
+    -- was being called) is dropped: its answer, arriving during the new run, is stale
+    -- for finish_deliveries and tick, and cannot start or fail the new run.
+    UPDATE taskrunner.delivery d
+    SET status = 'canceled', finished_at = now(), lease_until = NULL,
+        last_error = 'dropped: the task was rerun'
+    WHERE d.task_id = ANY (v_all) AND d.event = 'start' AND d.status IN ('queued', 'in_flight');
 
     -- 4. children that have not started wait for their rerun parents again
     IF v_children IS NOT NULL THEN

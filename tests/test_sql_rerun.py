@@ -200,10 +200,16 @@ def test_rerun_of_a_canceled_task_starts_it_again(conn):
                                   "verb": "POST"}])],
     )  # fmt: skip
     (a,) = _ids(tasks, "a")
-    conn.execute("SELECT taskrunner.claim_tasks('w1', 1, 60)")
-    conn.execute("SELECT taskrunner.cancel_task(%s)", (a,))
+    (first,) = conn.execute("SELECT * FROM taskrunner.claim_tasks('w1', 1, 60)").fetchall()
+    conn.execute("SELECT taskrunner.cancel_task(%s)", (a,))  # its start still in flight
 
     assert _rerun_task(conn, a) == {a: ("rerun", "pending")}
+    conn.execute("SELECT taskrunner.claim_tasks('w2', 1, 60)")
+    # the first run's start gives up late: stale, the new run goes on
+    old = json.dumps([{"delivery_id": str(first["delivery_id"]), "ok": False, "error": "x"}])
+    out = conn.execute("SELECT * FROM taskrunner.finish_deliveries('w1', %s::jsonb)", (old,))
+    assert out.fetchone()["status"] == "stale"
+    assert status_of(conn, a) == "running"
     _run(conn, a)
     deliveries = conn.execute(
         "SELECT id, event::text FROM taskrunner.delivery WHERE task_id = %s ORDER BY created_at",

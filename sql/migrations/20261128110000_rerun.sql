@@ -20,7 +20,8 @@
 --      lies below them). Two recursive queries, so a 10,000-deep chain is one statement;
 --   3. one UPDATE moves the rerun tasks back (pending if their finished parents allow,
 --      else waiting): a new run, the previous run's outcome cleared. The place to reset
---      per-run state (a retry budget, a delayed start) is this UPDATE;
+--      per-run state (a retry budget, a delayed start) is this UPDATE. A start delivery
+--      of the previous run still in flight is dropped;
 --   4. children that have not started (waiting, pending, paused) count a rerun parent as
 --      unfinished again; a pending one goes back to waiting.
 -- Dependency counters are recomputed from the parents' statuses (a task failed by the
@@ -127,6 +128,11 @@ BEGIN
     SELECT array_agg(DISTINCT d.child_id) INTO v_children
     FROM taskrunner.dependency d
     WHERE d.parent_id = ANY (v_all) AND d.child_id NOT IN (SELECT unnest(v_all));
+    -- (deliveries before tasks, as finish_deliveries locks them)
+    PERFORM 1 FROM taskrunner.delivery d
+    WHERE d.task_id = ANY (v_all) AND d.event = 'start' AND d.status IN ('queued', 'in_flight')
+    ORDER BY d.id
+    FOR NO KEY UPDATE;
     PERFORM 1 FROM taskrunner.task t
     WHERE t.id = ANY (v_all || coalesce(v_children, '{}'))
     ORDER BY t.id
@@ -171,6 +177,14 @@ BEGIN
                        ELSE 'downstream' END AS role
     )
     SELECT * FROM moved ORDER BY 1;
+
+    -- A start of an earlier run still in flight (a task canceled while its start webhook
+    -- was being called) is dropped: its answer, arriving during the new run, is stale
+    -- for finish_deliveries and tick, and cannot start or fail the new run.
+    UPDATE taskrunner.delivery d
+    SET status = 'canceled', finished_at = now(), lease_until = NULL,
+        last_error = 'dropped: the task was rerun'
+    WHERE d.task_id = ANY (v_all) AND d.event = 'start' AND d.status IN ('queued', 'in_flight');
 
     -- 4. children that have not started wait for their rerun parents again
     IF v_children IS NOT NULL THEN
