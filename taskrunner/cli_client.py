@@ -23,7 +23,13 @@ from typing import Any, TextIO
 from taskrunner import vocabulary as vocab
 from taskrunner.client import Client, StatusCounts, TaskrunnerError
 from taskrunner.client.core import DEFAULT_URL
-from taskrunner.client.models import BatchStats, Created, StopBatchResponse, TaskDetail
+from taskrunner.client.models import (
+    BatchStats,
+    Created,
+    RerunResponse,
+    StopBatchResponse,
+    TaskDetail,
+)
 
 WATCH_TIMEOUT_EXIT = 124  # as timeout(1)
 
@@ -225,6 +231,18 @@ def _each_task(action: Callable[[Client, str], Any]) -> Callable[..., int]:
     return run
 
 
+def _print_rerun(result: RerunResponse, out: TextIO) -> None:
+    """One row per task whose status changed: why (rerun, downstream, waiting again)."""
+    rows = [
+        [role.replace("_", " "), t.id, f"{t.from_status} -> {t.status}"]
+        for role in ("rerun", "downstream", "waiting_again")
+        for t in getattr(result, role)
+    ]
+    table(["CHANGE", "TASK", "STATUS"], rows, out)
+
+
+task_rerun = shown(_by_id(Client.rerun_task), _print_rerun)
+
 task_history = shown(
     _by_id(Client.task_history),
     _tabled(
@@ -281,6 +299,7 @@ def _print_stopped(stopped: StopBatchResponse, out: TextIO) -> None:
 
 
 batch_stop = shown(_by_id(Client.stop_batch), _print_stopped)
+batch_rerun = shown(_by_id(Client.rerun_batch), _print_rerun)
 
 
 class Progress:
@@ -469,6 +488,14 @@ def add_task_commands(parser: argparse.ArgumentParser) -> None:
 
     _leaf(
         group,
+        "rerun",
+        task_rerun,
+        "run a Failure/Canceled task again, with the tasks downstream that failed because of it",
+        "  taskrunner task rerun $TASK",
+        takes_id=True,
+    )
+    _leaf(
+        group,
         "history",
         task_history,
         "a task's transitions",
@@ -515,6 +542,15 @@ def add_batch_commands(parser: argparse.ArgumentParser) -> None:
         batch_stop,
         "stop a batch: every unfinished task -> Canceled",
         "  taskrunner batch stop $BATCH",
+        takes_id=True,
+    )
+
+    _leaf(
+        group,
+        "rerun",
+        batch_rerun,
+        "run every Failure/Canceled task of a batch again (one transaction)",
+        "  taskrunner batch rerun $BATCH",
         takes_id=True,
     )
 
@@ -572,9 +608,9 @@ COMMANDS = [
     _group(
         "task",
         add_task_commands,
-        "create, show, list, cancel, pause and resume tasks (through the API)",
+        "create, show, list, cancel, pause, resume and rerun tasks (through the API)",
         "Tasks through the HTTP API: create a batch from a JSON/YAML file or stdin, get, "
-        "list with filters, cancel, pause, resume, history.",
+        "list with filters, cancel, pause, resume, rerun, history.",
         "  taskrunner task create dag.json\n"
         "  taskrunner task list --status Failure --json\n"
         "  taskrunner task cancel $TASK",
@@ -582,8 +618,8 @@ COMMANDS = [
     _group(
         "batch",
         add_batch_commands,
-        "list, show, stop and watch batches (through the API)",
-        "Batches through the HTTP API: list with filters, get counts, stop, and watch "
+        "list, show, stop, rerun and watch batches (through the API)",
+        "Batches through the HTTP API: list with filters, get counts, stop, rerun, and watch "
         "until the batch ends (exit 0 when every task succeeded, 1 when one failed or "
         "was canceled: usable in CI).",
         "  taskrunner batch watch $BATCH\n"

@@ -56,6 +56,10 @@ SELECT * FROM taskrunner.pause_task(%(id)s::uuid);
 -- name: resume_task
 SELECT * FROM taskrunner.resume_task(%(id)s::uuid);
 
+-- name: rerun_task
+-- The task, its cascade and its unstarted children: one row per task whose status changed.
+SELECT * FROM taskrunner.rerun_task(%(id)s::uuid);
+
 -- name: add_counters
 SELECT taskrunner.add_counters(%(updates)s::jsonb) AS updated;
 
@@ -175,6 +179,9 @@ FROM taskrunner.batch_summary s WHERE s.batch_id = %(id)s::uuid;
 
 -- name: stop_batch
 SELECT * FROM taskrunner.stop_batch(%(id)s::uuid);
+
+-- name: rerun_batch
+SELECT * FROM taskrunner.rerun_batch(%(id)s::uuid);
 
 -- name: set_batch_rules
 SELECT taskrunner.set_batch_rules(%(id)s::uuid, %(kind)s::text, %(rules)s::jsonb)

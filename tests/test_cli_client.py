@@ -131,6 +131,19 @@ def test_task_and_batch_commands(db_url, tmp_path) -> None:
         assert (stats["status_counts"]["canceled"], stats["status_counts"]["failure"]) == (1, 1)
         stopped = tr("batch", "stop", batch, "--json", env=env)
         assert json.loads(stopped.stdout)["already_terminal"] == 2
+        # the child failed because of p: rerunning it alone is refused; p's rerun takes it along
+        refused = tr("task", "rerun", ids["c"], env=env)
+        assert refused.returncode == 1 and f"dependencies: task {ids['p']}" in refused.stderr
+        rerun = tr("task", "rerun", ids["p"], env=env)
+        assert rerun.returncode == 0, rerun.stderr
+        assert [line.split() for line in rerun.stdout.splitlines()] == [
+            ["CHANGE", "TASK", "STATUS"],
+            ["rerun", ids["p"], "Canceled", "->", "Pending"],
+            ["downstream", ids["c"], "Failure", "->", "Waiting"],
+        ]
+        assert tr("task", "cancel", ids["p"], env=env).returncode == 0
+        rerun = tr("batch", "rerun", batch, "--json", env=env)
+        assert [t["id"] for t in json.loads(rerun.stdout)["rerun"]] == sorted(ids.values())
 
         missing = tr("delivery", "retry", str(uuid.uuid4()), env=env)
         assert missing.returncode == 1 and missing.stderr.startswith("taskrunner: POST ")

@@ -176,6 +176,13 @@ def _scenario(call: Any, sink: Sink) -> None:
     updated = call("update_batch_rules", batch_id, "etl", [concurrency("etl", max=1)])
     assert updated.updated_count == 0  # both ended
     assert call("stop_batch", batch_id).already_terminal == 2
+    rerun = call("rerun_batch", batch_id)  # b was canceled: it runs again
+    assert [(t.id, t.from_status, t.status) for t in rerun.rerun] == [(b.id, "Canceled", "Pending")]
+    with pytest.raises(Conflict):
+        call("rerun_task", b.id)
+    wait_for(lambda: call("get_task", b.id).status == "Running", 30, message="b to start again")
+    assert call("cancel_task", b.id).status == "Canceled"
+    assert call("rerun_task", b.id).rerun[0].status == "Pending"
 
     _errors(call)
 

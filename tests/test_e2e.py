@@ -142,3 +142,77 @@ def test_dead_end_cancellation_through_real_processes(db_url, conn, tmp_path):
         sink.close()
     assert p["status"] == "Canceled"
     assert p["status_reason"] == "dead end: every child task has ended"
+
+
+def test_rerun_of_a_failed_task_completes_the_dag(db_url, conn, tmp_path):
+    """a fails on its first run (its target reports Failure), which fails b and c; d runs
+    on. POST /task/{a}/rerun: a runs again and succeeds, and b and c follow."""
+    runs: list[str] = []
+
+    def first_run_fails(req: dict) -> None:
+        runs.append(req["path"])
+        flaky_first = req["path"] == "/start/a" and runs.count("/start/a") == 1
+        sink.complete(req, "Failure" if flaky_first else "Success")
+
+    sink = Sink(on_start=first_run_fails)
+    try:
+        with service(db_url, tmp_path) as svc:
+            dag = [
+                _task(sink, "a", on_failure=[hook(f"{sink.url}/failed/a")]),
+                _task(sink, "b", ["a"]),
+                _task(sink, "c", ["b"]),
+                _task(sink, "d"),
+            ]
+            created = svc.post(dag).json()
+            ids = {t["local_id"]: t["id"] for t in created}
+
+            def statuses() -> dict[str, str]:
+                r = httpx.get(f"{svc.base}/task", params={"batch_id": created[0]["batch_id"]})
+                return {t["local_id"]: t["status"] for t in r.json()}
+
+            first = {"a": "Failure", "b": "Failure", "c": "Failure", "d": "Success"}
+            wait_for(lambda: statuses() == first, 60, message="a to fail, and b and c with it")
+
+            rerun = httpx.post(f"{svc.base}/task/{ids['a']}/rerun")
+            assert rerun.status_code == 200, rerun.text
+            assert [t["id"] for t in rerun.json()["downstream"]] == sorted([ids["b"], ids["c"]])
+
+            done = dict.fromkeys("abcd", "Success")
+            wait_for(lambda: statuses() == done, 60, message="the DAG to finish after the rerun")
+            wait_for(
+                lambda: len([r for r in sink.requests if r["path"] == "/done/c"]) == 1,
+                30,
+                message="c's on_success webhook",
+            )
+            history = httpx.get(f"{svc.base}/task/{ids['a']}/history").json()
+    finally:
+        sink.close()
+
+    assert [(h["from"], h["to"]) for h in history] == [
+        (None, "Pending"),
+        ("Pending", "Running"),
+        ("Running", "Failure"),
+        ("Failure", "Pending"),
+        ("Pending", "Running"),
+        ("Running", "Success"),
+    ]
+    assert history[3]["reason"].startswith("rerun by taskrunner-api")
+    starts = [r for r in sink.starts() if r["path"] == "/start/a"]
+    keys = {r["headers"]["idempotency-key"] for r in starts}
+    assert len(starts) == 2 and len(keys) == 2  # the new run's start is a new delivery
+    paths = [r["path"] for r in sink.requests]
+    assert paths.count("/failed/a") == 1 and paths.count("/done/a") == 1
+    assert sorted(runs) == sorted(["/start/a", "/start/a", "/start/b", "/start/c", "/start/d"])
+    # b's and c's history: failed by the cascade, back to waiting, then one run each
+    rows = conn.execute(
+        "SELECT t.local_id, h.from_status::text, h.to_status::text FROM taskrunner.task_history h"
+        " JOIN taskrunner.task t ON t.id = h.task_id WHERE t.local_id = 'c' ORDER BY h.id"
+    ).fetchall()
+    assert [(r["from_status"], r["to_status"]) for r in rows] == [
+        (None, "waiting"),
+        ("waiting", "failure"),
+        ("failure", "waiting"),
+        ("waiting", "pending"),
+        ("pending", "running"),
+        ("running", "success"),
+    ]

@@ -364,6 +364,20 @@ def test_actions_change_the_database(ui, api_only, conn):
     page.get_by_text("Batch stopped").wait_for()
     # the page refreshed by itself: no unfinished task left to stop
     page.locator("#stop-batch[disabled]").wait_for()
+
+    # rerun c from its panel, then the rest of the batch from its head
+    page.locator(f"tr[data-task-id='{ids['c']}']").click()
+    page.locator(f"#panel h2[data-task-id='{ids['c']}']").wait_for()
+    page.locator("#task-rerun").click()
+    ui.confirm()
+    wait_for(lambda: status("c") == "Pending", 10, message="c rerun")
+    page.get_by_text("Rerun: 1 task(s) rerun").wait_for()
+    page.locator("#rerun-batch").click()
+    ui.confirm()
+    expected = {"a": "Pending", "b": "Waiting", "c": "Pending", "d": "Pending"}
+    wait_for(lambda: _statuses(conn, batch) == expected, 10, message="batch rerun")
+    page.get_by_text("Rerun: 3 task(s) rerun").wait_for()
+    page.locator("#rerun-batch[disabled]").wait_for()
     assert ui.errors == []
 
 

@@ -25,6 +25,7 @@ from taskrunner.api.resources import (
     Metrics,
     OpenApi,
     Ready,
+    Rerun,
     TaskCollection,
     TaskItem,
     TaskMove,
@@ -61,11 +62,13 @@ def create_app(
     app.add_route("/task/{id}", TaskItem(store, counters))
     app.add_route("/task/pause/{id}", TaskMove(store, "pause_task"))
     app.add_route("/task/resume/{id}", TaskMove(store, "resume_task"))
+    app.add_route("/task/{id}/rerun", Rerun(store, "task"))
     app.add_route("/delivery/{id}/retry", DeliveryRetry(store))
     app.add_route("/task/{id}/history", TaskHistory(store))
     app.add_route("/batches", BatchCollection(store))
     app.add_route("/batch/{id}", BatchItem(store))
     app.add_route("/batch/{id}/rules", BatchRules(store))
+    app.add_route("/batch/{id}/rerun", Rerun(store, "batch"))
     app.add_route("/dag/{id}", BatchDag(store))
     app.add_route("/problems", Problems(store))
     app.add_route("/metrics", Metrics(store))

@@ -270,6 +270,33 @@ _SCHEMAS.update(
                 "already_terminal": _COUNT,
             }
         ),
+        "RerunTask": _object(
+            {
+                "id": _UUID_OUT,
+                "batch_id": _UUID_OUT,
+                "from_status": {"type": "string", "enum": list(vocab.STATUS_LABELS)},
+                "status": {"type": "string", "enum": list(vocab.STATUS_LABELS)},
+            }
+        ),
+        "RerunResponse": _object(
+            {
+                "rerun": {
+                    "type": "array",
+                    "items": _ref("RerunTask"),
+                    "description": "The tasks rerun (Failure/Canceled -> Pending or Waiting)",
+                },
+                "downstream": {
+                    "type": "array",
+                    "items": _ref("RerunTask"),
+                    "description": "Tasks that had failed because of them, back to Waiting",
+                },
+                "waiting_again": {
+                    "type": "array",
+                    "items": _ref("RerunTask"),
+                    "description": "Pending children that wait for a rerun parent again",
+                },
+            }
+        ),
         "BatchRulesUpdate": _for_document(SCHEMAS["batch_rules"]),
         "BatchRulesUpdated": _object(
             {"batch_id": _UUID_OUT, "kind": _STRING, "updated_count": _COUNT}
@@ -623,6 +650,21 @@ _PATHS: dict[str, dict] = {
             "responses": {**_TASK_OUT, **_errors(404, 409)},
         },
     },
+    "/task/{id}/rerun": {
+        "parameters": [_ID],
+        "post": {
+            "operationId": "rerunTask",
+            "summary": (
+                "Run a Failure/Canceled task again, with the tasks downstream that failed "
+                "because of it; 409 if it did not fail or was not canceled, or if a parent "
+                "it requires failed (rerun that one)"
+            ),
+            "responses": {
+                **_ok(200, "What changed, by role", _ref("RerunResponse")),
+                **_errors(404, 409),
+            },
+        },
+    },
     "/task/{id}/history": {
         "parameters": [_ID],
         "get": {
@@ -700,6 +742,20 @@ _PATHS: dict[str, dict] = {
             "responses": {
                 **_ok(200, "How many tasks changed", _ref("BatchRulesUpdated")),
                 **_errors(400, 404, 413, 415),
+            },
+        },
+    },
+    "/batch/{id}/rerun": {
+        "parameters": [_BATCH_ID],
+        "post": {
+            "operationId": "rerunBatch",
+            "summary": (
+                "Rerun every Failure/Canceled task of the batch (and their cascade), "
+                "atomically; 409 if none"
+            ),
+            "responses": {
+                **_ok(200, "What changed, by role", _ref("RerunResponse")),
+                **_errors(404, 409),
             },
         },
     },

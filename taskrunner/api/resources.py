@@ -202,6 +202,29 @@ class TaskMove:
         _send(resp, serialize.task(row))
 
 
+class Rerun:
+    """``POST /task/{id}/rerun`` and ``POST /batch/{id}/rerun``: a failed or canceled task
+    (or every one of a batch) and the tasks downstream that failed because of it run again
+    (``rerun_task``/``rerun_batch``); the answer lists what changed, by role."""
+
+    def __init__(self, store: Store, what: str) -> None:
+        self.store = store
+        self.what = what  # "task" or "batch"
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        target = _uuid_param(id, self.what)
+        rows = self.store.call(f"rerun_{self.what}", {"id": target})
+        body = serialize.rerun(rows)
+        log.info(
+            "%s %s rerun: %d tasks rerun, %d downstream, %d waiting again",
+            self.what,
+            target,
+            *(len(body[role]) for role in serialize.RERUN_ROLES),
+            extra={f"{self.what}_id": target},
+        )
+        _send(resp, body)
+
+
 class DeliveryRetry:
     """``POST /delivery/{id}/retry``: queue again a webhook delivery that gave up."""
 

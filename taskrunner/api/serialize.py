@@ -70,6 +70,25 @@ def task(row: dict) -> dict:
     )
 
 
+RERUN_ROLES = ("rerun", "downstream", "waiting_again")
+
+
+def rerun(rows: list[dict]) -> dict:
+    """The rows of ``rerun_task``/``rerun_batch`` grouped by role: the tasks rerun, those
+    downstream rerun with them (their cascade), the unstarted children now waiting again."""
+    out: dict[str, list[dict]] = {role: [] for role in RERUN_ROLES}
+    for row in rows:
+        out[row["role"]].append(
+            {
+                "id": row["task_id"],
+                "batch_id": row["batch_id"],
+                "from_status": status_label(row["from_status"]),
+                "status": status_label(row["to_status"]),
+            }
+        )
+    return out
+
+
 def flat_action(row: dict) -> dict:
     """An action in the seed's shape: ``{kind, trigger, params}``."""
     params: dict[str, Any] = {"url": row["url"], "verb": verb_label(row["verb"])}

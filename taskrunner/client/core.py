@@ -13,7 +13,7 @@ When a call is retried (the only place this is decided: ``RetryPolicy.delay``):
   safe to send twice are retried then: every GET, ``DELETE /batch/{id}`` (stopping a
   stopped batch counts its tasks as ``already_terminal``) and ``PATCH /batch/{id}/rules``
   (it replaces). POST /task would create the batch twice, PUT counters and PATCH progress
-  would add twice, and a repeated cancel/pause/resume/outcome answers 409 although the
+  would add twice, and a repeated cancel/pause/resume/rerun/outcome answers 409 although the
   first one worked: those raise at once.
 * The one exception is a 503 from ``PUT /task`` (counters): the buffer refuses all of a
   request or none (``taskrunner/api/counters.py``), so a 503 kept nothing and is retried.
@@ -261,6 +261,12 @@ class Routes:
         """``DELETE /task/{id}``: Canceled (a Running task's cancel actions fire)."""
         return self._send(Call("DELETE", f"/task/{task_id}", _one(models.Task)))
 
+    def rerun_task(self, task_id: str) -> models.RerunResponse:
+        """``POST /task/{id}/rerun``: a Failure/Canceled task runs again, with the tasks
+        downstream that failed because of it."""
+        path = f"/task/{task_id}/rerun"
+        return self._send(Call("POST", path, _one(models.RerunResponse)))
+
     def pause_task(self, task_id: str) -> models.Task:
         """``PATCH /task/pause/{id}``: Waiting/Pending -> Paused."""
         return self._send(Call("PATCH", f"/task/pause/{task_id}", _one(models.Task)))
@@ -328,6 +334,11 @@ class Routes:
         """``DELETE /batch/{id}``: every unfinished task -> Canceled, atomically."""
         call = Call("DELETE", f"/batch/{batch_id}", _one(models.StopBatchResponse), repeatable=True)
         return self._send(call)
+
+    def rerun_batch(self, batch_id: str) -> models.RerunResponse:
+        """``POST /batch/{id}/rerun``: every Failure/Canceled task of the batch runs again."""
+        path = f"/batch/{batch_id}/rerun"
+        return self._send(Call("POST", path, _one(models.RerunResponse)))
 
     def update_batch_rules(
         self, batch_id: str, kind: str, rules: list[Any]

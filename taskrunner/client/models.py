@@ -290,6 +290,26 @@ class StopBatchResponse(Model):
 
 
 @dataclass
+class RerunTask(Model):
+    id: str
+    batch_id: str
+    from_status: str
+    status: str
+
+
+@dataclass
+class RerunResponse(Model):
+    """What a rerun changed: the tasks rerun, the tasks downstream that had failed because
+    of them (back to Waiting), and pending children that wait for them again."""
+
+    NESTED = {"rerun": RerunTask, "downstream": RerunTask, "waiting_again": RerunTask}
+
+    rerun: list[RerunTask] = field(default_factory=list)
+    downstream: list[RerunTask] = field(default_factory=list)
+    waiting_again: list[RerunTask] = field(default_factory=list)
+
+
+@dataclass
 class BatchRulesUpdated(Model):
     batch_id: str
     kind: str
@@ -409,6 +429,8 @@ SCHEMA_NAMES: dict[type[Model], str] = {
     BatchSummary: "BatchSummary",
     BatchStats: "BatchStats",
     StopBatchResponse: "StopBatchResponse",
+    RerunTask: "RerunTask",
+    RerunResponse: "RerunResponse",
     BatchRulesUpdated: "BatchRulesUpdated",
     BasicTask: "BasicTask",
     Link: "Link",

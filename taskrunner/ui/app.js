@@ -71,6 +71,14 @@ function confirmAction(text) {
 }
 
 /** Ask, call, report; then refresh what is on screen. */
+// The answer of POST /task/{id}/rerun or /batch/{id}/rerun in one line.
+function rerunSummary(r) {
+  const parts = [`${r.rerun.length} task(s) rerun`];
+  if (r.downstream.length) parts.push(`${r.downstream.length} downstream back to Waiting`);
+  if (r.waiting_again.length) parts.push(`${r.waiting_again.length} waiting again`);
+  return `Rerun: ${parts.join(", ")}`;
+}
+
 async function act(question, method, path, body, done) {
   if (!(await confirmAction(question))) return;
   try {
@@ -236,6 +244,7 @@ function renderHead() {
   const s = state.stats;
   const counts = countsOf(s.status_counts);
   const unfinished = s.total_tasks - (counts.Success || 0) - (counts.Failure || 0) - (counts.Canceled || 0);
+  const ended = (counts.Failure || 0) + (counts.Canceled || 0);
   state.head.replaceChildren(
     countBar(counts, s.total_tasks),
     h("span", `${s.total_tasks} tasks`),
@@ -245,6 +254,12 @@ function renderHead() {
     h("a", { href: `#/problems?batch_id=${s.batch_id}` }, "problems"),
     h("span.actions",
       h("button", { id: "edit-rules", onclick: editRules }, "Edit rules…"),
+      h("button", {
+        id: "rerun-batch",
+        disabled: ended === 0,
+        onclick: () => act(`Rerun batch ${short(s.batch_id)}? Its ${ended} failed or canceled tasks run again (and the tasks downstream that failed because of them).`,
+          "POST", `/batch/${s.batch_id}/rerun`, undefined, rerunSummary),
+      }, "Rerun failed"),
       h("button.danger", {
         id: "stop-batch",
         disabled: unfinished === 0,
@@ -405,6 +420,9 @@ async function showPanel(taskId, groupId) {
   }
   if (task.status === "Waiting" || task.status === "Pending") {
     buttons.push(h("button", { id: "task-pause", onclick: () => act(`Pause task "${task.name}"?`, "PATCH", `/task/pause/${task.id}`, undefined, () => "Task paused") }, "Pause"));
+  }
+  if (task.status === "Failure" || task.status === "Canceled") {
+    buttons.push(h("button", { id: "task-rerun", onclick: () => act(`Rerun task "${task.name}"? It runs again, and so do the tasks downstream that failed because of it.`, "POST", `/task/${task.id}/rerun`, undefined, rerunSummary) }, "Rerun"));
   }
   if (task.status === "Paused") {
     buttons.push(h("button", { id: "task-resume", onclick: () => act(`Resume task "${task.name}"?`, "PATCH", `/task/resume/${task.id}`, undefined, () => "Task resumed") }, "Resume"));
