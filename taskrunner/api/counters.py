@@ -186,7 +186,11 @@ class CounterBuffer:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+        if not self.pending():
+            return
         for attempt in range(1, _CLOSE_ATTEMPTS + 1):
+            if self._pool.closed:  # its owner closed it first: no retry can write them
+                break
             try:
                 self.flush()
                 return
