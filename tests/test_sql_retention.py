@@ -264,10 +264,11 @@ def _link_on_own_connection(db_url: str, parent, errors: list[Exception]) -> Non
 
 
 def _wait_until_blocked(conn, function: str) -> None:
-    """Until a session running ``function`` waits for a lock."""
+    """Until a session of this test's database running ``function`` waits for a lock
+    (other tests' databases run the same functions)."""
     query = (
         "SELECT count(*) AS n FROM pg_stat_activity"
-        " WHERE wait_event_type = 'Lock' AND query LIKE %s"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE %s"
     )
     for _ in range(500):
         if conn.execute(query, (f"%{function}%",)).fetchone()["n"]:
