@@ -340,6 +340,7 @@ def test_api_reruns_a_transaction_postgres_chose_as_deadlock_victim(db_url, conn
             "failure_reason": None,
             "retryable": None,
             "expected_count": None,
+            "priority": None,
         }
         try:
             result["row"] = Store(pool).call("update_task", params)[0]
