@@ -133,7 +133,8 @@ SELECT
     (SELECT count(*) FROM taskrunner.task WHERE status = 'paused') AS paused,
     (SELECT coalesce(extract(epoch FROM now() - min(t.last_updated)), 0)::float8
      FROM taskrunner._claim_groups g JOIN taskrunner.task t ON t.seq = g.seq
-     WHERE taskrunner._group_slots(g.kind, g.rules, g.metadata) > 0) AS ready_oldest_seconds,
+     WHERE taskrunner._group_slots(g.kind, g.rules, g.metadata, g.expected_count) > 0)
+       AS ready_oldest_seconds,
     (SELECT count(*) FROM taskrunner.delivery WHERE status = 'queued') AS deliveries_queued,
     (SELECT count(*) FROM taskrunner.delivery WHERE status = 'in_flight')
         AS deliveries_in_flight,

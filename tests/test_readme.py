@@ -21,7 +21,7 @@ NOT_SETTINGS = {"PATH"}
 # How the code reads a variable: os.environ.get("X"), env.get("X"), _int(env, "X", ...),
 # os.environ["X"], os.getenv("X").
 _READ = re.compile(
-    r"""(?:environ\.get|env\.get|getenv|environ\[|_(?:int|float|bool)\(\s*env,)\s*\(?\s*["']([A-Z][A-Z0-9_]+)["']"""
+    r"""(?:environ\.get|env\.get|getenv|environ\[|_(?:int|float|bool|switch)\(\s*env,)\s*\(?\s*["']([A-Z][A-Z0-9_]+)["']"""
 )
 
 
