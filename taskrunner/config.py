@@ -8,10 +8,14 @@ from dataclasses import dataclass, field
 from taskrunner import signing
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
 def _bool(value: str | None, default: bool = False) -> bool:
     if value is None or value == "":
         return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    return value.strip().lower() in _TRUE
 
 
 def _switch(env: dict, name: str) -> bool | None:
@@ -19,9 +23,9 @@ def _switch(env: dict, name: str) -> bool | None:
     raw = (env.get(name) or "").strip().lower()
     if not raw:
         return None
-    if raw in {"1", "true", "yes", "on"}:
+    if raw in _TRUE:
         return True
-    if raw in {"0", "false", "no", "off"}:
+    if raw in _FALSE:
         return False
     raise SystemExit(f"{name} must be true or false, got {raw!r}")
 
