@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from taskrunner import signing
 
-
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
